@@ -1,0 +1,181 @@
+"""f-distill losses: the h-weighted distribution-matching surrogate, GAN and fake-score losses.
+
+References: fdistill_paper.md sections 6 (generator), 7 (fake score), 8 (GAN); DMD2 for the
+normaliser. With the reverse KL (h = 1) the generator update is DMD2's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import divergences
+from .edm import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, as_sigma, loss_weight
+from .ratio import EPS, RatioNormalizer, normalize_weights, ratio_from_logits
+
+
+def _check_same_shape(**tensors: torch.Tensor) -> None:
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"shape mismatch: {shapes}")
+
+
+def dmd_normalizer(x: torch.Tensor, x0_teacher: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Per-sample DMD weight 1 / mean_{C,H,W} |x - x0_teacher| (floored at eps), fp32, detached.
+
+    Returned with shape [B, 1, ..., 1] to broadcast against x.
+    """
+    _check_same_shape(x=x, x0_teacher=x0_teacher)
+    diff = (x.detach().float() - x0_teacher.detach().float()).abs()
+    m = diff.flatten(1).mean(1).clamp_min(eps)
+    return (1.0 / m).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def distillation_gradient(
+    x: torch.Tensor,
+    x0_fake: torch.Tensor,
+    x0_teacher: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    dmd_normalize: bool = True,
+) -> torch.Tensor:
+    """g = h_norm * (x0_fake - x0_teacher) / mean|x - x0_teacher| (paper section 6, steps 5-6).
+
+    In EDM, x0_fake - x0_teacher = -sigma^2 (s_p - s_q), so g is the f-distill gradient direction of
+    paper eq. (gradient identity) with the DMD weighting. ``weights`` is h_norm per sample [B].
+    """
+    _check_same_shape(x=x, x0_fake=x0_fake, x0_teacher=x0_teacher)
+    g = x0_fake.detach().float() - x0_teacher.detach().float()
+    if dmd_normalize:
+        g = g * dmd_normalizer(x, x0_teacher)
+    if weights is not None:
+        w = weights.detach().float().flatten()
+        if w.shape[0] != x.shape[0]:
+            raise ValueError(f"weights have {w.shape[0]} entries but the batch has {x.shape[0]}")
+        g = g * w.reshape(-1, *([1] * (x.ndim - 1)))
+    return g
+
+
+def fdistill_loss(
+    x: torch.Tensor,
+    x0_fake: torch.Tensor,
+    x0_teacher: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    dmd_normalize: bool = True,
+) -> torch.Tensor:
+    """Surrogate 0.5 * mean (x - sg(x - g))^2, whose gradient in x is g / x.numel() (section 6, step 7)."""
+    g = distillation_gradient(x, x0_fake, x0_teacher, weights, dmd_normalize)
+    target = (x.detach().float() - g).detach()
+    return 0.5 * F.mse_loss(x.float(), target, reduction="mean")
+
+
+def dmd2_loss(x: torch.Tensor, x0_fake: torch.Tensor, x0_real: torch.Tensor) -> torch.Tensor:
+    """DMD2's distribution-matching loss written as in its paper, for equivalence tests with rkl.
+
+    p_real = x - x0_real, p_fake = x - x0_fake, grad = (p_real - p_fake) / mean|p_real| (NaN -> 0),
+    loss = 0.5 * mse(x, sg(x - grad)).
+    """
+    with torch.no_grad():
+        p_real = x - x0_real
+        p_fake = x - x0_fake
+        grad = (p_real - p_fake) / p_real.abs().mean(dim=list(range(1, x.ndim)), keepdim=True)
+        grad = torch.nan_to_num(grad)
+    return 0.5 * F.mse_loss(x.float(), (x - grad).detach().float(), reduction="mean")
+
+
+# ----------------------------------------------------------------------------- GAN and critic
+
+
+def gan_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """Non-saturating generator loss mean softplus(-l_fake) (section 8)."""
+    return F.softplus(-logits_fake.float()).mean()
+
+
+def gan_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Discriminator loss mean softplus(l_fake) + mean softplus(-l_real): real is positive, so the
+    optimal logit is log(p_t / q_t) and r = exp(logit) (section 4)."""
+    return F.softplus(logits_fake.float()).mean() + F.softplus(-logits_real.float()).mean()
+
+
+def r1_penalty(logits_real: torch.Tensor, x_real: torch.Tensor) -> torch.Tensor:
+    """R1 gradient penalty mean ||d logit / d x_real||^2 (multiply by gamma / 2). x_real needs grad."""
+    if not x_real.requires_grad:
+        raise ValueError("x_real must require grad for the R1 penalty")
+    (grad,) = torch.autograd.grad(logits_real.float().sum(), x_real, create_graph=True)
+    return grad.float().pow(2).flatten(1).sum(1).mean()
+
+
+FAKE_SCORE_WEIGHTINGS = ("none", "edm")
+
+
+def denoising_loss(
+    x0_pred: torch.Tensor,
+    x0: torch.Tensor,
+    sigma: torch.Tensor,
+    weighting: str = "none",
+    sigma_data: float = SIGMA_DATA,
+) -> torch.Tensor:
+    """Fake-score (denoising score matching) loss in x0 space (section 7).
+
+    ``weighting="none"``: unweighted mean squared error (FastGen); ``"edm"``: EDM's
+    lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (EDM, DMD2).
+    """
+    _check_same_shape(x0_pred=x0_pred, x0=x0)
+    if weighting not in FAKE_SCORE_WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {FAKE_SCORE_WEIGHTINGS}; got {weighting!r}")
+    err = (x0_pred.float() - x0.detach().float()) ** 2
+    if weighting == "edm":
+        err = err * loss_weight(as_sigma(sigma, err), sigma_data)
+    return err.mean()
+
+
+# ----------------------------------------------------------------------------- the weight h
+
+
+class FDistillWeighting(nn.Module):
+    """From discriminator logits and noise levels to the normalised weight h_norm (sections 4-5).
+
+    r = clip(exp(clip(l))) -> stage 1 (per-bin running mean, optional) -> h(r) -> stage 2 (batch
+    mean, optional). Its ``normalizer.bins`` buffer is part of the state dict, so checkpoints carry it.
+    """
+
+    def __init__(
+        self,
+        divergence: str | divergences.Divergence = "js",
+        logit_clip: float | None = 10.0,
+        ratio_min: float | None = 0.1,
+        ratio_max: float | None = 20.0,
+        normalize_ratio: bool = True,
+        normalize_weight: bool = True,
+        num_bins: int = 10,
+        bin_ema: float = 0.0,
+        bin_spacing: str = "linear",
+        sigma_min: float = SIGMA_MIN,
+        sigma_max: float = SIGMA_MAX,
+    ) -> None:
+        super().__init__()
+        self.divergence = divergences.get(divergence)
+        self.logit_clip, self.ratio_min, self.ratio_max = logit_clip, ratio_min, ratio_max
+        self.normalize_weight = normalize_weight
+        self.normalizer = RatioNormalizer(num_bins, sigma_min, sigma_max, bin_ema, bin_spacing,
+                                          enabled=normalize_ratio)
+
+    def extra_repr(self) -> str:
+        return (f"divergence={self.divergence.name}, logit_clip={self.logit_clip}, "
+                f"ratio=[{self.ratio_min}, {self.ratio_max}], normalize_weight={self.normalize_weight}")
+
+    @torch.no_grad()
+    def forward(
+        self, logits: torch.Tensor, sigma: torch.Tensor, update: bool = True
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Return (h_norm [B], statistics for logging)."""
+        r = ratio_from_logits(logits, self.logit_clip, self.ratio_min, self.ratio_max)
+        r_tilde = self.normalizer(r, sigma, update=update)
+        h = self.divergence.h(r_tilde)
+        h_norm = normalize_weights(h, enabled=self.normalize_weight, eps=EPS)
+        stats = {
+            "ratio_mean": float(r.mean()), "ratio_min": float(r.min()), "ratio_max": float(r.max()),
+            "h_mean": float(h.mean()), "h_norm_std": float(h_norm.std()) if h_norm.numel() > 1 else 0.0,
+            "h_norm_max": float(h_norm.max()),
+        }
+        return h_norm, stats

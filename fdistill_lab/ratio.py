@@ -1,0 +1,145 @@
+"""Density ratio r = p_t / q_t from discriminator logits and the two-stage normalisation.
+
+Paper section "two-stage normalization" (fdistill_paper.md sections 4 and 5): the ratio comes from the
+GAN discriminator (r = exp(logit) for a real-positive discriminator), stage 1 normalises r per noise
+level bin with a running EMA (kept as a module buffer so checkpoints carry it, and averaged over all
+ranks), stage 2 divides h by its (global) batch mean. All maths in float32 or higher and detached.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .edm import SIGMA_MAX, SIGMA_MIN
+
+EPS = 1e-6
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def ratio_from_logits(
+    logits: torch.Tensor,
+    logit_clip: float | None = 10.0,
+    ratio_min: float | None = 0.1,
+    ratio_max: float | None = 20.0,
+) -> torch.Tensor:
+    """r = exp(clip(l)) then clipped to [ratio_min, ratio_max]; fp32 (or fp64 input), detached.
+
+    ``logits`` is [B] or [B, ...]; extra dims (several heads, spatial logits) are averaged first,
+    as in the authors' public implementation. Defaults: logit clip 10, ratio range [0.1, 20].
+    """
+    if logits.ndim == 0:
+        raise ValueError("logits must have a batch dimension; got a scalar")
+    if ratio_min is not None and ratio_max is not None and not 0 < ratio_min < ratio_max:
+        raise ValueError(f"need 0 < ratio_min < ratio_max; got {ratio_min}, {ratio_max}")
+    l = logits.detach()
+    l = l.double() if l.dtype == torch.float64 else l.float()
+    if l.ndim > 1:
+        l = l.flatten(1).mean(1)
+    if logit_clip is not None:
+        l = l.clamp(-logit_clip, logit_clip)
+    r = l.exp()
+    if ratio_min is not None or ratio_max is not None:
+        r = r.clamp(ratio_min, ratio_max)
+    return r
+
+
+def global_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch on all ranks (sum and count all-reduced); plain mean when not distributed."""
+    if not _distributed():
+        return x.mean()
+    buf = torch.stack([x.sum(), torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)])
+    dist.all_reduce(buf)
+    return buf[0] / buf[1]
+
+
+def normalize_weights(h: torch.Tensor, enabled: bool = True, eps: float = EPS) -> torch.Tensor:
+    """Stage 2: h / mean of h over the global batch, so the mean weight is 1.
+
+    The mean is floored at ``eps`` (FastGen adds eps instead; flooring keeps h = 1, i.e. reverse KL,
+    exactly 1 so the update equals DMD2's bit for bit in the weights).
+    """
+    h = h.detach().float() if h.dtype != torch.float64 else h.detach()
+    if not enabled:
+        return h
+    return h / global_mean(h).clamp_min(eps)
+
+
+class RatioNormalizer(nn.Module):
+    """Stage 1: per-noise-level-bin normalisation of the ratio with a running EMA state.
+
+    Bins split [sigma_min, sigma_max] into ``num_bins`` equal-width intervals, in sigma ("linear",
+    as FastGen) or in log sigma ("log"). For every bin present in the batch the batch mean of r
+    (summed over ranks) updates ``bins[k] <- ema * bins[k] + (1 - ema) * mean_k``; then
+    r_tilde = r / max(bins[k(sigma)], eps). The state starts at 1 and is a persistent buffer.
+    """
+
+    SPACINGS = ("linear", "log")
+
+    def __init__(
+        self,
+        num_bins: int = 10,
+        sigma_min: float = SIGMA_MIN,
+        sigma_max: float = SIGMA_MAX,
+        ema_rate: float = 0.0,
+        spacing: str = "linear",
+        enabled: bool = True,
+        eps: float = EPS,
+    ) -> None:
+        super().__init__()
+        if num_bins < 1:
+            raise ValueError(f"num_bins must be >= 1; got {num_bins}")
+        if not 0.0 <= ema_rate < 1.0:
+            raise ValueError(f"ema_rate must be in [0, 1); got {ema_rate}")
+        if spacing not in self.SPACINGS:
+            raise ValueError(f"spacing must be one of {self.SPACINGS}; got {spacing!r}")
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max; got {sigma_min}, {sigma_max}")
+        self.num_bins, self.sigma_min, self.sigma_max = num_bins, sigma_min, sigma_max
+        self.ema_rate, self.spacing, self.enabled, self.eps = ema_rate, spacing, enabled, eps
+        self.register_buffer("bins", torch.ones(num_bins, dtype=torch.float32))
+
+    def extra_repr(self) -> str:
+        return (f"num_bins={self.num_bins}, sigma=[{self.sigma_min}, {self.sigma_max}], "
+                f"spacing={self.spacing}, ema_rate={self.ema_rate}, enabled={self.enabled}")
+
+    def bin_index(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Bin of each noise level (values outside the range go to the first or last bin)."""
+        s = sigma.detach().double().flatten()
+        if self.spacing == "linear":
+            u = (s - self.sigma_min) / (self.sigma_max - self.sigma_min)
+        else:
+            lo, hi = torch.log(torch.tensor(self.sigma_min)), torch.log(torch.tensor(self.sigma_max))
+            u = (s.clamp_min(1e-30).log() - lo) / (hi - lo)
+        return (u * self.num_bins).floor().long().clamp(0, self.num_bins - 1).to(sigma.device)
+
+    @torch.no_grad()
+    def update(self, r: torch.Tensor, sigma: torch.Tensor) -> None:
+        """Fold the (global) per-bin batch means of r into the running state."""
+        idx = self.bin_index(sigma)
+        r = r.detach().float().flatten()
+        if r.shape[0] != idx.shape[0]:
+            raise ValueError(f"r has {r.shape[0]} entries but sigma has {idx.shape[0]}")
+        stats = torch.zeros(2, self.num_bins, dtype=torch.float32, device=r.device)
+        stats[0].index_add_(0, idx, r)
+        stats[1].index_add_(0, idx, torch.ones_like(r))
+        if _distributed():
+            dist.all_reduce(stats)
+        present = stats[1] > 0
+        means = stats[0] / stats[1].clamp_min(1)
+        bins = self.bins.to(r.device)
+        new = torch.where(present, self.ema_rate * bins + (1 - self.ema_rate) * means, bins)
+        self.bins.copy_(new.to(self.bins.device))
+
+    def forward(self, r: torch.Tensor, sigma: torch.Tensor, update: bool = True) -> torch.Tensor:
+        """Return r normalised by its bin's running mean (updating the state first if ``update``)."""
+        if not self.enabled:
+            return r.detach()
+        if update:
+            self.update(r, sigma)
+        b = self.bins.to(r.device)[self.bin_index(sigma)]
+        return (r.detach() / b.clamp_min(self.eps)).to(r.dtype)

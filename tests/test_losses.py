@@ -1,0 +1,180 @@
+"""Ratio estimation, two-stage normalisation and the f-distill surrogate losses."""
+
+import pytest
+import torch
+
+from fdistill_lab import divergences as D
+from fdistill_lab.losses import (
+    FDistillWeighting,
+    denoising_loss,
+    distillation_gradient,
+    dmd2_loss,
+    dmd_normalizer,
+    fdistill_loss,
+    gan_discriminator_loss,
+    gan_generator_loss,
+    r1_penalty,
+)
+from fdistill_lab.ratio import RatioNormalizer, normalize_weights, ratio_from_logits
+
+
+def _batch(seed=0, b=6, shape=(3, 8, 8)):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, *shape, generator=g, dtype=torch.float64)
+    x0_t = x + 0.3 * torch.randn(b, *shape, generator=g, dtype=torch.float64)
+    x0_f = x + 0.3 * torch.randn(b, *shape, generator=g, dtype=torch.float64)
+    return x, x0_f, x0_t
+
+
+def test_ratio_from_logits_clips_and_detaches():
+    l = torch.tensor([-100.0, -3.0, 0.0, 2.0, 100.0], requires_grad=True)
+    r = ratio_from_logits(l)
+    assert r.dtype == torch.float32 and not r.requires_grad
+    torch.testing.assert_close(r, torch.tensor([0.1, 0.1, 1.0, 2.0**0 * torch.e**2, 20.0]))
+    # no range: only the logit clip applies
+    r2 = ratio_from_logits(l, ratio_min=None, ratio_max=None)
+    assert float(r2[0]) == pytest.approx(torch.exp(torch.tensor(-10.0)).item())
+    # multi-head logits are averaged first; bf16 logits come back in fp32
+    heads = torch.tensor([[0.0, 2.0], [1.0, 1.0]], dtype=torch.bfloat16)
+    torch.testing.assert_close(ratio_from_logits(heads), torch.tensor([1.0, 1.0]).exp())
+    with pytest.raises(ValueError, match="ratio_min < ratio_max"):
+        ratio_from_logits(l, ratio_min=5, ratio_max=1)
+
+
+def test_stage2_mean_is_one():
+    h = torch.rand(37) * 5
+    hn = normalize_weights(h)
+    assert float(hn.mean()) == pytest.approx(1.0, abs=1e-6)
+    torch.testing.assert_close(normalize_weights(h, enabled=False), h)
+    ones = normalize_weights(torch.ones(9))
+    assert torch.equal(ones, torch.ones(9))  # reverse KL stays exactly 1
+
+
+def test_stage1_per_bin_mean_is_one_with_ema_zero():
+    g = torch.Generator().manual_seed(1)
+    norm = RatioNormalizer(num_bins=10, ema_rate=0.0)
+    sigma = torch.rand(400, generator=g) * 80
+    r = torch.rand(400, generator=g) * 3 + 0.1
+    rt = norm(r, sigma)
+    idx = norm.bin_index(sigma)
+    for k in idx.unique():
+        assert float(rt[idx == k].mean()) == pytest.approx(1.0, rel=1e-5)
+    # bins absent from a batch keep their state
+    before = norm.bins.clone()
+    norm(torch.full((4,), 7.0), torch.full((4,), 0.01))
+    assert float(norm.bins[0]) == pytest.approx(7.0) and torch.equal(norm.bins[1:], before[1:])
+
+
+def test_stage1_ema_and_state_dict_roundtrip():
+    norm = RatioNormalizer(num_bins=4, sigma_min=0.002, sigma_max=80, ema_rate=0.5, spacing="log")
+    sig = torch.tensor([0.005, 0.1, 2.0, 70.0])  # one per log-spaced bin
+    norm.update(torch.tensor([3.0, 3.0, 3.0, 3.0]), sig)
+    torch.testing.assert_close(norm.bins, torch.full((4,), 2.0))  # 0.5 * 1 + 0.5 * 3
+    sd = norm.state_dict()
+    assert "bins" in sd
+    fresh = RatioNormalizer(num_bins=4, spacing="log", ema_rate=0.5)
+    fresh.load_state_dict(sd)
+    torch.testing.assert_close(fresh.bins, norm.bins)
+    with pytest.raises(ValueError, match="spacing must be one of"):
+        RatioNormalizer(spacing="cubic")
+    with pytest.raises(ValueError, match="ema_rate"):
+        RatioNormalizer(ema_rate=1.0)
+    with pytest.raises(ValueError, match="entries"):
+        norm.update(torch.ones(3), sig)
+
+
+def test_bin_index_edges():
+    norm = RatioNormalizer(num_bins=10, sigma_min=0.0 + 1e-3, sigma_max=80.0)
+    idx = norm.bin_index(torch.tensor([1e-3, 7.99, 8.01, 79.9, 80.0, 500.0]))
+    assert idx.tolist() == [0, 0, 1, 9, 9, 9]
+
+
+def test_surrogate_gradient_equals_g():
+    x, x0_f, x0_t = _batch()
+    w = torch.rand(x.shape[0], dtype=torch.float64) + 0.5
+    xg = x.clone().requires_grad_(True)
+    loss = fdistill_loss(xg, x0_f, x0_t, weights=w)
+    (grad,) = torch.autograd.grad(loss, xg)
+    g = distillation_gradient(x, x0_f, x0_t, weights=w)
+    torch.testing.assert_close(grad * x.numel(), g.to(grad.dtype), rtol=1e-5, atol=1e-7)
+    # and the DMD normaliser is 1 / mean |x - x0_teacher| per sample
+    m = (x - x0_t).abs().flatten(1).mean(1)
+    torch.testing.assert_close(dmd_normalizer(x, x0_t).flatten().double(), 1 / m, rtol=1e-6, atol=0)
+
+
+def test_rkl_equals_dmd2_update():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(16, 3 * 8 * 8)
+    z = torch.randn(6, 16)
+    x0_f, x0_t = (torch.randn(6, 3, 8, 8) for _ in range(2))
+    weighting = FDistillWeighting("rkl")
+    h, _ = weighting(torch.randn(6) * 3, torch.rand(6) * 80)
+    assert torch.equal(h, torch.ones(6))
+
+    def grads(loss_fn):
+        net.zero_grad()
+        x = net(z).reshape(6, 3, 8, 8)
+        loss_fn(x).backward()
+        return [p.grad.clone() for p in net.parameters()]
+
+    ours = grads(lambda x: fdistill_loss(x, x0_f, x0_t, weights=h))
+    ref = grads(lambda x: dmd2_loss(x, x0_f, x0_t))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", D.names())
+def test_weighting_pipeline(name):
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(64, generator=g) * 2
+    sigma = torch.rand(64, generator=g) * 80
+    wt = FDistillWeighting(name)
+    h, stats = wt(logits, sigma)
+    assert h.shape == (64,) and float(h.mean()) == pytest.approx(1.0, abs=1e-5)
+    assert "normalizer.bins" in wt.state_dict()
+    # without any normalisation the weight is h(clipped exp(logit))
+    raw = FDistillWeighting(name, normalize_ratio=False, normalize_weight=False)
+    h_raw, _ = raw(logits, sigma)
+    r = ratio_from_logits(logits)
+    torch.testing.assert_close(h_raw, D.get(name).h(r))
+    assert stats["ratio_min"] >= 0.1 and stats["ratio_max"] <= 20
+
+
+def test_js_downweights_low_ratio_samples():
+    wt = FDistillWeighting("js", normalize_ratio=False)
+    h, _ = wt(torch.tensor([-5.0, 0.0, 5.0]), torch.ones(3))
+    assert h[0] < h[1] < h[2]
+
+
+def test_gan_losses():
+    l = torch.tensor([0.0, 0.0])
+    assert float(gan_generator_loss(l)) == pytest.approx(torch.log(torch.tensor(2.0)).item())
+    assert float(gan_discriminator_loss(l, l)) == pytest.approx(2 * torch.log(torch.tensor(2.0)).item())
+    # a perfect discriminator has near-zero loss; a fooled one a large loss
+    assert float(gan_discriminator_loss(torch.tensor([20.0]), torch.tensor([-20.0]))) < 1e-6
+    assert float(gan_discriminator_loss(torch.tensor([-20.0]), torch.tensor([20.0]))) > 39
+    x = torch.randn(4, 2, requires_grad=True)
+    assert float(r1_penalty((x * 3).sum(1), x)) == pytest.approx(18.0)
+    with pytest.raises(ValueError, match="require grad"):
+        r1_penalty(torch.zeros(2), torch.zeros(2, 2))
+
+
+def test_denoising_loss_weightings():
+    x0 = torch.zeros(2, 1, 2, 2)
+    pred = torch.ones(2, 1, 2, 2)
+    sigma = torch.tensor([0.5, 1.0])
+    assert float(denoising_loss(pred, x0, sigma)) == pytest.approx(1.0)
+    lam = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+    assert float(denoising_loss(pred, x0, sigma, weighting="edm")) == pytest.approx(float(lam.mean()))
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        denoising_loss(pred, x0, sigma, weighting="snr")
+    with pytest.raises(ValueError, match="shape mismatch"):
+        denoising_loss(pred, torch.zeros(2, 1, 2, 3), sigma)
+
+
+def test_mismatched_shapes_raise():
+    x, x0_f, x0_t = _batch()
+    with pytest.raises(ValueError, match="shape mismatch"):
+        fdistill_loss(x, x0_f[:, :2], x0_t)
+    with pytest.raises(ValueError, match="entries"):
+        fdistill_loss(x, x0_f, x0_t, weights=torch.ones(3))
