@@ -1,0 +1,40 @@
+"""EDM-compatible networks (own implementation): EDMPrecond with ADM (DhariwalUNet) or DDPM++ (SongUNet).
+
+Parameter names, shapes and buffers equal EDM's, so released checkpoints load with ``strict=True``
+(see :func:`fdistill_lab.teachers.load_edm`).
+"""
+
+from .adm import DhariwalUNet
+from .ddpmpp import SongUNet
+from .layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+from .precond import (
+    MODEL_TYPES,
+    PRECOND_KWARGS,
+    EDMPrecond,
+    build_edm,
+    cifar10_ddpmpp_config,
+    count_parameters,
+    imagenet64_adm_config,
+    tiny_adm_config,
+    tiny_ddpmpp_config,
+)
+
+__all__ = [
+    "EDMPrecond",
+    "build_edm",
+    "DhariwalUNet",
+    "SongUNet",
+    "UNetBlock",
+    "Conv2d",
+    "Linear",
+    "GroupNorm",
+    "PositionalEmbedding",
+    "FourierEmbedding",
+    "MODEL_TYPES",
+    "PRECOND_KWARGS",
+    "imagenet64_adm_config",
+    "cifar10_ddpmpp_config",
+    "tiny_adm_config",
+    "tiny_ddpmpp_config",
+    "count_parameters",
+]

@@ -1,0 +1,286 @@
+"""Building blocks of EDM's U-Nets, written from the published formulas and parameter names.
+
+Source: Karras et al. 2022 (EDM), appendix on network architectures; layer facts and pitfalls in
+``shared/reference/reference_implementations.md`` section 1.3 and ``shared/reference/edm/README.md``.
+Parameter and buffer names/shapes equal EDM's so that released checkpoints load with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "weight_init",
+    "Linear",
+    "Conv2d",
+    "GroupNorm",
+    "PositionalEmbedding",
+    "FourierEmbedding",
+    "UNetBlock",
+    "attention",
+]
+
+InitSpec = dict  # {'init_mode': str, 'init_weight': float, 'init_bias': float}
+
+
+def weight_init(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
+    """Random tensor for EDM's init modes (xavier/kaiming, uniform/normal). Only matters when training
+    from scratch; teachers and students are initialised from checkpoints."""
+    if mode == "xavier_uniform":
+        return math.sqrt(6 / (fan_in + fan_out)) * (torch.rand(*shape) * 2 - 1)
+    if mode == "xavier_normal":
+        return math.sqrt(2 / (fan_in + fan_out)) * torch.randn(*shape)
+    if mode == "kaiming_uniform":
+        return math.sqrt(3 / fan_in) * (torch.rand(*shape) * 2 - 1)
+    if mode == "kaiming_normal":
+        return math.sqrt(1 / fan_in) * torch.randn(*shape)
+    raise ValueError(
+        f"unknown init_mode {mode!r}; valid: xavier_uniform, xavier_normal, kaiming_uniform, kaiming_normal"
+    )
+
+
+def _cast(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else t.to(like.dtype)
+
+
+class Linear(nn.Module):
+    """Fully connected layer: ``weight`` [out, in], optional ``bias`` [out]."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        init_mode: str = "kaiming_normal",
+        init_weight: float = 1.0,
+        init_bias: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        fan = dict(fan_in=in_features, fan_out=out_features)
+        self.weight = nn.Parameter(weight_init([out_features, in_features], init_mode, **fan) * init_weight)
+        if bias:
+            self.bias = nn.Parameter(weight_init([out_features], init_mode, **fan) * init_bias)
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype), _cast(self.bias, x))
+
+
+class Conv2d(nn.Module):
+    """Convolution with optional 2x up/down-sampling by a separable FIR filter (buffer
+    ``resample_filter`` [1,1,k,k], present only when resampling). ``kernel=0`` is a pure resampler."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: int,
+        bias: bool = True,
+        up: bool = False,
+        down: bool = False,
+        resample_filter: Sequence[float] = (1, 1),
+        fused_resample: bool = False,
+        init_mode: str = "kaiming_normal",
+        init_weight: float = 1.0,
+        init_bias: float = 0.0,
+    ) -> None:
+        if up and down:
+            raise ValueError("Conv2d cannot both up- and down-sample")
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.up = up
+        self.down = down
+        self.fused_resample = fused_resample
+        fan = dict(fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
+        if kernel:
+            w = weight_init([out_channels, in_channels, kernel, kernel], init_mode, **fan) * init_weight
+            self.weight = nn.Parameter(w)
+        else:
+            self.register_parameter("weight", None)
+        if kernel and bias:
+            self.bias = nn.Parameter(weight_init([out_channels], init_mode, **fan) * init_bias)
+        else:
+            self.register_parameter("bias", None)
+        if up or down:
+            f1 = torch.as_tensor(list(resample_filter), dtype=torch.float32)
+            f = torch.outer(f1, f1)[None, None] / f1.sum().square()
+            self.register_buffer("resample_filter", f)
+        else:
+            self.register_buffer("resample_filter", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = _cast(self.weight, x)
+        b = _cast(self.bias, x)
+        f = _cast(self.resample_filter, x)
+        w_pad = w.shape[-1] // 2 if w is not None else 0
+        f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
+        if self.fused_resample and self.up and w is not None:
+            ft = (f * 4).tile([self.in_channels, 1, 1, 1])
+            x = F.conv_transpose2d(x, ft, groups=self.in_channels, stride=2, padding=max(f_pad - w_pad, 0))
+            x = F.conv2d(x, w, padding=max(w_pad - f_pad, 0))
+        elif self.fused_resample and self.down and w is not None:
+            x = F.conv2d(x, w, padding=w_pad + f_pad)
+            x = F.conv2d(x, f.tile([self.out_channels, 1, 1, 1]), groups=self.out_channels, stride=2)
+        else:
+            if self.up:
+                ft = (f * 4).tile([self.in_channels, 1, 1, 1])
+                x = F.conv_transpose2d(x, ft, groups=self.in_channels, stride=2, padding=f_pad)
+            if self.down:
+                x = F.conv2d(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2,
+                             padding=f_pad)
+            if w is not None:
+                x = F.conv2d(x, w, padding=w_pad)
+        if b is not None:
+            x = x + b.reshape(1, -1, 1, 1)
+        return x
+
+
+class GroupNorm(nn.Module):
+    """Group normalisation with min(num_groups, C // min_channels_per_group) groups."""
+
+    def __init__(
+        self, num_channels: int, num_groups: int = 32, min_channels_per_group: int = 4, eps: float = 1e-5
+    ) -> None:
+        super().__init__()
+        self.num_groups = min(num_groups, num_channels // min_channels_per_group)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
+class PositionalEmbedding(nn.Module):
+    """Transformer-style embedding of a scalar per sample: [cos(x f_j), sin(x f_j)] with
+    f_j = (1/max_positions)^(j / (C/2 - endpoint)). The table is built in float64 for float64 input
+    and in float32 otherwise (EDM builds it in float32)."""
+
+    def __init__(self, num_channels: int, max_positions: int = 10000, endpoint: bool = False) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.max_positions = max_positions
+        self.endpoint = endpoint
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        half = self.num_channels // 2
+        freqs = torch.arange(half, dtype=dt, device=x.device) / (half - (1 if self.endpoint else 0))
+        freqs = (1 / self.max_positions) ** freqs
+        x = torch.outer(x, freqs.to(x.dtype))
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+class FourierEmbedding(nn.Module):
+    """Random Fourier features (NCSN++): buffer ``freqs`` ~ N(0, scale^2), output [cos, sin]."""
+
+    def __init__(self, num_channels: int, scale: float = 16) -> None:
+        super().__init__()
+        self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.outer(x, (2 * math.pi * self.freqs).to(x.dtype))
+        return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+def attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Multi-head self-attention over the pixels of ``qkv`` [B, 3C, H, W].
+
+    EDM layout (reference_implementations.md 1.3.1): channels are viewed as [B*heads, C/heads, 3, HW] and
+    split on the size-3 axis, so q, k, v are interleaved per channel inside each head. Logits
+    q.k / sqrt(C/heads) and the softmax are computed in float32 (float64 for float64 input), with
+    autocast disabled. Returns [B, C, H, W].
+    """
+    b, c3, h, w = qkv.shape
+    c = c3 // 3
+    q, k, v = qkv.reshape(b * num_heads, c // num_heads, 3, h * w).unbind(2)
+    dt = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    with torch.autocast(qkv.device.type, enabled=False):
+        logits = torch.einsum("ncq,nck->nqk", q.to(dt), (k / math.sqrt(k.shape[1])).to(dt))
+        weights = logits.softmax(dim=2).to(v.dtype)
+    out = torch.einsum("nqk,nck->ncq", weights, v)
+    return out.reshape(b, c, h, w)
+
+
+class UNetBlock(nn.Module):
+    """Residual block shared by ADM and DDPM++: GroupNorm-SiLU-conv, embedding injection, GroupNorm-SiLU-
+    dropout-conv, skip, optional self-attention (reference_implementations.md 1.3.4-5).
+
+    Submodules in EDM's order: norm0, conv0, affine, norm1, conv1, [skip], [norm2, qkv, proj].
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_channels: int,
+        up: bool = False,
+        down: bool = False,
+        attention: bool = False,
+        num_heads: int | None = None,
+        channels_per_head: int = 64,
+        dropout: float = 0.0,
+        skip_scale: float = 1.0,
+        eps: float = 1e-5,
+        resample_filter: Sequence[float] = (1, 1),
+        resample_proj: bool = False,
+        adaptive_scale: bool = True,
+        init: InitSpec | None = None,
+        init_zero: InitSpec | None = None,
+        init_attn: InitSpec | None = None,
+    ) -> None:
+        super().__init__()
+        init = dict(init or {})
+        init_zero = dict(init_zero) if init_zero is not None else dict(init_weight=0)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.emb_channels = emb_channels
+        if not attention:
+            self.num_heads = 0
+        else:
+            self.num_heads = num_heads if num_heads is not None else out_channels // channels_per_head
+        self.dropout = dropout
+        self.skip_scale = skip_scale
+        self.adaptive_scale = adaptive_scale
+
+        self.norm0 = GroupNorm(in_channels, eps=eps)
+        self.conv0 = Conv2d(in_channels, out_channels, kernel=3, up=up, down=down,
+                            resample_filter=resample_filter, **init)
+        self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), **init)
+        self.norm1 = GroupNorm(out_channels, eps=eps)
+        self.conv1 = Conv2d(out_channels, out_channels, kernel=3, **init_zero)
+        self.skip: Conv2d | None = None
+        if out_channels != in_channels or up or down:
+            kernel = 1 if resample_proj or out_channels != in_channels else 0
+            self.skip = Conv2d(in_channels, out_channels, kernel=kernel, up=up, down=down,
+                               resample_filter=resample_filter, **init)
+        if self.num_heads:
+            self.norm2 = GroupNorm(out_channels, eps=eps)
+            self.qkv = Conv2d(out_channels, out_channels * 3, kernel=1, **(init_attn if init_attn else init))
+            self.proj = Conv2d(out_channels, out_channels, kernel=1, **init_zero)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        orig = x
+        x = self.conv0(F.silu(self.norm0(x)))
+        params = self.affine(emb).unsqueeze(2).unsqueeze(3).to(x.dtype)
+        if self.adaptive_scale:
+            scale, shift = params.chunk(chunks=2, dim=1)
+            x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
+        else:
+            x = F.silu(self.norm1(x + params))
+        x = self.conv1(F.dropout(x, p=self.dropout, training=self.training))
+        x = x + (self.skip(orig) if self.skip is not None else orig)
+        x = x * self.skip_scale
+        if self.num_heads:
+            a = attention(self.qkv(self.norm2(x)), self.num_heads)
+            x = (self.proj(a) + x) * self.skip_scale
+        return x

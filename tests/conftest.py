@@ -1,0 +1,41 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def _shared_reference_dir() -> Path | None:
+    """The read-only reference folder: $FDISTILL_SHARED_REFERENCE, else ``../shared/reference`` beside
+    the repository root (CI clones the repo next to a copy of ``shared/``)."""
+    env = os.environ.get("FDISTILL_SHARED_REFERENCE")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "reference")
+    for c in candidates:
+        if c.is_dir():
+            return c
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_reference() -> Path:
+    """Path of ``shared/reference``; skips (with the locations tried) only if it is truly absent."""
+    path = _shared_reference_dir()
+    if path is None:
+        pytest.skip(
+            "shared reference folder not found: set FDISTILL_SHARED_REFERENCE or place shared/reference "
+            f"beside the repository root ({Path(__file__).resolve().parents[2] / 'shared' / 'reference'})"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def edm_fixtures(shared_reference: Path) -> Path:
+    """Path of ``shared/reference/edm`` (EDM golden fixtures and state_dict name lists)."""
+    path = shared_reference / "edm"
+    if not (path / "adm_tiny.pt").is_file():
+        pytest.skip(f"EDM fixtures missing: expected {path / 'adm_tiny.pt'}")
+    return path

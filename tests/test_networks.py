@@ -1,0 +1,211 @@
+"""EDM-compatible networks against the golden fixtures in shared/reference/edm (README there)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from fdistill_lab.networks import (
+    EDMPrecond,
+    UNetBlock,
+    build_edm,
+    cifar10_ddpmpp_config,
+    count_parameters,
+    imagenet64_adm_config,
+    tiny_adm_config,
+    tiny_ddpmpp_config,
+)
+
+ATOL_F32 = 5e-6  # README "Recommended tolerances"
+ATOL_F32_INTERMEDIATE = 1e-5
+ATOL_F64 = 1e-9
+
+
+def _load(edm_fixtures: Path, name: str) -> dict:
+    return torch.load(edm_fixtures / name, weights_only=True)
+
+
+def _net_from_fixture(fx: dict, dtype: torch.dtype = torch.float32) -> EDMPrecond:
+    net = build_edm(**fx["config"])
+    net.load_state_dict(fx["state_dict"], strict=True)
+    return net.eval().to(dtype)
+
+
+def _capture(net: EDMPrecond, names: list[str]) -> tuple[dict, list]:
+    out: dict[str, torch.Tensor] = {}
+    mods = dict(net.named_modules())
+    handles = [mods[n].register_forward_hook(lambda m, i, o, n=n: out.__setitem__(n, o)) for n in names]
+    return out, handles
+
+
+@pytest.mark.parametrize("fixture", ["adm_tiny.pt", "ddpmpp_tiny.pt"])
+def test_state_dict_names_order_shapes(edm_fixtures, fixture):
+    fx = _load(edm_fixtures, fixture)
+    net = build_edm(**fx["config"])
+    ours = net.state_dict()
+    assert list(ours) == list(fx["state_dict"])
+    for k, v in fx["state_dict"].items():
+        assert ours[k].shape == v.shape, k
+        if k.endswith("resample_filter"):
+            assert torch.equal(ours[k], v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("fixture", ["adm_tiny.pt", "ddpmpp_tiny.pt"])
+def test_golden_outputs(edm_fixtures, fixture, dtype):
+    fx = _load(edm_fixtures, fixture)
+    net = _net_from_fixture(fx, dtype)
+    inp = {k: v.to(dtype) for k, v in fx["inputs"].items()}
+    kw = {"augment_labels": inp["augment_labels"]} if "augment_labels" in inp else {}
+    f64 = dtype == torch.float64
+    inter_names = [k for k in fx["intermediates_f64" if f64 else "intermediates"] if k != "model"]
+    captured, handles = _capture(net, inter_names + ["model"])
+    with torch.no_grad():
+        out, feats = net(inp["x"], inp["sigma"], inp["class_labels"], return_features=True, **kw)
+    for h in handles:
+        h.remove()
+    assert out.dtype == dtype
+    if f64:
+        torch.testing.assert_close(out, fx["outputs_f64"], atol=ATOL_F64, rtol=0)
+        for k in inter_names:
+            torch.testing.assert_close(captured[k], fx["intermediates_f64"][k], atol=ATOL_F64, rtol=0)
+    else:
+        torch.testing.assert_close(out, fx["outputs"], atol=ATOL_F32, rtol=0)
+        torch.testing.assert_close(out, fx["outputs_f64"].float(), atol=ATOL_F32, rtol=0)
+        for k in inter_names + ["model"]:
+            torch.testing.assert_close(captured[k], fx["intermediates"][k], atol=ATOL_F32_INTERMEDIATE, rtol=0)
+        torch.testing.assert_close(feats["bottleneck"], fx["bottleneck"], atol=ATOL_F32_INTERMEDIATE, rtol=0)
+    if "inputs_aug" in fx:
+        aug = fx["inputs_aug"]["augment_labels"].to(dtype)
+        with torch.no_grad():
+            out_aug = net(inp["x"], inp["sigma"], inp["class_labels"], augment_labels=aug)
+        ref = fx["outputs_aug_f64"] if f64 else fx["outputs_aug"]
+        torch.testing.assert_close(out_aug, ref, atol=ATOL_F64 if f64 else ATOL_F32, rtol=0)
+        assert (out_aug - out).abs().max() > 1e-3  # augment labels really matter
+
+
+def test_features_bottleneck_module_and_resolutions(edm_fixtures):
+    fx = _load(edm_fixtures, "adm_tiny.pt")
+    net = _net_from_fixture(fx)
+    captured, handles = _capture(net, [fx["bottleneck_module"], "model.enc.16x16_block0"])
+    inp = fx["inputs"]
+    with torch.no_grad():
+        _, feats = net(inp["x"], inp["sigma"], inp["class_labels"], return_features=True)
+    for h in handles:
+        h.remove()
+    assert set(feats) == {"bottleneck", "16x16", "8x8"}
+    assert torch.equal(feats["bottleneck"], captured[fx["bottleneck_module"]])
+    assert torch.equal(feats["8x8"], feats["bottleneck"])
+    assert torch.equal(feats["16x16"], captured["model.enc.16x16_block0"])
+    assert feats["bottleneck"].shape == (4, 64, 8, 8)
+
+
+def test_unetblock_four_heads(edm_fixtures):
+    fx = _load(edm_fixtures, "unetblock_attn4.pt")
+    cfg = fx["config_resolved"]
+    block = UNetBlock(cfg["in_channels"], cfg["out_channels"], cfg["emb_channels"], attention=True,
+                      num_heads=cfg["num_heads"], dropout=0.0, eps=cfg["eps"])
+    assert list(block.state_dict()) == list(fx["state_dict"])
+    block.load_state_dict(fx["state_dict"], strict=True)
+    block.eval()
+    with torch.no_grad():
+        out = block(fx["inputs"]["x"], fx["inputs"]["emb"])
+        out64 = block.double()(fx["inputs"]["x"].double(), fx["inputs"]["emb"].double())
+    torch.testing.assert_close(out, fx["outputs"], atol=5e-6, rtol=0)
+    torch.testing.assert_close(out64, fx["outputs_f64"], atol=1e-9, rtol=0)
+
+
+def _read_list(path: Path) -> tuple[list[tuple[str, tuple[int, ...]]], int]:
+    rows, total = [], None
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            m = re.search(r"parameter elements \((\d+)\)", line)
+            total = int(m.group(1)) if m else total
+            continue
+        name, shape = line.split()
+        rows.append((name, tuple(int(s) for s in shape.strip("[]").split(",") if s)))
+    return rows, total
+
+
+@pytest.mark.parametrize(
+    "listing,config,n_tensors",
+    [("imagenet64_adm_state_dict.txt", imagenet64_adm_config(), 553),
+     ("cifar10_ddpmpp_cond_state_dict.txt", cifar10_ddpmpp_config(cond=True), 427)],
+)
+def test_full_size_state_dict_lists(edm_fixtures, listing, config, n_tensors):
+    rows, total = _read_list(edm_fixtures / listing)
+    with torch.device("meta"):
+        net = build_edm(**config)
+    ours = [(k, tuple(v.shape)) for k, v in net.state_dict().items()]
+    assert len(rows) == n_tensors
+    assert ours == rows
+    assert count_parameters(net) == total
+    buffers = {k for k, _ in net.named_buffers()}
+    assert buffers == {k for k, _ in rows if k.endswith(".resample_filter")}
+
+
+def test_uncond_cifar_config_has_no_label_layer():
+    with torch.device("meta"):
+        net = build_edm(**cifar10_ddpmpp_config(cond=False))
+    assert not any("map_label" in k for k in net.state_dict())
+    assert net.label_dim == 0
+
+
+def test_build_edm_rejects_unknown_type_and_kwargs():
+    with pytest.raises(ValueError, match="DhariwalUNet.*SongUNet"):
+        build_edm("UNetXL", img_resolution=8, img_channels=3)
+    with pytest.raises(ValueError, match="model_channels"):
+        build_edm("adm", img_resolution=8, img_channels=3, model_channel=32)
+    net = build_edm("ddpmpp", img_resolution=8, img_channels=3, model_channels=16, channel_mult=[1],
+                    num_blocks=1, attn_resolutions=[])
+    assert net.model_type == "SongUNet"
+
+
+def _randomise(net: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("cfg_fn", [tiny_adm_config, tiny_ddpmpp_config])
+def test_gradient_flows_to_x_and_scalar_sigma_and_int_labels(cfg_fn):
+    torch.manual_seed(0)
+    net = build_edm(**cfg_fn(img_resolution=8))
+    _randomise(net)
+    net.eval().requires_grad_(False)
+    x = torch.randn(3, 3, 8, 8, requires_grad=True)
+    labels = torch.tensor([1, 5, 9])
+    out = net(x, 1.5, labels)
+    out.square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    onehot = torch.nn.functional.one_hot(labels, 10).float()
+    with torch.no_grad():
+        ref = net(x, torch.full((3,), 1.5), onehot)
+    torch.testing.assert_close(out.detach(), ref, atol=0, rtol=0)
+
+
+def test_autocast_bf16_runs_and_keeps_dtype():
+    torch.manual_seed(0)
+    net = build_edm(**tiny_adm_config(img_resolution=8)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = net(x, torch.tensor([0.5, 2.0]), torch.tensor([0, 1]))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(x, torch.tensor([0.5, 2.0]), torch.tensor([0, 1]))
+    assert out.dtype == torch.float32
+    assert (out - ref).abs().max() < 0.1
+
+
+def test_conditional_net_without_labels_uses_zeros():
+    torch.manual_seed(0)
+    net = build_edm(**tiny_adm_config(img_resolution=8)).eval()
+    _randomise(net)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        a = net(x, 1.0)
+        b = net(x, 1.0, torch.zeros(2, 10))
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
