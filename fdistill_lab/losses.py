@@ -6,6 +6,8 @@ normaliser. With the reverse KL (h = 1) the generator update is DMD2's.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,14 +47,17 @@ def distillation_gradient(
     paper eq. (gradient identity) with the DMD weighting. ``weights`` is h_norm per sample [B].
     """
     _check_same_shape(x=x, x0_fake=x0_fake, x0_teacher=x0_teacher)
-    g = x0_fake.detach().float() - x0_teacher.detach().float()
-    if dmd_normalize:
-        g = g * dmd_normalizer(x, x0_teacher)
+    # fold both per-sample factors into one [B, 1, ..] scale: a single pass over the images
+    scale = dmd_normalizer(x, x0_teacher) if dmd_normalize else None
     if weights is not None:
         w = weights.detach().float().flatten()
         if w.shape[0] != x.shape[0]:
             raise ValueError(f"weights have {w.shape[0]} entries but the batch has {x.shape[0]}")
-        g = g * w.reshape(-1, *([1] * (x.ndim - 1)))
+        w = w.reshape(-1, *([1] * (x.ndim - 1)))
+        scale = w if scale is None else scale * w
+    g = x0_fake.detach().float() - x0_teacher.detach().float()
+    if scale is not None:
+        g = g * scale
     return g
 
 
@@ -167,15 +172,25 @@ class FDistillWeighting(nn.Module):
     @torch.no_grad()
     def forward(
         self, logits: torch.Tensor, sigma: torch.Tensor, update: bool = True
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Return (h_norm [B], statistics for logging)."""
+    ) -> tuple[torch.Tensor, WeightStats]:
+        """Return (h_norm [B], WeightStats); the statistics are computed only when asked for."""
         r = ratio_from_logits(logits, self.logit_clip, self.ratio_min, self.ratio_max)
         r_tilde = self.normalizer(r, sigma, update=update)
-        h = self.divergence.h(r_tilde)
-        h_norm = normalize_weights(h, enabled=self.normalize_weight, eps=EPS)
-        stats = {
-            "ratio_mean": float(r.mean()), "ratio_min": float(r.min()), "ratio_max": float(r.max()),
-            "h_mean": float(h.mean()), "h_norm_std": float(h_norm.std()) if h_norm.numel() > 1 else 0.0,
-            "h_norm_max": float(h_norm.max()),
-        }
-        return h_norm, stats
+        h_norm = normalize_weights(self.divergence.h(r_tilde), enabled=self.normalize_weight, eps=EPS)
+        return h_norm, WeightStats(r, r_tilde, h_norm)
+
+
+@dataclass(frozen=True)
+class WeightStats:
+    """Ratio and weight tensors of one batch; ``summary()`` reduces them for logging (one device sync)."""
+
+    ratio: torch.Tensor
+    ratio_normalized: torch.Tensor
+    weight: torch.Tensor
+
+    def summary(self) -> dict[str, float]:
+        r, w = self.ratio.float(), self.weight.float()
+        vals = torch.stack([r.mean(), r.min(), r.max(), self.ratio_normalized.float().mean(), w.std(correction=0),
+                            w.max()]).tolist()
+        return dict(zip(("ratio_mean", "ratio_min", "ratio_max", "ratio_norm_mean", "weight_std", "weight_max"),
+                        vals))

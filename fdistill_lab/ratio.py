@@ -8,6 +8,8 @@ ranks), stage 2 divides h by its (global) batch mean. All maths in float32 or hi
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -102,6 +104,13 @@ class RatioNormalizer(nn.Module):
         self.num_bins, self.sigma_min, self.sigma_max = num_bins, sigma_min, sigma_max
         self.ema_rate, self.spacing, self.enabled, self.eps = ema_rate, spacing, enabled, eps
         self.register_buffer("bins", torch.ones(num_bins, dtype=torch.float32))
+        # inner bin edges in sigma space (for both spacings), so binning is one bucketize call
+        u = torch.linspace(0, 1, num_bins + 1, dtype=torch.float64)[1:-1]
+        if spacing == "linear":
+            edges = sigma_min + u * (sigma_max - sigma_min)
+        else:
+            edges = torch.exp(math.log(sigma_min) + u * (math.log(sigma_max) - math.log(sigma_min)))
+        self.register_buffer("edges", edges.float(), persistent=False)
 
     def extra_repr(self) -> str:
         return (f"num_bins={self.num_bins}, sigma=[{self.sigma_min}, {self.sigma_max}], "
@@ -109,37 +118,32 @@ class RatioNormalizer(nn.Module):
 
     def bin_index(self, sigma: torch.Tensor) -> torch.Tensor:
         """Bin of each noise level (values outside the range go to the first or last bin)."""
-        s = sigma.detach().double().flatten()
-        if self.spacing == "linear":
-            u = (s - self.sigma_min) / (self.sigma_max - self.sigma_min)
-        else:
-            lo, hi = torch.log(torch.tensor(self.sigma_min)), torch.log(torch.tensor(self.sigma_max))
-            u = (s.clamp_min(1e-30).log() - lo) / (hi - lo)
-        return (u * self.num_bins).floor().long().clamp(0, self.num_bins - 1).to(sigma.device)
+        s = sigma.detach().flatten().float()
+        return torch.bucketize(s, self.edges.to(s.device), right=True)
 
     @torch.no_grad()
-    def update(self, r: torch.Tensor, sigma: torch.Tensor) -> None:
+    def update(self, r: torch.Tensor, sigma: torch.Tensor, idx: torch.Tensor | None = None) -> None:
         """Fold the (global) per-bin batch means of r into the running state."""
-        idx = self.bin_index(sigma)
+        idx = self.bin_index(sigma) if idx is None else idx
         r = r.detach().float().flatten()
         if r.shape[0] != idx.shape[0]:
             raise ValueError(f"r has {r.shape[0]} entries but sigma has {idx.shape[0]}")
-        stats = torch.zeros(2, self.num_bins, dtype=torch.float32, device=r.device)
-        stats[0].index_add_(0, idx, r)
-        stats[1].index_add_(0, idx, torch.ones_like(r))
+        sums = torch.bincount(idx, weights=r, minlength=self.num_bins)
+        counts = torch.bincount(idx, minlength=self.num_bins).to(sums.dtype)
         if _distributed():
+            stats = torch.stack([sums, counts])
             dist.all_reduce(stats)
-        present = stats[1] > 0
-        means = stats[0] / stats[1].clamp_min(1)
-        bins = self.bins.to(r.device)
-        new = torch.where(present, self.ema_rate * bins + (1 - self.ema_rate) * means, bins)
-        self.bins.copy_(new.to(self.bins.device))
+            sums, counts = stats[0], stats[1]
+        # bins[k] <- rho bins[k] + (1 - rho) mean_k where the batch has samples of bin k
+        keep = torch.where(counts > 0, self.ema_rate, 1.0)
+        self.bins.mul_(keep).add_((1 - keep) * sums / counts.clamp_min(1))
 
     def forward(self, r: torch.Tensor, sigma: torch.Tensor, update: bool = True) -> torch.Tensor:
         """Return r normalised by its bin's running mean (updating the state first if ``update``)."""
         if not self.enabled:
             return r.detach()
+        idx = self.bin_index(sigma)
         if update:
-            self.update(r, sigma)
-        b = self.bins.to(r.device)[self.bin_index(sigma)]
+            self.update(r, sigma, idx)
+        b = self.bins[idx]
         return (r.detach() / b.clamp_min(self.eps)).to(r.dtype)

@@ -137,7 +137,9 @@ def test_weighting_pipeline(name):
     h_raw, _ = raw(logits, sigma)
     r = ratio_from_logits(logits)
     torch.testing.assert_close(h_raw, D.get(name).h(r))
-    assert stats["ratio_min"] >= 0.1 and stats["ratio_max"] <= 20
+    summary = stats.summary()
+    assert summary["ratio_min"] >= 0.1 and summary["ratio_max"] <= 20
+    assert summary["ratio_min"] <= summary["ratio_mean"] <= summary["ratio_max"]
 
 
 def test_js_downweights_low_ratio_samples():

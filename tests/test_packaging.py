@@ -1,0 +1,49 @@
+"""Project set-up stays consistent: one source of truth for versions, CI installs what tests need."""
+
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pyproject():
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_environment_yml_installs_pyproject_extras():
+    text = (ROOT / "environment.yml").read_text()
+    assert re.search(r"^\s*-\s*python=3\.11\s*$", text, re.M)
+    assert re.search(r"^\s*-\s*pip\s*$", text, re.M)
+    m = re.search(r'-e\s+"?\.\[([a-z_,]+)\]"?', text)
+    assert m, "environment.yml must pip-install the package editable with extras"
+    extras = set(m.group(1).split(","))
+    assert extras <= set(_pyproject()["project"]["optional-dependencies"])
+    assert {"notebooks", "dev"} <= extras
+    # no version pins duplicated outside pyproject
+    assert not re.search(r"(torch|numpy|scipy|papermill)\s*[=<>]", text)
+
+
+def test_pyproject_dependencies():
+    proj = _pyproject()["project"]
+    deps = " ".join(proj["dependencies"])
+    for name in ("torch", "numpy", "scipy", "matplotlib", "seaborn", "tqdm", "scikit-learn"):
+        assert name in deps
+    assert "torchvision" not in deps + " ".join(sum(proj["optional-dependencies"].values(), []))
+    torch_req = next(d for d in proj["dependencies"] if d.startswith("torch"))
+    assert ">=" in torch_req and "==" not in torch_req, "torch must be a range that 2.13.0 satisfies"
+    nb = " ".join(proj["optional-dependencies"]["notebooks"])
+    for name in ("jupyterlab", "ipywidgets", "ipykernel", "papermill", "nbconvert", "nbformat"):
+        assert name in nb
+    dev = " ".join(proj["optional-dependencies"]["dev"])
+    for name in ("pytest", "pytest-timeout", "nbstripout", "ruff"):
+        assert name in dev
+
+
+def test_ci_script_installs_and_guards_exit_code_5():
+    text = (ROOT / ".ci" / "run").read_text()
+    assert "torch==2.13.0" in text and '.[notebooks,dev]' in text
+    assert text.index("torch==2.13.0") < text.index(".[notebooks,dev]")
+    assert '"$rc" -eq 5' in text
+    readme = (ROOT / "README.md").read_text()
+    assert "python -m pytest" in readme and "python -m pytest" in text
