@@ -39,3 +39,19 @@ def edm_fixtures(shared_reference: Path) -> Path:
     if not (path / "adm_tiny.pt").is_file():
         pytest.skip(f"EDM fixtures missing: expected {path / 'adm_tiny.pt'}")
     return path
+
+
+# Quiet progress bars in tests and in the notebook kernels they start (kernels inherit the environment).
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests marked ``gpu`` when CUDA is unavailable, and ``slow`` tests unless selected with -m."""
+    import torch
+
+    run_slow = "slow" in (config.getoption("-m") or "")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow (classroom-size) test: run with -m slow"))
