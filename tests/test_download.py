@@ -1,0 +1,159 @@
+"""Downloader against a local threaded HTTP server on 127.0.0.1 (never the internet): full download,
+resume with Range after a cut connection, servers that ignore Range, checksums, errors, offline."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from fdistill_lab import download as dl
+
+PAYLOAD = bytes(range(256)) * 1000  # 256 kB
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    files: dict[str, bytes] = {}
+    log: list[dict] = []
+    cut_after: int | None = None  # send only this many body bytes, then drop the connection (once)
+    honour_range = True
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def do_GET(self):
+        cls = type(self)
+        cls.log.append({"path": self.path, "range": self.headers.get("Range")})
+        data = cls.files.get(self.path)
+        if data is None:
+            self.send_error(404, "Not Found")
+            return
+        start = 0
+        rng = self.headers.get("Range")
+        if rng and cls.honour_range:
+            start = int(rng.split("=")[1].split("-")[0])
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if cls.cut_after is not None:
+            self.wfile.write(body[:cls.cut_after])
+            self.wfile.flush()
+            cls.cut_after = None
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def server():
+    handler = type("H", (_Handler,), {"files": {"/f.bin": PAYLOAD}, "log": [], "cut_after": None,
+                                       "honour_range": True})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        yield handler, f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+SHA = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+def test_full_download_with_checksum(tmp_path, server):
+    handler, base = server
+    dest = tmp_path / "sub" / "f.bin"
+    out = dl.download(f"{base}/f.bin", dest, SHA, progress=False, chunk_size=10000)
+    assert out == dest and dest.read_bytes() == PAYLOAD
+    assert not dest.with_name("f.bin.part").exists()
+    n = len(handler.log)
+    dl.download(f"{base}/f.bin", dest, SHA, progress=False)  # present and valid: no request
+    assert len(handler.log) == n
+
+
+def test_resume_after_cut_connection(tmp_path, server):
+    handler, base = server
+    dest = tmp_path / "f.bin"
+    handler.cut_after = 100_000
+    with pytest.raises(dl.DownloadError, match="resume"):
+        dl.download(f"{base}/f.bin", dest, SHA, progress=False, chunk_size=4096)
+    part = dest.with_name("f.bin.part")
+    assert not dest.exists() and 0 < part.stat().st_size <= 100_000
+    have = part.stat().st_size
+    dl.download(f"{base}/f.bin", dest, SHA, progress=False)
+    assert dest.read_bytes() == PAYLOAD and not part.exists()
+    assert handler.log[-1]["range"] == f"bytes={have}-"
+
+
+def test_server_ignoring_range_restarts_cleanly(tmp_path, server):
+    handler, base = server
+    handler.honour_range = False
+    dest = tmp_path / "f.bin"
+    dest.with_name("f.bin.part").write_bytes(b"garbage-prefix")
+    dl.download(f"{base}/f.bin", dest, SHA, progress=False)
+    assert dest.read_bytes() == PAYLOAD
+    assert handler.log[-1]["range"] == "bytes=14-"
+
+
+def test_complete_part_file_is_finished_on_416(tmp_path, server):
+    handler, base = server
+    dest = tmp_path / "f.bin"
+    dest.with_name("f.bin.part").write_bytes(PAYLOAD)
+    dl.download(f"{base}/f.bin", dest, SHA, progress=False)
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_checksum_mismatch_deletes_partial_and_unknown_checksum_is_optional(tmp_path, server):
+    _, base = server
+    dest = tmp_path / "f.bin"
+    with pytest.raises(dl.ChecksumError, match="sha256 mismatch"):
+        dl.download(f"{base}/f.bin", dest, "0" * 64, progress=False)
+    assert not dest.exists() and not dest.with_name("f.bin.part").exists()
+    dl.download(f"{base}/f.bin", dest, None, progress=False)
+    assert dest.read_bytes() == PAYLOAD
+    with pytest.raises(dl.ChecksumError, match="exists"):
+        dl.download(f"{base}/f.bin", dest, "1" * 64, progress=False)
+
+
+def test_http_error_and_offline_messages(tmp_path, server):
+    _, base = server
+    with pytest.raises(dl.DownloadError, match="HTTP 404.*offline"):
+        dl.download(f"{base}/missing.bin", tmp_path / "m.bin", progress=False)
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(dl.DownloadError, match=r"cannot reach .*copy it to .*x\.pkl"):
+        dl.download(f"http://127.0.0.1:{port}/x.pkl", tmp_path / "x.pkl", progress=False, timeout=5)
+
+
+def test_known_files_groups_and_cli(tmp_path, server, monkeypatch, capsys):
+    handler, base = server
+    for group in dl.GROUPS.values():
+        assert all(n in dl.KNOWN_FILES for n in group)
+    assert dl.KNOWN_FILES["edm-imagenet-64x64-cond-adm.pkl"].url.startswith("https://nvlabs-fi-cdn.nvidia.com/")
+    fake = {n: dl.RemoteFile(n, f"{base}/f.bin") for n in dl.KNOWN_FILES}
+    monkeypatch.setattr(dl, "KNOWN_FILES", fake)
+    assert dl.main(["fid", "--root", str(tmp_path), "--quiet"]) == 0
+    for n in dl.GROUPS["fid"]:
+        assert (tmp_path / n).read_bytes() == PAYLOAD
+    assert dl.main(["nonexistent.pkl", "--root", str(tmp_path)]) == 1
+    assert "unknown file" in capsys.readouterr().err
+    assert dl.main(["--list"]) == 0
+    with pytest.raises(ValueError, match="known"):
+        dl.fetch("nope", Path(tmp_path))
