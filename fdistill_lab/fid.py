@@ -1,0 +1,256 @@
+"""FID as EDM measures it (reference_implementations.md 1.7): Inception-v3 pool features [N, 2048] from
+the TorchScript detector ``inception-2015-12-05.pt`` on uint8 NCHW images, float64 statistics
+(mu, Sigma = (sum x x^T - N mu mu^T) / (N - 1)), Frechet distance with ``scipy.linalg.sqrtm``, against
+EDM's reference ``.npz`` (``mu``, ``sigma``).
+
+Samples are class-balanced (label of global index i is i mod num_classes, as DMD2) with seed = seed0 + i,
+so the result does not depend on batch size or the number of ranks. Under ``torch.distributed`` each rank
+generates its share and the running sums are all-reduced in float64.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "frechet_distance",
+    "FeatureStats",
+    "load_detector",
+    "load_reference_stats",
+    "save_reference_stats",
+    "quantize_images",
+    "detector_features",
+    "compute_fid",
+    "compute_image_stats",
+    "latents_from_seeds",
+    "QUANTIZE_MODES",
+]
+
+QUANTIZE_MODES = ("round", "trunc")
+GenerateFn = Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]
+
+
+def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}), matrix square root by scipy.linalg.sqrtm (real
+    part), all in float64 (EDM fid.py / Heusel et al. 2017)."""
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise ValueError(f"incompatible statistics: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+    m = float(np.square(mu1 - mu2).sum())
+    root = scipy.linalg.sqrtm(s1 @ s2)
+    return float(np.real(m + np.trace(s1 + s2 - 2 * np.real(root))))
+
+
+class FeatureStats:
+    """Streaming float64 statistics of feature vectors: count, sum and sum of outer products.
+
+    ``update`` accepts [N, D] torch or numpy arrays; ``all_reduce`` sums over torch.distributed ranks
+    (float64); ``mean_cov`` gives (mu, Sigma) as float64 numpy arrays with the unbiased (N - 1) covariance.
+    """
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
+        self.dim = dim
+        self.n = 0
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.sum2 = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def update(self, feats: torch.Tensor | np.ndarray) -> None:
+        x = torch.as_tensor(feats).to(device=self.sum.device, dtype=torch.float64)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"features must be [N, {self.dim}], got {tuple(x.shape)}")
+        self.n += x.shape[0]
+        self.sum += x.sum(0)
+        self.sum2 += x.T @ x
+
+    def merge(self, other: FeatureStats) -> FeatureStats:
+        self.n += other.n
+        self.sum += other.sum.to(self.sum.device)
+        self.sum2 += other.sum2.to(self.sum2.device)
+        return self
+
+    def all_reduce(self, group: Any = None) -> FeatureStats:
+        """Sum the statistics over all ranks (no-op without an initialised process group)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+            n = torch.tensor([float(self.n)], dtype=torch.float64, device=self.sum.device)
+            for t in (n, self.sum, self.sum2):
+                dist.all_reduce(t, group=group)
+            self.n = int(round(float(n.item())))
+        return self
+
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.n < 2:
+            raise ValueError(f"need at least 2 feature vectors, have {self.n}")
+        mu = self.sum / self.n
+        cov = (self.sum2 - self.n * torch.outer(mu, mu)) / (self.n - 1)
+        return mu.cpu().numpy(), cov.cpu().numpy()
+
+
+def load_detector(path: str | Path, device: torch.device | str = "cpu") -> torch.jit.ScriptModule:
+    """Load the TorchScript Inception detector (``inception-2015-12-05.pt``) with ``torch.jit.load``.
+
+    It is called as ``detector(uint8 [N, 3, H, W], return_features=True)`` -> [N, 2048]."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Inception detector not found: {path}. Get it with "
+                                "`python -m fdistill_lab.download fid` (TorchScript inception-2015-12-05.pt).")
+    try:
+        with warnings.catch_warnings():  # torch >= 2.10 deprecates TorchScript; the detector is TorchScript
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.load(str(path), map_location=device).eval()
+    except Exception as exc:
+        raise ValueError(f"{path}: not a TorchScript detector (expected inception-2015-12-05.pt): {exc}") from exc
+
+
+def load_reference_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """EDM reference statistics ``.npz`` with ``mu`` [D] and ``sigma`` [D, D] -> float64 (mu, sigma)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"FID reference statistics not found: {path}. Get them with "
+                                "`python -m fdistill_lab.download fid` (EDM fid-refs .npz with mu, sigma).")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
+    except Exception as exc:
+        raise ValueError(f"{path}: expected an .npz with arrays 'mu' [D] and 'sigma' [D, D] ({exc})") from exc
+    if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+        raise ValueError(f"{path}: 'mu' {mu.shape} and 'sigma' {sigma.shape} are not [D] and [D, D]")
+    return mu, sigma
+
+
+def save_reference_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray) -> Path:
+    """Write statistics in EDM's reference format (``np.savez`` with ``mu``, ``sigma``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+    return path
+
+
+def quantize_images(images: torch.Tensor, mode: str = "round") -> torch.Tensor:
+    """[-1, 1] float images -> uint8. 'round' (EDM): (x * 127.5 + 128).clip(0, 255) then truncate, i.e.
+    rounding; 'trunc' (DMD2): ((x + 1) * 127.5).clamp(0, 255) then truncate."""
+    x = images.to(torch.float32)
+    if mode == "round":
+        x = (x * 127.5 + 128).clip(0, 255)
+    elif mode == "trunc":
+        x = ((x + 1) * 127.5).clamp(0, 255)
+    else:
+        raise ValueError(f"unknown quantize mode {mode!r}; valid: {', '.join(QUANTIZE_MODES)}")
+    return x.to(torch.uint8)
+
+
+@torch.no_grad()
+def detector_features(detector: Callable[..., torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+    """float64 features of uint8 images [N, C, H, W]; grayscale is repeated to 3 channels (EDM)."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"detector input must be uint8, got {images.dtype}")
+    if images.shape[1] == 1:
+        images = images.repeat(1, 3, 1, 1)
+    return detector(images, return_features=True).to(torch.float64)
+
+
+def latents_from_seeds(seeds: torch.Tensor | Sequence[int], shape: Sequence[int],
+                       device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One N(0, I) tensor of ``shape`` per seed, each from its own generator (independent of batching)."""
+    out = []
+    for s in torch.as_tensor(seeds).tolist():
+        g = torch.Generator(device=device).manual_seed(int(s))
+        out.append(torch.randn(list(shape), generator=g, device=device, dtype=dtype))
+    return torch.stack(out)
+
+
+def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    initialised = dist.is_available() and dist.is_initialized()
+    if rank is None:
+        rank = dist.get_rank() if initialised else 0
+    if world_size is None:
+        world_size = dist.get_world_size() if initialised else 1
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} not in [0, {world_size})")
+    return rank, world_size
+
+
+@torch.no_grad()
+def compute_fid(
+    generate_fn: GenerateFn,
+    detector: Callable[..., torch.Tensor],
+    ref_stats: tuple[np.ndarray, np.ndarray] | str | Path,
+    num_images: int = 50000,
+    batch_size: int = 64,
+    num_classes: int | None = 1000,
+    quantize: str = "round",
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    rank: int | None = None,
+    world_size: int | None = None,
+    feature_dim: int | None = None,
+    progress: bool = False,
+    return_stats: bool = False,
+) -> float | tuple[float, FeatureStats]:
+    """FID of ``num_images`` generated images against reference statistics.
+
+    ``generate_fn(labels, seeds)`` gets int64 class labels [B] (None when ``num_classes`` is 0/None) and
+    the int64 seeds [B] of the samples (``seed + global index``), and returns images in [-1, 1],
+    [B, C, H, W]. Labels are class-balanced: global index i has label i mod num_classes. The global batches
+    are dealt round-robin to ranks (``rank``/``world_size`` default to torch.distributed's); statistics
+    are all-reduced in float64, so every rank returns the same value.
+    """
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"unknown quantize mode {quantize!r}; valid: {', '.join(QUANTIZE_MODES)}")
+    if num_images < 2:
+        raise ValueError("num_images must be >= 2")
+    mu_ref, sigma_ref = load_reference_stats(ref_stats) if isinstance(ref_stats, (str, Path)) else ref_stats
+    rank, world_size = _rank_world(rank, world_size)
+    dim = feature_dim or int(np.asarray(mu_ref).shape[0])
+    stats = FeatureStats(dim, device=device)
+    batches = torch.arange(num_images, dtype=torch.int64).split(batch_size)
+    mine = batches[rank::world_size]
+    for k, idx in enumerate(mine):
+        labels = (idx % num_classes).to(device) if num_classes else None
+        images = generate_fn(labels, (idx + seed).to(device))
+        if images.shape[0] != idx.shape[0]:
+            raise ValueError(f"generate_fn returned {images.shape[0]} images for a batch of {idx.shape[0]}")
+        stats.update(detector_features(detector, quantize_images(images, quantize).to(device)))
+        if progress and rank == 0 and (k + 1) % max(1, len(mine) // 10) == 0:
+            print(f"FID: {min((k + 1) * batch_size * world_size, num_images)}/{num_images} images",
+                  file=sys.stderr, flush=True)
+    if world_size > 1:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("world_size > 1 needs an initialised torch.distributed process group")
+        stats.all_reduce()
+    if stats.n != num_images:
+        raise RuntimeError(f"collected {stats.n} feature vectors, expected {num_images}")
+    mu, sigma = stats.mean_cov()
+    fid = frechet_distance(mu, sigma, mu_ref, sigma_ref)
+    return (fid, stats) if return_stats else fid
+
+
+@torch.no_grad()
+def compute_image_stats(images: Iterable[torch.Tensor], detector: Callable[..., torch.Tensor],
+                        feature_dim: int = 2048, max_images: int | None = None,
+                        device: torch.device | str = "cpu") -> FeatureStats:
+    """Statistics of uint8 image batches [B, C, H, W] (e.g. a DataLoader over ``EDMImageDataset``), for
+    writing reference statistics with :func:`save_reference_stats`. Stops after ``max_images``."""
+    stats = FeatureStats(feature_dim, device=device)
+    for batch in images:
+        if isinstance(batch, (tuple, list)):
+            batch = batch[0]
+        if max_images is not None:
+            batch = batch[: max_images - stats.n]
+        if batch.shape[0] == 0:
+            break
+        stats.update(detector_features(detector, batch.to(device)))
+        if max_images is not None and stats.n >= max_images:
+            break
+    return stats
+
+
