@@ -62,11 +62,12 @@ def _build_and_load(config: dict[str, Any], state: dict[str, torch.Tensor], drop
     if dropout is not None:
         cfg["dropout"] = dropout
     try:
-        net = build_edm(model_type, **cfg)
+        with torch.device("meta"):  # no random init of ~300M parameters; the weights are assigned below
+            net = build_edm(model_type, **cfg)
     except (TypeError, ValueError) as exc:
         raise EDMPickleError(f"{source}: unsupported EDM configuration {config}: {exc}") from exc
     try:
-        net.load_state_dict(state, strict=True)
+        net.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise EDMPickleError(f"{source}: weights do not match the recorded architecture: {exc}") from exc
     return net
