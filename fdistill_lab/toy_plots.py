@@ -1,0 +1,170 @@
+"""Figures of the 2-D toy lab (notebook 02): samples over the teacher density, mode-mass bars,
+training curves, and the paper's Fig. 2 analogue (score disagreement and the weight h).
+
+Every function returns the matplotlib Figure; nothing is shown or saved here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from .divergences import get as get_divergence
+from .mixtures import GaussianMixture
+
+
+def _label(name: str) -> str:
+    try:
+        return get_divergence(name).label
+    except ValueError:
+        return name
+
+
+def teacher_density_image(teacher: GaussianMixture, lim: float = 3.0, res: int = 150,
+                          sigma: float = 0.0) -> tuple[np.ndarray, list[float]]:
+    """Teacher log-density p_sigma on a res x res grid over [-lim, lim]^2, and the imshow extent."""
+    xs = torch.linspace(-lim, lim, res, dtype=torch.float64)
+    gx, gy = torch.meshgrid(xs, xs, indexing="xy")
+    logp = teacher.log_prob(torch.stack([gx.flatten(), gy.flatten()], 1), sigma).reshape(res, res)
+    return logp.numpy(), [-lim, lim, -lim, lim]
+
+
+def _density_background(ax, teacher: GaussianMixture, lim: float) -> None:
+    logp, extent = teacher_density_image(teacher, lim)
+    ax.imshow(np.exp(logp), origin="lower", extent=extent, cmap="Greys", alpha=0.8)
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_samples(samples: Mapping[str, torch.Tensor], teacher: GaussianMixture, titles: Mapping[str, str] | None = None,
+                 lim: float = 3.0, max_points: int = 2000, ncols: int = 4) -> Figure:
+    """One panel per entry: student samples (orange) over the teacher density (grey)."""
+    if not samples:
+        raise ValueError("samples must not be empty")
+    n = len(samples)
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, (name, x) in zip(axes.flat, samples.items()):
+        _density_background(ax, teacher, lim)
+        x = torch.as_tensor(x).detach()[:max_points].numpy()
+        ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.35, color="tab:orange", rasterized=True)
+        ax.set_title((titles or {}).get(name, _label(name)))
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def plot_mode_mass(mass: Mapping[str, np.ndarray], weights: torch.Tensor | np.ndarray) -> Figure:
+    """Grouped bars: per mode, the true weight and each divergence's mode mass (mean +- std over seeds).
+
+    ``mass[name]`` is [seeds, K] (or [K] for one run).
+    """
+    if not mass:
+        raise ValueError("mass must not be empty")
+    w = np.asarray(weights, dtype=float)
+    k = len(w)
+    names = list(mass)
+    width = 0.8 / (len(names) + 1)
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * k), 3.8))
+    pos = np.arange(k)
+    ax.bar(pos - 0.4 + width / 2, w, width, color="black", alpha=0.7, label="teacher weight")
+    palette = plt.get_cmap("tab10")
+    for i, name in enumerate(names):
+        m = np.atleast_2d(np.asarray(mass[name], dtype=float))
+        if m.shape[1] != k:
+            raise ValueError(f"mass[{name!r}] has {m.shape[1]} modes; teacher has {k}")
+        std = m.std(0, ddof=1) if m.shape[0] > 1 else None
+        ax.bar(pos - 0.4 + width * (i + 1.5), m.mean(0), width, yerr=std, capsize=2, color=palette(i % 10),
+               label=_label(name))
+    ax.set_xticks(pos, [f"mode {j}\nw={w[j]:.2f}" for j in range(k)], fontsize=8)
+    ax.set_ylabel("share of on-mode samples")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, list]]],
+                         keys: Sequence[str] = ("eval_modes_covered", "eval_mass_tv", "eval_precision", "gen_loss"),
+                         smooth: int = 25) -> Figure:
+    """Curves per divergence (mean over seeds, band = min..max). ``histories[name]`` is a list of run histories.
+
+    Keys starting with ``eval_`` are plotted against ``eval_step``; others against ``step``, smoothed
+    with a moving average of ``smooth`` points.
+    """
+    if not histories:
+        raise ValueError("histories must not be empty")
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2), squeeze=False)
+    palette = plt.get_cmap("tab10")
+    for ax, key in zip(axes[0], keys):
+        xkey = "eval_step" if key.startswith("eval_") else "step"
+        for i, (name, runs) in enumerate(histories.items()):
+            curves = [np.asarray(h[key], dtype=float) for h in runs if key in h]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            y = np.stack([c[:n] for c in curves])
+            if xkey == "step" and smooth > 1 and n >= smooth:
+                kern = np.ones(smooth) / smooth
+                y = np.stack([np.convolve(c, kern, mode="valid") for c in y])
+            x = np.asarray(runs[0][xkey], dtype=float)[-y.shape[1]:]
+            ax.plot(x, y.mean(0), color=palette(i % 10), label=_label(name))
+            if y.shape[0] > 1:
+                ax.fill_between(x, y.min(0), y.max(0), color=palette(i % 10), alpha=0.15)
+        ax.set_title(key.replace("eval_", ""))
+        ax.set_xlabel("generator step")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_score_disagreement(data: Mapping[str, torch.Tensor], teacher: GaussianMixture, sigma: float,
+                            lim: float = 3.0) -> Figure:
+    """Paper Fig. 2 analogue from ``toy.score_disagreement``: where teacher and fake scores disagree, and
+    the weight h each divergence puts there (colour = h normalised to mean 1, log scale), plus h against
+    the disagreement."""
+    hkeys = [k for k in data if k.startswith("h_")]
+    if not hkeys:
+        raise ValueError("data has no h_<divergence> entries")
+    x = data["x_t"].detach().numpy()
+    dis = data["disagreement"].detach().numpy()
+    ncols = 2 + len(hkeys)
+    fig, axes = plt.subplots(1, ncols, figsize=(3.3 * ncols, 3.4))
+    logp, extent = teacher_density_image(teacher, lim, sigma=sigma)
+    ax = axes[0]
+    im = ax.scatter(x[:, 0], x[:, 1], c=dis, s=3, cmap="magma", rasterized=True)
+    ax.contour(np.exp(logp), extent=extent, levels=5, colors="tab:blue", linewidths=0.6)
+    ax.set_title(f"||x0_fake - x0_teacher||, sigma={sigma:g}")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    for ax, key in zip(axes[1:1 + len(hkeys)], hkeys):
+        h = data[key].detach().numpy()
+        im = ax.scatter(x[:, 0], x[:, 1], c=np.log10(np.clip(h, 1e-3, None)), s=3, cmap="viridis",
+                        vmin=-1.5, vmax=1.5, rasterized=True)
+        ax.contour(np.exp(logp), extent=extent, levels=5, colors="tab:blue", linewidths=0.6)
+        ax.set_title(f"log10 h, {_label(key[2:])}")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    for ax in axes[:-1]:
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+    ax = axes[-1]
+    order = np.argsort(dis)
+    bins = np.array_split(order, 10)
+    for i, key in enumerate(hkeys):
+        h = data[key].detach().numpy()
+        ax.plot([dis[b].mean() for b in bins], [h[b].mean() for b in bins], "o-", ms=3,
+                color=plt.get_cmap("tab10")(i), label=_label(key[2:]))
+    ax.set_yscale("log")
+    ax.set_xlabel("disagreement (decile means)")
+    ax.set_ylabel("mean normalised h")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,208 @@
+"""The 2-D toy lab (notebook 02): training steps, oracle critics, metrics and plots."""
+
+import math
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+
+from fdistill_lab import divergences
+from fdistill_lab.mixtures import GaussianMixture, ring, unequal_weights
+from fdistill_lab.toy import (
+    ToyConfig,
+    ToyDistiller,
+    assign_modes,
+    evaluate_samples,
+    kde_log_prob,
+    kl_estimates,
+    mode_metrics,
+    recall,
+    student_kde,
+    summarize,
+)
+from fdistill_lab.toy.train import score_disagreement
+
+matplotlib.use("Agg")
+
+SMALL = dict(batch=32, hidden=16, depth=2, critic_warmup=0, eval_samples=64, oracle_samples=32)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return ring(8, 2.0, 0.1, unequal_weights(8, 0.30, 0.03))
+
+
+def _params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def _changed(before, module):
+    return any(not torch.equal(a, b.detach()) for a, b in zip(before, module.parameters()))
+
+
+@pytest.mark.parametrize("div", divergences.PAPER_NAMES + ("neyman",))
+def test_one_step_per_divergence_changes_parameters(teacher, div):
+    run = ToyDistiller(teacher, ToyConfig(divergence=div, **SMALL))
+    g0, f0, d0 = _params(run.generator), _params(run.fake_score), _params(run.discriminator)
+    logs = run.critic_step()
+    assert _changed(f0, run.fake_score) and _changed(d0, run.discriminator)
+    assert not _changed(g0, run.generator)
+    assert math.isfinite(logs["dsm_loss"]) and math.isfinite(logs["disc_loss"])
+    d1 = _params(run.discriminator)
+    logs = run.generator_step()
+    assert _changed(g0, run.generator)
+    assert not _changed(d1, run.discriminator), "the generator step must not move the discriminator"
+    assert math.isfinite(logs["gen_loss"]) and logs["weight_max"] >= 1.0 - 1e-6
+
+
+def test_gan_weight_and_oracle_steps(teacher):
+    run = ToyDistiller(teacher, ToyConfig(divergence="js", gan_weight=0.1, **SMALL))
+    run.critic_step()
+    assert run.generator_step()["gan_gen_loss"] > 0
+    orc = ToyDistiller(teacher, ToyConfig(divergence="fkl", oracle=True, gan_weight=0.1, **SMALL))
+    g0 = _params(orc.generator)
+    orc.generator_step()
+    assert _changed(g0, orc.generator)
+    with pytest.raises(RuntimeError, match="oracle"):
+        orc.critic_step()
+
+
+def test_train_schedule_and_history(teacher):
+    cfg = ToyConfig(divergence="rkl", steps=4, critic_steps=2, eval_every=2, **SMALL)
+    run = ToyDistiller(teacher, cfg)
+    calls = {"critic": 0}
+    step = run.critic_step
+
+    def counted():
+        calls["critic"] += 1
+        return step()
+
+    run.critic_step = counted
+    hist = run.train(progress=False)
+    assert calls["critic"] == 8 and run.num_generator_steps == 4
+    assert hist["step"] == [1, 2, 3, 4] and hist["eval_step"] == [2, 4]
+    assert all(0 <= c <= 8 for c in hist["eval_modes_covered"])
+
+
+def test_config_rejects_bad_input():
+    with pytest.raises(ValueError, match="valid names: rkl"):
+        ToyConfig(divergence="nonsense")
+    with pytest.raises(ValueError, match="critic_steps"):
+        ToyConfig(critic_steps=0)
+    ToyConfig(critic_steps=0, oracle=True)
+    with pytest.raises(ValueError, match="sigma_min < sigma_max"):
+        ToyConfig(sigma_min=5.0, sigma_max=1.0)
+    with pytest.raises(ValueError, match="fake_score_weighting"):
+        ToyConfig(fake_score_weighting="nope")
+    assert ToyConfig(divergence="kl").divergence == "fkl"
+
+
+def test_oracle_ratio_is_exact_mixture_ratio(teacher):
+    """The oracle logit is log p_sigma - log q_sigma for the KDE noised at sigma (bandwidth^2 + sigma^2)."""
+    run = ToyDistiller(teacher, ToyConfig(oracle=True, **SMALL))
+    g = torch.Generator().manual_seed(3)
+    centers = torch.randn(40, 2, generator=g, dtype=torch.float64)
+    bw = run.cfg.oracle_bandwidth
+    kde = student_kde(centers, bw)
+    x = torch.randn(25, 2, generator=g) * 2
+    for sigma in (0.02, 0.5, 4.0):
+        s = torch.full((25,), sigma)
+        got = run.oracle_logit(kde, x, s).double()
+        q_sigma = kde_log_prob(centers, x.double(), [math.sqrt(bw**2 + sigma**2)])[0]
+        want = teacher.log_prob(x.double(), sigma) - q_sigma
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(got.double(), teacher.log_ratio(kde, x.double(), sigma), rtol=1e-5, atol=1e-4)
+    # the KDE of independent fresh samples: the oracle model has oracle_samples centres
+    assert run.oracle_model().num_components == run.cfg.oracle_samples
+
+
+def test_assign_modes_known_points(teacher):
+    m = teacher.means
+    pts = torch.cat([m, m[:1] + torch.tensor([[0.25, 0.0]]), m[:1] + torch.tensor([[0.35, 0.0]]),
+                     torch.zeros(1, 2)])
+    idx = assign_modes(pts, teacher)
+    assert idx.tolist() == list(range(8)) + [0, -1, -1]
+    with pytest.raises(ValueError, match="samples must be"):
+        assign_modes(torch.zeros(3, 3), teacher)
+
+
+def test_metrics_teacher_samples_cover_everything(teacher):
+    x = teacher.sample(4000, generator=torch.Generator().manual_seed(0))
+    m = evaluate_samples(x, teacher, seed=1)
+    assert m["modes_covered"] == 8 and all(m["covered"])
+    assert m["precision"] == pytest.approx(1 - math.exp(-4.5), abs=0.01)
+    assert m["mass_tv"] < 0.03 and max(abs(e) for e in m["mass_error"]) < 0.02
+    assert m["recall"] > 0.95
+    assert abs(m["fkl"]) < 0.15 and abs(m["rkl"]) < 0.15
+
+
+def test_metrics_student_on_one_mode(teacher):
+    one = GaussianMixture(teacher.means[:1], 0.1)
+    x = one.sample(3000, generator=torch.Generator().manual_seed(0))
+    m = evaluate_samples(x, teacher, seed=1)
+    w0 = float(teacher.weights[0])
+    assert m["modes_covered"] == 1 and m["covered"][0]
+    assert m["mode_mass"][0] == pytest.approx(1.0)
+    assert m["mass_tv"] == pytest.approx(1 - w0, abs=1e-9)
+    assert m["recall"] == pytest.approx(w0, abs=0.05)
+    assert m["fkl"] > 10  # missing modes cost log q_hat ~ -d^2 / (2 bw^2) under the KDE
+    assert m["rkl"] == pytest.approx(-math.log(w0), abs=0.2)  # q = one component: KL(q||p) = -log w0
+
+
+def test_off_mode_samples_lower_precision(teacher):
+    x = teacher.sample(1000, generator=torch.Generator().manual_seed(0))
+    junk = torch.zeros(1000, 2)
+    m = mode_metrics(torch.cat([x, junk]), teacher)
+    assert m["precision"] == pytest.approx(0.5 * (1 - math.exp(-4.5)), abs=0.02)
+    assert m["modes_covered"] == 8
+    with pytest.raises(ValueError, match="cover_fraction"):
+        mode_metrics(x, teacher, cover_fraction=0)
+
+
+def test_recall_and_kde_helpers():
+    s = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    t = torch.tensor([[0.05, 0.0], [1.0, 0.5], [3.0, 3.0], [0.9, 0.0]])
+    assert recall(s, t, 0.2) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="radius"):
+        recall(s, t, 0.0)
+    y = torch.randn(7, 2, dtype=torch.float64)
+    torch.testing.assert_close(kde_log_prob(s, y, [0.3])[0], student_kde(s, 0.3).log_prob(y))
+    with pytest.raises(ValueError, match="at least 4"):
+        kl_estimates(s, ring(8), n_teacher=10)
+
+
+def test_summarize():
+    runs = [{"a": 1.0, "b": 2}, {"a": 3.0, "b": 2}]
+    out = summarize(runs, keys=("a", "b"))
+    assert out["a"] == {"mean": 2.0, "std": pytest.approx(math.sqrt(2))}
+    assert out["b"]["std"] == 0.0
+    assert summarize(runs[:1], keys=("a",))["a"]["std"] == 0.0
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+def test_score_disagreement_and_plots(teacher):
+    from fdistill_lab import toy_plots
+
+    for oracle in (False, True):
+        run = ToyDistiller(teacher, ToyConfig(oracle=oracle, **SMALL))
+        data = score_disagreement(run, sigma=0.5, n=200)
+        assert data["x_t"].shape == (200, 2) and data["disagreement"].shape == (200,)
+        for k in ("h_rkl", "h_js", "h_fkl"):
+            assert float(data[k].mean()) == pytest.approx(1.0, rel=1e-5)
+        torch.testing.assert_close(data["h_rkl"], torch.ones(200))
+    # h for fkl increases with the ratio, rkl is flat: check on the returned logits
+    order = data["log_r"].argsort()
+    assert float(data["h_fkl"][order[-1]]) >= float(data["h_fkl"][order[0]])
+    figs = [
+        toy_plots.plot_samples({"rkl": teacher.sample(100), "fkl": teacher.sample(100)}, teacher),
+        toy_plots.plot_mode_mass({"rkl": np.full((2, 8), 1 / 8), "fkl": np.full(8, 1 / 8)}, teacher.weights),
+        toy_plots.plot_training_curves({"rkl": [run.history or {"step": [1, 2], "gen_loss": [1.0, 0.5]}]},
+                                       keys=("gen_loss",)),
+        toy_plots.plot_score_disagreement(data, teacher, 0.5),
+    ]
+    assert all(isinstance(f, matplotlib.figure.Figure) for f in figs)
+    with pytest.raises(ValueError, match="modes"):
+        toy_plots.plot_mode_mass({"rkl": np.ones((2, 3))}, teacher.weights)
+    matplotlib.pyplot.close("all")
