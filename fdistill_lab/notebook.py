@@ -16,7 +16,7 @@ import os
 import platform
 import random
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -168,13 +168,15 @@ def versions() -> dict[str, str]:
             "torch": torch.__version__, "numpy": np.__version__, "matplotlib": matplotlib.__version__}
 
 
-def setup_notebook(namespace: MutableMapping[str, Any], *, quiet: bool = False) -> NotebookConfig:
+def setup_notebook(namespace: MutableMapping[str, Any], *, validate: Callable[[dict[str, Any]], None] | None = None,
+                   quiet: bool = False) -> NotebookConfig:
     """Validate the parameters in ``namespace`` (pass ``globals()``), then seed and configure.
 
     Raises ValueError for unknown injected names (listing the valid ones) and TypeError for values
     that do not match their annotation. Honours ``FDISTILL_SMOKE=1`` (and writes ``smoke`` back into
     the namespace), seeds torch/numpy/random from ``seed``, sets torch threads (``FDISTILL_THREADS``,
     default min(4, cores)), the plot style, prints versions, and finally creates ``output_dir``.
+    ``validate(values)`` runs the notebook's own checks (e.g. a divergence name) before anything is created.
     """
     import torch
 
@@ -182,6 +184,8 @@ def setup_notebook(namespace: MutableMapping[str, Any], *, quiet: bool = False) 
     env_smoke = _smoke_from_env()
     if env_smoke is not None:
         values["smoke"] = env_smoke
+    if validate is not None:
+        validate(dict(values))
     namespace.update(values)
     threads = _threads()
     torch.set_num_threads(threads)

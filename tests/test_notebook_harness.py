@@ -49,6 +49,15 @@ def test_wrong_type_rejected_before_output_dir(tmp_path, name, value, pattern):
     assert not (tmp_path / "out").exists()
 
 
+def test_notebook_validate_hook_runs_before_output_dir(tmp_path):
+    def validate(values):
+        raise ValueError(f"unknown divergence {values['div']!r}")
+
+    with pytest.raises(ValueError, match="unknown divergence 'js'"):
+        setup_notebook(_ns(tmp_path), validate=validate, quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_required_and_unsupported_annotation(tmp_path):
     ns = _ns(tmp_path)
     del ns["__annotations__"]["seed"]
