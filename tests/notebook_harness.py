@@ -40,6 +40,9 @@ def _environment() -> None:
     os.environ["TQDM_DISABLE"] = "1"
     os.environ.pop("MPLBACKEND", None)
     os.environ.setdefault("FDISTILL_THREADS", "2")
+    # the kernel must import this checkout even if the editable install points elsewhere (e.g. a CI clone)
+    paths = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(ROOT)]
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
 
 
 def _execute(name: str, tmp_path: Path, parameters: dict[str, Any], suffix: str) -> tuple[Path, Any]:

@@ -1,0 +1,60 @@
+"""Exercise checkers: fast (< 1 s), deterministic, one-line verdict, AssertionError with a hint on failure."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from . import divergences
+from .divergences import PAPER_NAMES
+
+
+def _verdict(name: str, ok: bool, detail: str, hint: str) -> None:
+    if not ok:
+        raise AssertionError(f"{name}: WRONG - {detail}. Hint: {hint}")
+    print(f"{name}: OK - {detail}")
+
+
+def _second_derivative(f: Callable[[torch.Tensor], torch.Tensor], r: torch.Tensor) -> torch.Tensor:
+    r = r.clone().requires_grad_(True)
+    (d1,) = torch.autograd.grad(f(r).sum(), r, create_graph=True)
+    (d2,) = torch.autograd.grad(d1.sum(), r)
+    return d2.detach()
+
+
+def check_h_js(h_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Exercise 01.1: ``h_fn(r)`` must equal r^2 f''(r) for Jensen-Shannon on r in [1e-3, 1e3]."""
+    name = "check_h_js"
+    r = torch.logspace(-3, 3, 61, dtype=torch.float64)
+    out = h_fn(r.clone())
+    if not torch.is_tensor(out) or out.shape != r.shape:
+        got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+        _verdict(name, False, f"expected a tensor of shape {tuple(r.shape)}, got {got}",
+                 "apply the formula elementwise with torch operations")
+    js = divergences.get("js")
+    target = r**2 * _second_derivative(js.f, r)  # h = r^2 f'' by autograd of the library's f
+    diff = float((out.double() - target).abs().max())
+    ok = bool(torch.allclose(out.double(), target, rtol=1e-6, atol=1e-9))
+    _verdict(name, ok, f"max |h - r^2 f''| = {diff:.2e} on 61 points in [1e-3, 1e3]",
+             "differentiate f(r) = r log r - (r + 1) log((r + 1)/2) twice, then multiply by r^2")
+
+
+def check_mode_prediction(prediction: Mapping[str, int] | Callable[[], Mapping[str, int]],
+                          measured: Mapping[str, int]) -> None:
+    """Exercise 01.2: predicted modes kept (1 or 2) per paper divergence must match the measured fits."""
+    name = "check_mode_prediction"
+    pred = dict(prediction() if callable(prediction) else prediction)
+    missing = [n for n in PAPER_NAMES if n not in pred]
+    extra = [n for n in pred if n not in PAPER_NAMES]
+    if missing or extra:
+        _verdict(name, False, f"keys must be exactly {list(PAPER_NAMES)}; missing {missing}, unexpected {extra}",
+                 "give one entry per paper divergence")
+    bad_values = {k: v for k, v in pred.items() if v not in (1, 2) or isinstance(v, bool)}
+    if bad_values:
+        _verdict(name, False, f"values must be 1 or 2 (modes kept); got {bad_values}", "1 = one mode, 2 = both")
+    wrong = {n: (pred[n], measured[n]) for n in PAPER_NAMES if pred[n] != measured[n]}
+    _verdict(name, not wrong, f"{len(PAPER_NAMES) - len(wrong)}/{len(PAPER_NAMES)} predictions match the fits"
+             + (f"; wrong (predicted, measured): {wrong}" if wrong else ""),
+             "look at h(r) where the student puts no mass (r >> 1): a weight that grows with r pulls the student "
+             "towards the missing mode")
