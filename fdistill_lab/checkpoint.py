@@ -1,0 +1,59 @@
+"""Atomic checkpoint files: write to ``<path>.tmp``, flush to disk, then ``os.replace``.
+
+A crash (or SIGTERM) mid-write therefore never leaves a truncated checkpoint under the real name.
+Loading uses ``torch.load(weights_only=True)``; an unreadable file raises ``CheckpointError`` naming
+the file and what to do, and is never silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read or does not hold what was expected."""
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically (temporary file in the same folder + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_file(path: str | os.PathLike, what: str = "checkpoint", fix: str = "delete it and rerun",
+              required_keys: tuple[str, ...] = ()) -> dict:
+    """Load a dict saved by :func:`atomic_save` (tensors and plain containers only).
+
+    Raises ``FileNotFoundError`` if absent and ``CheckpointError`` (naming the file, ``what`` it should
+    be and the ``fix``) if it is corrupted, not a dict, or lacks ``required_keys``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, random bytes, pickle of forbidden globals, ...
+        raise CheckpointError(
+            f"cannot read {what} {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            f"the file is corrupted or not a {what}: {fix}") from exc
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{what} {path} holds a {type(obj).__name__}, not a dict: {fix}")
+    missing = [k for k in required_keys if k not in obj]
+    if missing:
+        raise CheckpointError(f"{what} {path} lacks the entries {missing}: {fix}")
+    return obj

@@ -1,0 +1,578 @@
+"""Image-scale f-distill trainer: teacher -> one-step student (fdistill_paper.md sections 6-10).
+
+Network-agnostic: any denoiser with the EDMPrecond interface ``net(x, sigma, class_labels,
+return_features=False) -> x0`` or ``(x0, features)`` (attributes ``img_resolution``, ``img_channels``,
+``label_dim``). Student and fake score start as copies of the frozen teacher (section 9). One
+iteration is a generator step or a critic step (fake-score DSM + discriminator), by ``schedule``:
+
+* ``"fastgen"``: iteration i is a generator step if i % K == 0, else a critic step (K-1 : 1);
+* ``"dmd2"``: the critic is updated every iteration, the generator also when i % K == 0 (K : 1).
+
+All randomness (latents, noise levels, noise, uniform labels) comes from the trainer's own CPU
+``torch.Generator``, saved in checkpoints, so a resumed run repeats an uninterrupted one exactly.
+Under bf16 autocast the networks run in bf16 while ratio, weight and loss maths stay in fp32.
+DDP: pass ``wrap`` (e.g. ``lambda m: DistributedDataParallel(m)``) for the trainable networks; the
+ratio normaliser and weight mean already all-reduce.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import divergences
+from .checkpoint import atomic_save, load_file
+from .discriminator import Discriminator
+from .edm import SIGMA_MAX, SIGMA_MIN, sample_sigma_grid
+from .losses import (
+    FAKE_SCORE_WEIGHTINGS,
+    FDistillWeighting,
+    denoising_loss,
+    fdistill_loss,
+    gan_discriminator_loss,
+    gan_generator_loss,
+    r1_penalty,
+)
+
+SCHEDULES = ("fastgen", "dmd2")
+DISC_PLACEMENTS = ("teacher", "fake_score")
+GENERATOR_LABELS = ("real", "uniform")
+PRECISIONS = ("fp32", "bf16")
+BIN_SPACINGS = ("linear", "log")
+CHECKPOINT_FORMAT = "fdistill-trainer-v1"
+
+
+@dataclass
+class DistillConfig:
+    """Every setting of the trainer (paper Table 5 / FastGen defaults where they exist).
+
+    Schedule: ``student_update_freq`` K and ``schedule`` (see module docstring). Optimisers: AdamW with
+    ``betas``, ``weight_decay`` 0.01, one per network (student, fake score, discriminator). The student
+    gradient norm is clipped to ``grad_clip`` (FastGen 10; None disables). ``ema_beta``: constant-rate
+    EMA of the student, updated after each generator step. GAN: generator weight ``gan_weight_gen``
+    (0 = ratio-only mode, the discriminator is still trained), discriminator weight ``gan_weight_disc``
+    (FastGen 1, DMD2 1e-2), R1 weight ``r1_gamma``. Discriminator heads on ``disc_features`` of the
+    frozen teacher (``disc_placement="teacher"``) or of the fake score (``"fake_score"``, which trains its
+    encoder too). Noise levels: uniform indices [``min_index``, ``max_index``] of the 1000-point Karras
+    grid for the generator, [``fake_min_index``, ``fake_max_index``] for the critic; real GAN images at an
+    independent level unless ``real_same_t``. Ratio and weights: see :class:`FDistillWeighting`.
+    ``student_sigma``: the student maps ``student_sigma * z`` at that noise level (80, as DMD2).
+    ``accum_steps`` splits each batch into micro-batches (gradient accumulation).
+    """
+
+    divergence: str = "js"
+    schedule: str = "fastgen"
+    student_update_freq: int = 5
+    lr_student: float = 1e-4
+    lr_fake: float = 1e-4
+    lr_disc: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    adam_eps: float = 1e-8
+    grad_clip: float | None = 10.0
+    critic_grad_clip: float | None = None
+    ema_beta: float = 0.999
+    gan_weight_gen: float = 1e-3
+    gan_weight_disc: float = 1.0
+    r1_gamma: float = 0.0
+    disc_placement: str = "teacher"
+    disc_features: tuple[str, ...] = ("bottleneck",)
+    disc_hidden: int | None = None
+    min_index: int = 2
+    max_index: int = 998
+    fake_min_index: int = 2
+    fake_max_index: int = 998
+    num_grid: int = 1000
+    real_same_t: bool = False
+    fake_score_weighting: str = "none"
+    logit_clip: float | None = 10.0
+    ratio_min: float | None = 0.1
+    ratio_max: float | None = 20.0
+    normalize_ratio: bool = True
+    normalize_weight: bool = True
+    num_bins: int = 10
+    bin_ema: float = 0.0
+    bin_spacing: str = "linear"
+    dmd_normalize: bool = True
+    student_sigma: float = SIGMA_MAX
+    generator_labels: str = "real"
+    precision: str = "fp32"
+    accum_steps: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        self.disc_features = (self.disc_features,) if isinstance(self.disc_features, str) else tuple(
+            self.disc_features)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad setting and its valid values."""
+        self.divergence = divergences.canonical_name(self.divergence)
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("disc_placement", self.disc_placement, DISC_PLACEMENTS)
+        _choice("generator_labels", self.generator_labels, GENERATOR_LABELS)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("bin_spacing", self.bin_spacing, BIN_SPACINGS)
+        _choice("fake_score_weighting", self.fake_score_weighting, FAKE_SCORE_WEIGHTINGS)
+        _int_at_least("student_update_freq", self.student_update_freq, 1)
+        if self.schedule == "fastgen" and self.student_update_freq < 2:
+            raise ValueError("student_update_freq must be >= 2 with schedule='fastgen' (K-1 critic steps per "
+                             "generator step; K=1 would never train the critic); use schedule='dmd2' for 1:1")
+        _int_at_least("accum_steps", self.accum_steps, 1)
+        _int_at_least("num_bins", self.num_bins, 1)
+        _int_at_least("num_grid", self.num_grid, 2)
+        _int_at_least("seed", self.seed, 0)
+        for lo, hi in (("min_index", "max_index"), ("fake_min_index", "fake_max_index")):
+            a, b = getattr(self, lo), getattr(self, hi)
+            if not (isinstance(a, int) and isinstance(b, int) and 0 <= a <= b < self.num_grid):
+                raise ValueError(f"need integers 0 <= {lo} <= {hi} < num_grid={self.num_grid}; got {a}, {b}")
+        for name in ("lr_student", "lr_fake", "lr_disc", "student_sigma", "gan_weight_disc"):
+            _positive(name, getattr(self, name))
+        for name in ("weight_decay", "gan_weight_gen", "r1_gamma"):
+            _non_negative(name, getattr(self, name))
+        _positive("adam_eps", self.adam_eps)
+        for name in ("grad_clip", "critic_grad_clip", "logit_clip"):
+            v = getattr(self, name)
+            if v is not None:
+                _positive(name, v)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1); got {self.betas}")
+        if not 0.0 <= self.ema_beta < 1.0:
+            raise ValueError(f"ema_beta must be in [0, 1); got {self.ema_beta}")
+        if not 0.0 <= self.bin_ema < 1.0:
+            raise ValueError(f"bin_ema must be in [0, 1); got {self.bin_ema}")
+        if (self.ratio_min is not None and self.ratio_max is not None
+                and not 0.0 < self.ratio_min < self.ratio_max):
+            raise ValueError(f"need 0 < ratio_min < ratio_max; got {self.ratio_min}, {self.ratio_max}")
+        if not self.disc_features or not all(isinstance(k, str) and k for k in self.disc_features):
+            raise ValueError(f"disc_features must be a non-empty list of feature names such as 'bottleneck' "
+                             f"or '8x8'; got {self.disc_features!r}")
+        if self.disc_hidden is not None:
+            _int_at_least("disc_hidden", self.disc_hidden, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"], d["disc_features"] = list(self.betas), list(self.disc_features)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DistillConfig:
+        """Build from a dict; unknown keys raise ValueError listing the valid ones."""
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown DistillConfig setting(s) {unknown}; valid: {', '.join(valid)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> DistillConfig:
+        """A copy with some settings changed (validated; unknown names raise ValueError)."""
+        return DistillConfig.from_dict({**self.to_dict(), **changes})
+
+
+def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"{name} must be one of {valid}; got {value!r}")
+
+
+def _int_at_least(name: str, value: Any, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}; got {value!r}")
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+
+
+def _non_negative(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
+
+
+@contextlib.contextmanager
+def _frozen(*modules: nn.Module) -> Iterator[None]:
+    """Temporarily stop gradients into the parameters of ``modules`` (inputs can still get gradients)."""
+    saved = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+def _grad_norm(params: Iterable[nn.Parameter]) -> float:
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+class FDistillTrainer:
+    """f-distill training of a one-step student from a frozen teacher (sections 6-9).
+
+    ``teacher``: EDMPrecond-like denoiser (frozen here). ``student`` / ``fake_score`` default to copies
+    of it. ``wrap`` (optional) wraps the trainable networks for the forward passes (DDP). Use
+    :meth:`step` with one real batch per iteration, :meth:`sample` for images, and
+    :meth:`save_checkpoint` / :meth:`load_checkpoint` (atomic) to resume exactly.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        config: DistillConfig | None = None,
+        device: torch.device | str | None = None,
+        student: nn.Module | None = None,
+        fake_score: nn.Module | None = None,
+        wrap: Callable[[nn.Module], nn.Module] | None = None,
+        rng_offset: int = 0,
+    ) -> None:
+        self.config = cfg = config if config is not None else DistillConfig()
+        if not isinstance(cfg, DistillConfig):
+            raise TypeError(f"config must be a DistillConfig; got {type(cfg).__name__}")
+        for attr in ("img_resolution", "img_channels", "label_dim"):
+            if not hasattr(teacher, attr):
+                raise TypeError(f"teacher lacks attribute {attr!r}: it must follow the EDMPrecond interface")
+        self.device = torch.device(device) if device is not None else next(teacher.parameters()).device
+        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        self.student = (student if student is not None else copy.deepcopy(teacher)).to(self.device).train()
+        self.fake_score = (fake_score if fake_score is not None else copy.deepcopy(teacher)).to(self.device).train()
+        self.student.requires_grad_(True)
+        self.fake_score.requires_grad_(True)
+        self.student_ema = copy.deepcopy(self.student).eval().requires_grad_(False)
+        feat_net = self.teacher if cfg.disc_placement == "teacher" else self.fake_score
+        self.disc = Discriminator.for_network(feat_net, cfg.disc_features, cfg.disc_hidden).to(self.device).train()
+        self.weighting = FDistillWeighting(
+            cfg.divergence, cfg.logit_clip, cfg.ratio_min, cfg.ratio_max, cfg.normalize_ratio,
+            cfg.normalize_weight, cfg.num_bins, cfg.bin_ema, cfg.bin_spacing, SIGMA_MIN, SIGMA_MAX).to(self.device)
+        wrap = wrap or (lambda m: m)
+        self._student_fwd, self._fake_fwd, self._disc_fwd = wrap(self.student), wrap(self.fake_score), wrap(self.disc)
+        adam = dict(betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+        self.opt_student = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr_student, **adam)
+        self.opt_fake = torch.optim.AdamW(self.fake_score.parameters(), lr=cfg.lr_fake, **adam)
+        self.opt_disc = torch.optim.AdamW(self.disc.parameters(), lr=cfg.lr_disc, **adam)
+        self.generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rng_offset)
+        self.label_dim = int(getattr(teacher, "label_dim", 0))
+        self.step_count = 0
+        self.history: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------ helpers
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.config.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.generator).to(self.device)
+
+    def _sigma(self, n: int, lo: int, hi: int) -> torch.Tensor:
+        s = sample_sigma_grid(n, lo, hi, self.config.num_grid, generator=self.generator)
+        return s.to(device=self.device, dtype=torch.float32)
+
+    def _shape(self, n: int) -> tuple[int, int, int, int]:
+        return (n, self.teacher.img_channels, self.teacher.img_resolution, self.teacher.img_resolution)
+
+    def _labels(self, real_labels: torch.Tensor | None, n: int) -> torch.Tensor | None:
+        """Generator labels: the real batch's (FastGen) or uniform random (DMD2); None if unconditional."""
+        if self.label_dim == 0:
+            return None
+        if self.config.generator_labels == "uniform" or real_labels is None:
+            return torch.randint(0, self.label_dim, (n,), generator=self.generator).to(self.device)
+        return real_labels.to(self.device)
+
+    def _generate(self, n: int, labels: torch.Tensor | None, net: nn.Module | None = None) -> torch.Tensor:
+        z = self._randn(*self._shape(n))
+        s = self.config.student_sigma
+        with self._autocast():
+            x = (net or self._student_fwd)(z * s, torch.full((n,), s, device=self.device), labels)
+        return x.float()
+
+    def _features(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with self._autocast():
+            x0, feats = net(x, sigma, labels, return_features=True)
+        return x0.float(), feats
+
+    def _denoise(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None
+                 ) -> torch.Tensor:
+        with self._autocast():
+            return net(x, sigma, labels).float()
+
+    def _logits(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self._autocast():
+            return self._disc_fwd(feats).float()
+
+    def _micro_batches(self, images: torch.Tensor, labels: torch.Tensor | None
+                       ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        k = self.config.accum_steps
+        if images.shape[0] % k:
+            raise ValueError(f"batch size {images.shape[0]} is not divisible by accum_steps={k}")
+        if labels is not None and labels.shape[0] != images.shape[0]:
+            raise ValueError(f"{labels.shape[0]} labels for {images.shape[0]} images")
+        if self.label_dim and labels is None and self.config.generator_labels == "real":
+            raise ValueError("the teacher is class-conditional: pass labels with the real batch")
+        imgs = images.to(self.device, torch.float32).chunk(k)
+        labs = labels.to(self.device).chunk(k) if labels is not None else (None,) * k
+        return list(zip(imgs, labs))
+
+    # ------------------------------------------------------------------ losses
+
+    def _generator_loss(self, real_labels: torch.Tensor | None, n: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Section 6: x = G(80 z); x_t = x + sigma eps; g = h_norm (x0_fake - x0_teacher) / mean|x - x0_teacher|."""
+        cfg = self.config
+        labels = self._labels(real_labels, n)
+        x = self._generate(n, labels)
+        sigma = self._sigma(n, cfg.min_index, cfg.max_index)
+        x_t = x + sigma.view(-1, 1, 1, 1) * self._randn(*x.shape)
+        use_gan = cfg.gan_weight_gen > 0
+        if cfg.disc_placement == "teacher":
+            with torch.no_grad():
+                x0_fake = self._denoise(self._fake_fwd, x_t, sigma, labels)
+            with torch.set_grad_enabled(use_gan):
+                x0_teacher, feats = self._features(self.teacher, x_t if use_gan else x_t.detach(), sigma, labels)
+                logits = self._logits(feats)
+        else:
+            with torch.no_grad():
+                x0_teacher = self._denoise(self.teacher, x_t, sigma, labels)
+            with torch.set_grad_enabled(use_gan):
+                x0_fake, feats = self._features(self._fake_fwd, x_t if use_gan else x_t.detach(), sigma, labels)
+                logits = self._logits(feats)
+        h, wstats = self.weighting(logits.detach(), sigma, update=True)
+        loss_f = fdistill_loss(x, x0_fake.detach(), x0_teacher.detach(), h, cfg.dmd_normalize)
+        loss_gan = gan_generator_loss(logits) if use_gan else torch.zeros((), device=self.device)
+        loss = loss_f + cfg.gan_weight_gen * loss_gan
+        stats = {**wstats.summary(), "loss_f": float(loss_f.detach()), "loss_gan_g": float(loss_gan.detach()),
+                 "loss_g": float(loss.detach()), "logit_gen_mean": float(logits.detach().mean())}
+        return loss, stats
+
+    def _critic_loss(self, real: torch.Tensor, real_labels: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Sections 7-8: fake-score DSM on detached student samples + discriminator loss (real positive)."""
+        cfg = self.config
+        n = real.shape[0]
+        labels = self._labels(real_labels, n)
+        with torch.no_grad():
+            x_fake = self._generate(n, labels)
+        sigma = self._sigma(n, cfg.fake_min_index, cfg.fake_max_index)
+        eps = self._randn(*x_fake.shape)
+        x_t = x_fake + sigma.view(-1, 1, 1, 1) * eps
+        if cfg.real_same_t:
+            sigma_r, eps_r = sigma, eps
+        else:
+            sigma_r = self._sigma(n, cfg.fake_min_index, cfg.fake_max_index)
+            eps_r = self._randn(*real.shape)
+        x_r = real + sigma_r.view(-1, 1, 1, 1) * eps_r
+        use_r1 = cfg.r1_gamma > 0
+        if use_r1:
+            x_r = x_r.detach().requires_grad_(True)
+        real_cond = real_labels.to(self.device) if (real_labels is not None and self.label_dim) else None
+        if cfg.disc_placement == "teacher":
+            x0_pred = self._denoise(self._fake_fwd, x_t, sigma, labels)
+            with torch.no_grad():
+                _, feats_f = self._features(self.teacher, x_t, sigma, labels)
+            with torch.set_grad_enabled(use_r1):
+                _, feats_r = self._features(self.teacher, x_r, sigma_r, real_cond)
+            if not use_r1:
+                feats_r = {k: v.detach() for k, v in feats_r.items()}
+        else:
+            x0_pred, feats_f = self._features(self._fake_fwd, x_t, sigma, labels)
+            _, feats_r = self._features(self._fake_fwd, x_r, sigma_r, real_cond)
+        loss_dsm = denoising_loss(x0_pred, x_fake, sigma, cfg.fake_score_weighting)
+        logits_fake, logits_real = self._logits(feats_f), self._logits(feats_r)
+        loss_d = gan_discriminator_loss(logits_real, logits_fake)
+        loss = loss_dsm + cfg.gan_weight_disc * loss_d
+        r1 = r1_penalty(logits_real, x_r) if use_r1 else None
+        if r1 is not None:
+            loss = loss + 0.5 * cfg.r1_gamma * r1
+        lr_, lf_ = logits_real.detach(), logits_fake.detach()
+        stats = {"loss_dsm": float(loss_dsm.detach()), "loss_d": float(loss_d.detach()),
+                 "logit_real_mean": float(lr_.mean()), "logit_fake_mean": float(lf_.mean()),
+                 "disc_acc": float(0.5 * ((lr_ > 0).float().mean() + (lf_ < 0).float().mean()))}
+        if r1 is not None:
+            stats["r1"] = float(r1.detach())
+        stats["loss_critic"] = float(loss.detach())
+        return loss, stats
+
+    # ------------------------------------------------------------------ steps
+
+    def generator_step(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
+        """One student update (accumulated over micro-batches), gradient clip, AdamW step, EMA update.
+        ``images`` only sets the batch size; ``labels`` are the generator's labels when
+        ``generator_labels="real"``."""
+        cfg = self.config
+        self.opt_student.zero_grad(set_to_none=True)
+        logs: list[dict[str, float]] = []
+        with _frozen(self.fake_score, self.disc):
+            for imgs, labs in self._micro_batches(images, labels):
+                loss, stats = self._generator_loss(labs, imgs.shape[0])
+                (loss / cfg.accum_steps).backward()
+                logs.append(stats)
+        params = list(self.student.parameters())
+        if cfg.grad_clip is not None:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        else:
+            gnorm = _grad_norm(params)
+        self.opt_student.step()
+        self._update_ema()
+        return {**_mean_logs(logs), "grad_norm_student": gnorm}
+
+    def critic_step(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
+        """One update of the fake score (DSM) and the discriminator heads (GAN D loss) on a real batch."""
+        cfg = self.config
+        self.opt_fake.zero_grad(set_to_none=True)
+        self.opt_disc.zero_grad(set_to_none=True)
+        logs: list[dict[str, float]] = []
+        for imgs, labs in self._micro_batches(images, labels):
+            loss, stats = self._critic_loss(imgs, labs)
+            (loss / cfg.accum_steps).backward()
+            logs.append(stats)
+        params = list(self.fake_score.parameters()) + list(self.disc.parameters())
+        if cfg.critic_grad_clip is not None:
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.critic_grad_clip))
+        else:
+            gnorm = _grad_norm(params)
+        self.opt_fake.step()
+        self.opt_disc.step()
+        return {**_mean_logs(logs), "grad_norm_critic": gnorm}
+
+    def is_generator_iteration(self, i: int | None = None) -> bool:
+        """Whether iteration ``i`` (default: the next) updates the student: i % K == 0."""
+        i = self.step_count if i is None else i
+        return i % self.config.student_update_freq == 0
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
+        """One iteration of the schedule on one real batch; returns (and appends to ``history``) its logs."""
+        t0 = time.perf_counter()
+        gen = self.is_generator_iteration()
+        logs: dict[str, float] = {"step": float(self.step_count), "generator_step": float(gen)}
+        if gen:
+            logs.update(self.generator_step(images, labels))
+        if not gen or self.config.schedule == "dmd2":
+            logs.update(self.critic_step(images, labels))
+        self.step_count += 1
+        dt = time.perf_counter() - t0
+        logs["time_s"] = dt
+        logs["images_per_s"] = images.shape[0] / max(dt, 1e-9)
+        self.history.append(logs)
+        return logs
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        beta = self.config.ema_beta
+        for p_ema, p in zip(self.student_ema.parameters(), self.student.parameters()):
+            p_ema.lerp_(p.detach(), 1.0 - beta)
+        for b_ema, b in zip(self.student_ema.buffers(), self.student.buffers()):
+            b_ema.copy_(b)
+
+    @torch.no_grad()
+    def sample(self, n: int | None = None, labels: torch.Tensor | None = None, z: torch.Tensor | None = None,
+               use_ema: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One-step samples G(80 z; 80, y). Uses its own ``generator`` (not the training stream)."""
+        if z is None:
+            if n is None:
+                n = labels.shape[0] if labels is not None else None
+            if n is None:
+                raise ValueError("pass n, labels or z")
+            z = torch.randn(*self._shape(n), generator=generator)
+        n = z.shape[0]
+        if labels is None and self.label_dim:
+            labels = torch.randint(0, self.label_dim, (n,), generator=generator)
+        net = self.student_ema if use_ema else self.student
+        s = self.config.student_sigma
+        z = z.to(self.device)
+        with self._autocast():
+            x = net(z * s, torch.full((n,), s, device=self.device), labels.to(self.device) if labels is not None
+                    else None)
+        return x.float()
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed for an exact resume (the teacher is not included: it is frozen)."""
+        return {
+            "format": CHECKPOINT_FORMAT, "config": self.config.to_dict(), "step": self.step_count,
+            "student": self.student.state_dict(), "student_ema": self.student_ema.state_dict(),
+            "fake_score": self.fake_score.state_dict(), "disc": self.disc.state_dict(),
+            "weighting": self.weighting.state_dict(), "opt_student": self.opt_student.state_dict(),
+            "opt_fake": self.opt_fake.state_dict(), "opt_disc": self.opt_disc.state_dict(),
+            "rng": self.generator.get_state(), "history": [dict(h) for h in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a checkpoint of another configuration raises ValueError."""
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"not an f-distill trainer state (format {state.get('format')!r}, "
+                             f"expected {CHECKPOINT_FORMAT!r})")
+        mine = self.config.to_dict()
+        diff = {k: (state["config"].get(k), v) for k, v in mine.items() if state["config"].get(k) != v}
+        if diff:
+            raise ValueError("checkpoint was written with another configuration (setting: (checkpoint, "
+                             f"current)): {diff}")
+        self.student.load_state_dict(state["student"])
+        self.student_ema.load_state_dict(state["student_ema"])
+        self.fake_score.load_state_dict(state["fake_score"])
+        self.disc.load_state_dict(state["disc"])
+        self.weighting.load_state_dict(state["weighting"])
+        self.opt_student.load_state_dict(state["opt_student"])
+        self.opt_fake.load_state_dict(state["opt_fake"])
+        self.opt_disc.load_state_dict(state["opt_disc"])
+        self.generator.set_state(state["rng"])
+        self.step_count = int(state["step"])
+        self.history = [dict(h) for h in state.get("history", [])]
+
+    def save_checkpoint(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Atomic save (temporary file + os.replace) of :meth:`state_dict` plus ``extra`` (e.g. a data
+        sampler's state)."""
+        state = self.state_dict()
+        if extra:
+            state["extra"] = extra
+        return atomic_save(state, path)
+
+    def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
+        """Load a checkpoint written by :meth:`save_checkpoint`; returns its ``extra`` dict."""
+        state = load_file(path, "f-distill trainer checkpoint", "delete it to start afresh",
+                          required_keys=("format", "config", "step", "student"))
+        self.load_state_dict(state)
+        return state.get("extra", {})
+
+
+def _mean_logs(logs: list[dict[str, float]]) -> dict[str, float]:
+    keys = logs[0].keys()
+    return {k: sum(d[k] for d in logs) / len(logs) for k in keys}
+
+
+def fit(
+    trainer: FDistillTrainer,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+    steps: int,
+    progress: bool = True,
+    desc: str = "f-distill",
+    callback: Callable[[int, dict[str, float]], None] | None = None,
+) -> list[dict[str, float]]:
+    """Run ``steps`` iterations from ``batches`` with a tqdm.auto progress bar; returns their logs."""
+    from tqdm.auto import tqdm
+
+    _int_at_least("steps", steps, 0)
+    it = iter(batches)
+    logs = []
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=True)
+    for _ in bar:
+        images, labels = next(it)
+        out = trainer.step(images, labels)
+        logs.append(out)
+        if callback is not None:
+            callback(trainer.step_count, out)
+        if "loss_f" in out:
+            bar.set_postfix(loss_f=f"{out['loss_f']:.3g}", ratio=f"{out['ratio_mean']:.2f}", refresh=False)
+    return logs

@@ -1,0 +1,161 @@
+"""Digits data, digit metrics and the cached EDM teacher training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fdistill_lab import digit_metrics as M
+from fdistill_lab.data.digits import BatchSampler, load_digits, to_pixels
+from fdistill_lab.networks import tiny_adm_config
+from fdistill_lab.teacher_training import (
+    TeacherCacheError,
+    TeacherConfig,
+    edm_loss,
+    load_or_train_teacher,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny networks run fastest on one thread (and do not fight other jobs on a shared CPU)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+def test_load_digits_split(digits):
+    tr, ho = digits
+    assert len(tr) + len(ho) == 1797 and abs(len(ho) - 0.2 * 1797) < 10
+    assert tr.images.shape[1:] == (1, 8, 8) and tr.images.dtype == torch.float32
+    assert float(tr.images.min()) == -1.0 and float(tr.images.max()) == 1.0
+    assert torch.equal(torch.bincount(ho.labels) > 30, torch.ones(10, dtype=torch.bool))  # stratified
+    assert torch.equal(to_pixels(tr.images), to_pixels(tr.images).round())  # grey levels 0..16 survive
+    tr2, _ = load_digits()
+    assert torch.equal(tr.images, tr2.images)
+    other, _ = load_digits(seed=1)
+    assert not torch.equal(tr.labels, other.labels)
+    up, _ = load_digits(resolution=16)
+    assert up.images.shape[1:] == (1, 16, 16)
+    with pytest.raises(ValueError, match=r"resolution must be one of \(8, 16\)"):
+        load_digits(resolution=32)
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        load_digits(holdout_fraction=1.0)
+
+
+def test_batch_sampler_resume(digits):
+    tr, _ = digits
+    a = BatchSampler(tr, 500, seed=3)
+    for _ in range(3):
+        a.next()
+    state = a.state_dict()
+    expect = [a.next()[1] for _ in range(4)]
+    b = BatchSampler(tr, 500, seed=99)
+    b.load_state_dict(state)
+    assert all(torch.equal(x, b.next()[1]) for x in expect)
+    with pytest.raises(ValueError, match="exceeds the split size"):
+        BatchSampler(tr, 10_000)
+
+
+def test_frechet_distance_known_values():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((4000, 3))
+    assert M.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    shift = np.array([1.0, 2.0, 0.0])
+    assert M.frechet_distance(a, a + shift) == pytest.approx(5.0, rel=1e-6)
+    # N(0, I) vs N(0, 4 I) in 3-D: tr(I + 4I - 2*2I) = 3
+    assert M.frechet_distance(a, 2 * rng.standard_normal((4000, 3))) == pytest.approx(3.0, rel=0.1)
+    with pytest.raises(ValueError, match="same D"):
+        M.frechet_distance(a, a[:, :2])
+
+
+def test_precision_recall_extremes():
+    rng = np.random.default_rng(0)
+    real = rng.standard_normal((300, 4))
+    assert M.precision_recall(real, real.copy()) == (1.0, 1.0)
+    p, r = M.precision_recall(real, real + 100.0)
+    assert p == 0.0 and r == 0.0
+    # a collapsed generator: precise but low recall
+    collapsed = real[:1] + 0.01 * rng.standard_normal((300, 4))
+    p, r = M.precision_recall(real, collapsed)
+    assert p == 1.0 and r < 0.1
+    with pytest.raises(ValueError, match="1 <= k"):
+        M.precision_recall(real[:3], real[:3], k=3)
+
+
+def test_class_statistics():
+    target = torch.arange(100) % 10
+    perfect = M.class_statistics(target.clone(), target)
+    assert perfect == {"coverage": 1.0, "freq_error": 0.0, "label_agreement": 1.0}
+    collapsed = M.class_statistics(torch.zeros(100, dtype=torch.long), target)
+    assert collapsed["coverage"] == pytest.approx(0.1) and collapsed["freq_error"] == pytest.approx(0.9)
+    assert collapsed["label_agreement"] == pytest.approx(0.1)
+    assert "label_agreement" not in M.class_statistics(target)
+
+
+def test_classifier_learns_digits_and_speed_helper(digits):
+    tr, ho = digits
+    clf = M.train_classifier(tr.images, tr.labels, steps=150, progress=False)
+    acc = M.accuracy(clf, ho.images, ho.labels)
+    assert acc > 0.85
+    rep = M.evaluate_samples(clf, ho.images[:200], ho.labels[:200], ho.images[200:])
+    assert rep.label_agreement == pytest.approx(M.accuracy(clf, ho.images[:200], ho.labels[:200]))
+    assert rep.coverage == 1.0 and rep.fd < 50 and rep.precision > 0.5
+    noise = M.evaluate_samples(clf, torch.rand(200, 1, 8, 8) * 2 - 1, ho.labels[:200], ho.images[200:])
+    assert noise.fd > 3 * rep.fd
+    assert M.images_per_second(lambda n: torch.zeros(n), n=8, repeats=1) > 0
+
+
+def _tiny_teacher_config(steps: int = 3) -> TeacherConfig:
+    net = tiny_adm_config(img_resolution=8, img_channels=1, label_dim=10, model_channels=8, attn_resolutions=[])
+    return TeacherConfig(net=net, steps=steps, batch_size=16)
+
+
+def test_teacher_cache_roundtrip_and_errors(digits, tmp_path, capsys):
+    tr, _ = digits
+    cfg = _tiny_teacher_config()
+    net, info = load_or_train_teacher(cfg, tr.images, tr.labels, tmp_path, progress=False)
+    assert not info["cached"] and len(info["loss"]) == 3
+    path = tmp_path / info["path"].split("/")[-1]
+    net2, info2 = load_or_train_teacher(cfg, tr.images, tr.labels, tmp_path, progress=False)
+    assert info2["cached"] and info2["path"] == info["path"]
+    for a, b in zip(net.state_dict().values(), net2.state_dict().values()):
+        assert torch.equal(a, b)
+
+    # another configuration: a new file, and the old one is reported
+    capsys.readouterr()
+    _, info3 = load_or_train_teacher(_tiny_teacher_config(steps=2), tr.images, tr.labels, tmp_path, progress=False)
+    assert info3["path"] != info["path"] and "another configuration" in capsys.readouterr().out
+
+    # a file under this configuration's name that holds another configuration
+    path.write_bytes((tmp_path / info3["path"].split("/")[-1]).read_bytes())
+    with pytest.raises(TeacherCacheError, match=r"another configuration.*steps.*retrain_teacher True"):
+        load_or_train_teacher(cfg, tr.images, tr.labels, tmp_path, progress=False)
+
+    # a corrupted file is never used; the message names the file and both fixes
+    path.write_bytes(b"\x00garbage")
+    with pytest.raises(TeacherCacheError, match=rf"{path.name}.*corrupted.*delete .*retrain_teacher True"):
+        load_or_train_teacher(cfg, tr.images, tr.labels, tmp_path, progress=False)
+    _, info4 = load_or_train_teacher(cfg, tr.images, tr.labels, tmp_path, retrain=True, progress=False)
+    assert not info4["cached"] and load_or_train_teacher(cfg, tr.images, tr.labels, tmp_path, progress=False)[1][
+        "cached"]
+
+
+def test_teacher_config_errors_and_edm_loss():
+    with pytest.raises(ValueError, match="build_edm keywords"):
+        TeacherConfig(net={})
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        _tiny_teacher_config(steps=0)
+    from fdistill_lab.networks import build_edm
+
+    net = build_edm(**_tiny_teacher_config().net)
+    x = torch.zeros(4, 1, 8, 8)
+    loss = edm_loss(net, x, torch.zeros(4, dtype=torch.long), torch.ones(4), torch.randn(4, 1, 8, 8))
+    assert loss.ndim == 0 and torch.isfinite(loss)

@@ -1,0 +1,238 @@
+"""The image-scale f-distill trainer on a tiny EDM network (CPU, seconds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fdistill_lab import divergences
+from fdistill_lab.checkpoint import CheckpointError
+from fdistill_lab.discriminator import Discriminator, DiscriminatorHead
+from fdistill_lab.distill import DistillConfig, FDistillTrainer, fit
+from fdistill_lab.networks import build_edm, tiny_adm_config
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny networks run fastest on one thread (and do not fight other jobs on a shared CPU)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+B = 8
+
+
+def _teacher(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = tiny_adm_config(img_resolution=8, img_channels=1, label_dim=10, model_channels=8, attn_resolutions=[])
+    return build_edm(**cfg)
+
+
+def _batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + i)
+    return torch.rand(B, 1, 8, 8, generator=g) * 2 - 1, torch.randint(0, 10, (B,), generator=g)
+
+
+def _batches(start: int = 0):
+    i = start
+    while True:
+        yield _batch(i)
+        i += 1
+
+
+def _params(m: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in m.parameters()]
+
+
+def _changed(before: list[torch.Tensor], m: torch.nn.Module) -> bool:
+    return any(not torch.equal(a, b) for a, b in zip(before, m.parameters()))
+
+
+@pytest.mark.parametrize("div", divergences.names())
+def test_one_generator_and_one_critic_step_per_divergence(div):
+    tr = FDistillTrainer(_teacher(), DistillConfig(divergence=div, student_update_freq=2, gan_weight_gen=1e-2))
+    teacher0, student0, fake0, disc0 = (_params(m) for m in (tr.teacher, tr.student, tr.fake_score, tr.disc))
+    logs = tr.step(*_batch(0))  # iteration 0: generator step
+    assert logs["generator_step"] == 1.0 and "loss_dsm" not in logs
+    for k in ("loss_f", "loss_gan_g", "loss_g", "ratio_mean", "weight_std", "grad_norm_student", "images_per_s"):
+        assert torch.isfinite(torch.tensor(logs[k])), (k, logs[k])
+    assert _changed(student0, tr.student)
+    assert not _changed(fake0, tr.fake_score) and not _changed(disc0, tr.disc)
+    student1 = _params(tr.student)
+    logs = tr.step(*_batch(1))  # iteration 1: critic step
+    assert logs["generator_step"] == 0.0 and "loss_f" not in logs
+    for k in ("loss_dsm", "loss_d", "disc_acc", "grad_norm_critic"):
+        assert torch.isfinite(torch.tensor(logs[k])), (k, logs[k])
+    assert _changed(fake0, tr.fake_score) and _changed(disc0, tr.disc)
+    assert not _changed(student1, tr.student)
+    assert not _changed(teacher0, tr.teacher)
+
+
+def test_student_and_fake_score_start_as_teacher_copies():
+    teacher = _teacher()
+    tr = FDistillTrainer(teacher, DistillConfig())
+    for net in (tr.student, tr.fake_score, tr.student_ema):
+        assert net is not teacher
+        for a, b in zip(net.state_dict().values(), teacher.state_dict().values()):
+            assert torch.equal(a, b)
+    assert not any(p.requires_grad for p in tr.teacher.parameters())
+
+
+@pytest.mark.parametrize("schedule,expected_critic", [
+    ("fastgen", [False, True, True, False, True, True, False]),
+    ("dmd2", [True] * 7),
+])
+def test_schedule(schedule, expected_critic):
+    tr = FDistillTrainer(_teacher(), DistillConfig(schedule=schedule, student_update_freq=3))
+    fit(tr, _batches(), 7, progress=False)
+    gen = [bool(h["generator_step"]) for h in tr.history]
+    assert gen == [i % 3 == 0 for i in range(7)]
+    assert ["loss_dsm" in h for h in tr.history] == expected_critic
+    assert ["loss_f" in h for h in tr.history] == gen
+
+
+def test_resume_gives_bit_identical_next_steps(tmp_path):
+    cfg = DistillConfig(divergence="fkl", student_update_freq=2, bin_ema=0.5, generator_labels="uniform",
+                        gan_weight_gen=1e-2, ema_beta=0.9)
+    torch.manual_seed(0)
+    ref = FDistillTrainer(_teacher(), cfg)
+    fit(ref, _batches(0), 3, progress=False)
+    ckpt = ref.save_checkpoint(tmp_path / "ckpt.pt", extra={"data_position": 3})
+    assert not list(tmp_path.glob("*.tmp"))
+    fit(ref, _batches(3), 4, progress=False)
+
+    torch.manual_seed(123)  # a different global RNG must not matter
+    resumed = FDistillTrainer(_teacher(), cfg)
+    extra = resumed.load_checkpoint(ckpt)
+    assert extra == {"data_position": 3} and resumed.step_count == 3
+    fit(resumed, _batches(extra["data_position"]), 4, progress=False)
+
+    assert resumed.step_count == ref.step_count == 7
+    for a, b in zip(ref.state_dict()["student"].values(), resumed.state_dict()["student"].values()):
+        assert torch.equal(a, b)
+    for name in ("student_ema", "fake_score", "disc", "weighting"):
+        for a, b in zip(getattr(ref, name).state_dict().values(), getattr(resumed, name).state_dict().values()):
+            assert torch.equal(a, b), name
+    assert not torch.equal(ref.weighting.normalizer.bins, torch.ones_like(ref.weighting.normalizer.bins))
+    drop = ("time_s", "images_per_s")
+    strip = [{k: v for k, v in h.items() if k not in drop} for h in ref.history]
+    assert strip == [{k: v for k, v in h.items() if k not in drop} for h in resumed.history]
+
+
+def test_checkpoint_errors(tmp_path):
+    tr = FDistillTrainer(_teacher(), DistillConfig())
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="bad.pt"):
+        tr.load_checkpoint(bad)
+    ckpt = tr.save_checkpoint(tmp_path / "ok.pt")
+    other = FDistillTrainer(_teacher(), DistillConfig(divergence="rkl"))
+    with pytest.raises(ValueError, match="another configuration.*divergence"):
+        other.load_checkpoint(ckpt)
+
+
+def test_ratio_only_mode_still_trains_the_discriminator():
+    tr = FDistillTrainer(_teacher(), DistillConfig(gan_weight_gen=0.0, student_update_freq=2))
+    logs = tr.step(*_batch(0))
+    assert logs["loss_gan_g"] == 0.0 and logs["loss_g"] == logs["loss_f"]
+    disc0 = _params(tr.disc)
+    tr.step(*_batch(1))
+    assert _changed(disc0, tr.disc)
+
+
+def test_rkl_generator_weights_are_exactly_one():
+    tr = FDistillTrainer(_teacher(), DistillConfig(divergence="rkl", student_update_freq=2))
+    logs = tr.step(*_batch(0))
+    assert logs["weight_std"] == 0.0 and logs["weight_max"] == 1.0
+
+
+def test_fake_score_placement_trains_the_fake_encoder_through_the_gan_loss():
+    cfg = DistillConfig(disc_placement="fake_score", disc_features=("8x8", "bottleneck"), student_update_freq=2)
+    tr = FDistillTrainer(_teacher(), cfg)
+    assert tr.disc.keys == ["8x8", "bottleneck"]
+    tr.step(*_batch(0))
+    tr.opt_fake.zero_grad(set_to_none=True)
+    loss, _ = tr._critic_loss(*(t.to(tr.device) for t in _batch(1)))
+    loss.backward()
+    enc_grads = [p.grad for n, p in tr.fake_score.named_parameters() if ".enc." in n]
+    assert all(g is not None for g in enc_grads)
+
+
+@pytest.mark.parametrize("placement", ["teacher", "fake_score"])
+def test_r1_bf16_and_accumulation_run(placement):
+    cfg = DistillConfig(disc_placement=placement, r1_gamma=1.0, precision="bf16", accum_steps=2,
+                        student_update_freq=2, fake_score_weighting="edm")
+    tr = FDistillTrainer(_teacher(), cfg)
+    logs = fit(tr, _batches(), 2, progress=False)
+    assert torch.isfinite(torch.tensor(logs[1]["r1"])) and torch.isfinite(torch.tensor(logs[0]["loss_f"]))
+    with pytest.raises(ValueError, match="not divisible by accum_steps=2"):
+        tr.step(torch.zeros(3, 1, 8, 8), torch.zeros(3, dtype=torch.long))
+
+
+def test_sample_shapes_and_determinism():
+    tr = FDistillTrainer(_teacher(), DistillConfig())
+    x1 = tr.sample(5, generator=torch.Generator().manual_seed(0))
+    x2 = tr.sample(5, generator=torch.Generator().manual_seed(0))
+    assert x1.shape == (5, 1, 8, 8) and torch.equal(x1, x2)
+    with pytest.raises(ValueError, match="pass n, labels or z"):
+        tr.sample()
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(divergence="nonsense"), "unknown divergence 'nonsense'; valid names"),
+    (dict(schedule="ttur"), "schedule must be one of"),
+    (dict(disc_placement="student"), "disc_placement must be one of"),
+    (dict(generator_labels="none"), "generator_labels must be one of"),
+    (dict(precision="fp16"), "precision must be one of"),
+    (dict(student_update_freq=1), "student_update_freq must be >= 2 with schedule='fastgen'"),
+    (dict(student_update_freq=0, schedule="dmd2"), "student_update_freq must be an integer >= 1"),
+    (dict(lr_student=-1.0), "lr_student must be a finite number > 0"),
+    (dict(gan_weight_disc=0.0), "gan_weight_disc must be a finite number > 0"),
+    (dict(min_index=10, max_index=5), "min_index <= max_index"),
+    (dict(max_index=1000), "max_index < num_grid"),
+    (dict(ema_beta=1.0), r"ema_beta must be in \[0, 1\)"),
+    (dict(ratio_min=2.0, ratio_max=1.0), "ratio_min < ratio_max"),
+    (dict(disc_features=()), "disc_features must be a non-empty list"),
+    (dict(fake_score_weighting="lambda"), "fake_score_weighting must be one of"),
+    (dict(accum_steps=0), "accum_steps must be an integer >= 1"),
+    (dict(betas=(0.9, 1.5)), "betas must be two numbers"),
+])
+def test_bad_config_errors(changes, match):
+    with pytest.raises(ValueError, match=match):
+        DistillConfig(**changes)
+
+
+def test_config_roundtrip_and_unknown_keys():
+    cfg = DistillConfig(divergence="jensen-shannon", disc_features=["8x8"])
+    assert cfg.divergence == "js" and cfg.disc_features == ("8x8",)
+    assert DistillConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown DistillConfig setting.*'lr'.*valid: divergence"):
+        cfg.replace(lr=1e-3)
+
+
+def test_trainer_input_errors():
+    with pytest.raises(ValueError, match="unknown feature key.*provides"):
+        FDistillTrainer(_teacher(), DistillConfig(disc_features=("64x64",)))
+    tr = FDistillTrainer(_teacher(), DistillConfig())
+    with pytest.raises(ValueError, match="class-conditional: pass labels"):
+        tr.step(torch.zeros(B, 1, 8, 8))
+
+
+def test_discriminator_head_shapes():
+    head = DiscriminatorHead(16, 16)
+    convs = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride[0] for c in convs] == [2, 2, 4, 1]
+    assert head(torch.randn(3, 16, 16, 16)).shape == (3,)
+    assert DiscriminatorHead(8, 4)(torch.randn(2, 8, 4, 4)).shape == (2,)
+    with pytest.raises(ValueError, match="power of two >= 4"):
+        DiscriminatorHead(8, 2)
+    with pytest.raises(ValueError, match=r"expected features \[B, 8, 4, 4\]"):
+        DiscriminatorHead(8, 4)(torch.randn(2, 8, 8, 8))
+    disc = Discriminator({"a": (8, 4, 4), "b": (4, 8, 8)})
+    feats = {"a": torch.randn(2, 8, 4, 4), "b": torch.randn(2, 4, 8, 8)}
+    expect = 0.5 * (disc.heads["a"](feats["a"]) + disc.heads["b"](feats["b"]))
+    torch.testing.assert_close(disc(feats), expect)
+    with pytest.raises(KeyError, match="features lack"):
+        disc({"a": feats["a"]})
