@@ -36,7 +36,7 @@ def declared_parameters(name: str) -> dict[str, Any]:
     return pm.inspect_notebook(str(notebook_path(name)))
 
 
-def _environment() -> None:
+def prepare_environment() -> None:
     os.environ["TQDM_DISABLE"] = "1"
     os.environ.pop("MPLBACKEND", None)
     os.environ.setdefault("FDISTILL_THREADS", "2")
@@ -50,7 +50,7 @@ def _execute(name: str, tmp_path: Path, parameters: dict[str, Any], suffix: str)
     params = {"smoke": True, "output_dir": str(tmp_path), **parameters}
     EXECUTED.mkdir(parents=True, exist_ok=True)
     out = EXECUTED / f"{path.stem}{suffix}.ipynb"
-    _environment()
+    prepare_environment()
     try:
         pm.execute_notebook(str(path), str(out), parameters=params, kernel_name="python3", cwd=str(NOTEBOOKS),
                             progress_bar=False, execution_timeout=CELL_TIMEOUT_S, log_output=False)
