@@ -1,0 +1,401 @@
+"""Run a notebook over a grid of papermill parameters and collect every run's records into one table.
+
+    python -m fdistill_lab.sweep notebooks/runners/toy_run.ipynb --grid div=js,fkl --grid seed=0,1 \\
+        --out outputs/sweep --jobs 2 [--smoke] [--param steps=200]
+
+Each run gets its own folder ``<out>/runs/<slug>-<hash>`` (hash of its parameters, so the name is
+stable across sessions) and the notebook's ``output_dir`` points there. A run is *finished* only when
+its ``results.json`` (written atomically by ``fdistill_lab.records.record``) is readable and the status
+file ``sweep_status.json``, written last, says ``done``. Finished runs are skipped, so a sweep can be
+interrupted and resumed; unfinished folders are wiped and rerun. A failing run is kept with its error
+(``status failed`` plus ``error.txt``) and does not stop the sweep. ``collect(out)`` gathers the
+parameters, status and scalar records of every run into ``<out>/sweep.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import re
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from .notebook import SUPPORTED_TYPES, check_value
+from .records import RESULTS_FILE, read_records
+
+RUNS_DIR = "runs"
+PARAMS_FILE = "params.json"
+STATUS_FILE = "sweep_status.json"
+ERROR_FILE = "error.txt"
+EXECUTED_FILE = "executed.ipynb"
+TABLE_FILE = "sweep.csv"
+MAX_LIST_LEN = 16  # longer lists (histories) stay out of the table; read them with read_records(run_dir)
+RESERVED = ("output_dir",)
+
+
+# ---------------------------------------------------------------------------------------- grid and names
+def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """Cartesian product of ``{name: [values]}`` as a list of dicts (first key varies slowest)."""
+    if not isinstance(grid, Mapping):
+        raise TypeError(f"grid must be a dict of name -> list of values; got {type(grid).__name__}")
+    for name, values in grid.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"grid keys must be parameter names (non-empty str); got {name!r}")
+        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+            raise TypeError(f"grid[{name!r}] must be a list of values; got {type(values).__name__} {values!r}")
+        if len(values) == 0:
+            raise ValueError(f"grid[{name!r}] is empty; give at least one value")
+        if len({json.dumps(v) for v in values}) != len(values):
+            raise ValueError(f"grid[{name!r}] repeats a value: {list(values)}")
+    names = list(grid)
+    return [dict(zip(names, combo)) for combo in itertools.product(*(grid[n] for n in names))]
+
+
+def params_hash(params: Mapping[str, Any]) -> str:
+    """Stable 10-hex-digit hash of the parameters (sorted JSON)."""
+    text = json.dumps(dict(params), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def run_name(params: Mapping[str, Any], varying: Sequence[str] | None = None, max_len: int = 60) -> str:
+    """Folder name: a readable slug of the ``varying`` parameters plus the hash of all of them."""
+    keys = list(varying) if varying is not None else sorted(params)
+    slug = "_".join(f"{k}-{params[k]}" for k in keys if k in params)
+    slug = re.sub(r"[^A-Za-z0-9._+-]+", "-", slug).strip("-_.")[:max_len]
+    return f"{slug}-{params_hash(params)}" if slug else params_hash(params)
+
+
+# ---------------------------------------------------------------------------------------- notebook parameters
+def declared_parameters(notebook: str | os.PathLike) -> dict[str, str]:
+    """``{name: type name}`` of the notebook's ``parameters`` cell (papermill's inspection)."""
+    import papermill as pm
+
+    path = Path(notebook)
+    if not path.is_file():
+        raise FileNotFoundError(f"notebook {str(path)!r} not found")
+    return {n: info.get("inferred_type_name", "None") for n, info in pm.inspect_notebook(str(path)).items()}
+
+
+def parse_value(text: str, type_name: str, name: str = "value") -> Any:
+    """Convert a command-line string to the notebook's declared type (int, float, bool, str)."""
+    if type_name == "bool":
+        low = text.strip().lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ValueError(f"{name}: {text!r} is not a bool (use True or False)")
+    if type_name in ("int", "float"):
+        try:
+            return SUPPORTED_TYPES[type_name](text)
+        except ValueError:
+            raise ValueError(f"{name}: {text!r} is not a{'n' if type_name == 'int' else ''} {type_name}") from None
+    return text
+
+
+def check_parameters(declared: Mapping[str, str], params: Mapping[str, Any], where: str = "parameter") -> None:
+    """Names must be declared (not ``output_dir``, which the sweep sets) and values must match their types."""
+    valid = sorted(n for n in declared if n not in RESERVED)
+    for name, value in params.items():
+        if name in RESERVED:
+            raise ValueError(f"{where} {name!r} is set by the sweep (each run writes to its own folder)")
+        if name not in declared:
+            raise ValueError(f"unknown {where} {name!r}; the notebook declares: {', '.join(valid)}")
+        kind = declared[name]
+        if kind in SUPPORTED_TYPES:
+            check_value(name, value, SUPPORTED_TYPES[kind])
+
+
+# ---------------------------------------------------------------------------------------- run folders
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def run_status(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """``{"status": "done" | "failed" | "pending", ...}``; done requires a readable results.json too."""
+    run_dir = Path(run_dir)
+    try:
+        status = json.loads((run_dir / STATUS_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {"status": "pending"}
+    if status.get("status") == "done":
+        try:
+            read_records(run_dir)
+        except (FileNotFoundError, ValueError, json.JSONDecodeError):
+            return {"status": "pending", "note": "status done but results.json missing or unreadable"}
+    return status
+
+
+def is_finished(run_dir: str | os.PathLike) -> bool:
+    return run_status(run_dir)["status"] == "done"
+
+
+@contextmanager
+def _environment(env: Mapping[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def execute_run(notebook: str, run_dir: str, params: dict[str, Any], cwd: str, kernel_name: str,
+                timeout_s: float | None, env: dict[str, str]) -> dict[str, Any]:
+    """Execute one run in a fresh folder; write the status file last. Never raises for notebook errors."""
+    import papermill as pm
+
+    run = Path(run_dir)
+    if run.exists():
+        shutil.rmtree(run)  # leftovers of an interrupted or failed attempt
+    run.mkdir(parents=True)
+    _write_json_atomic(run / PARAMS_FILE, params)
+    t0 = time.perf_counter()
+    error = None
+    try:
+        with _environment(env):
+            pm.execute_notebook(notebook, str(run / EXECUTED_FILE), parameters={**params, "output_dir": str(run)},
+                                kernel_name=kernel_name, cwd=cwd, progress_bar=False, log_output=False,
+                                execution_timeout=timeout_s)
+        if not (run / RESULTS_FILE).is_file():
+            error = f"the notebook recorded no results ({RESULTS_FILE} missing; use fdistill_lab.records.record)"
+    except Exception as err:  # noqa: BLE001 - a failing run is reported, never fatal to the sweep
+        ename = getattr(err, "ename", type(err).__name__)
+        evalue = getattr(err, "evalue", str(err))
+        error = f"{ename}: {evalue}".strip()
+        (run / ERROR_FILE).write_text(f"{error}\n\n{traceback.format_exc()}")
+    seconds = time.perf_counter() - t0
+    status = {"status": "failed" if error else "done", "seconds": round(seconds, 3), "error": error or "",
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if error and not (run / ERROR_FILE).exists():
+        (run / ERROR_FILE).write_text(error + "\n")
+    _write_json_atomic(run / STATUS_FILE, status)
+    return status
+
+
+# ---------------------------------------------------------------------------------------- the sweep
+def _pythonpath() -> str:
+    """PYTHONPATH whose first entry is the folder holding this fdistill_lab, so kernels import the same copy."""
+    root = str(Path(__file__).resolve().parents[1])
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    return os.pathsep.join([root, *rest])
+
+
+def default_jobs(num_runs: int) -> int:
+    """One process per core, at most one per run."""
+    return max(1, min(num_runs, os.cpu_count() or 1))
+
+
+def run_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence[Any]], out_dir: str | os.PathLike, *,
+              jobs: int | None = None, base_params: Mapping[str, Any] | None = None, smoke: bool | None = None,
+              retry_failed: bool = True, timeout_s: float | None = 600, kernel_name: str = "python3",
+              cwd: str | os.PathLike | None = None, threads_per_run: int | None = None, progress: bool = True,
+              verbose: bool = True):
+    """Run ``notebook`` for every point of ``grid`` (merged over ``base_params``); return this grid's table.
+
+    ``jobs`` parallel processes (default: one per core); ``smoke`` sets the notebook's ``smoke``
+    parameter; finished runs are skipped, failed ones rerun if ``retry_failed``. Each run's kernel
+    gets ``FDISTILL_THREADS`` = ``threads_per_run`` (default cores // jobs), ``TQDM_DISABLE=1`` and
+    this fdistill_lab's folder first on ``PYTHONPATH``;
+    ``cwd`` defaults to the notebook's folder; ``timeout_s`` limits each cell. Also writes
+    ``<out_dir>/sweep.csv`` with every run found under ``out_dir`` (see ``collect``).
+    """
+    from tqdm.auto import tqdm
+
+    notebook = Path(notebook).resolve()
+    declared = declared_parameters(notebook)
+    if "output_dir" not in declared:
+        raise ValueError(f"{notebook.name} must declare an output_dir parameter (each run writes to its own folder)")
+    base = dict(base_params or {})
+    if smoke is not None:
+        if "smoke" not in declared:
+            raise ValueError(f"smoke={smoke} given but {notebook.name} declares no smoke parameter")
+        base["smoke"] = bool(smoke)
+    check_parameters(declared, base, "base parameter")
+    points = expand_grid(grid)
+    for p in points:
+        check_parameters(declared, p, "grid parameter")
+    overlap = sorted(set(base) & set(grid))
+    if overlap:
+        raise ValueError(f"{overlap} appear both in grid and base_params; give each parameter once")
+    jobs = default_jobs(len(points)) if jobs is None else int(jobs)
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1; got {jobs}")
+    threads = threads_per_run or max(1, (os.cpu_count() or 1) // jobs)
+    env = {"FDISTILL_THREADS": str(threads), "TQDM_DISABLE": "1", "PYTHONPATH": _pythonpath()}
+    out = Path(out_dir)
+    (out / RUNS_DIR).mkdir(parents=True, exist_ok=True)
+    run_cwd = str(Path(cwd) if cwd is not None else notebook.parent)
+
+    todo, rows, skipped = [], {}, 0
+    for p in points:
+        params = {**base, **p}
+        run_dir = out / RUNS_DIR / run_name(params, varying=list(grid))
+        status = run_status(run_dir)
+        if status["status"] == "done" or (status["status"] == "failed" and not retry_failed):
+            skipped += 1
+            rows[str(run_dir)] = (params, status)
+        else:
+            todo.append((params, run_dir))
+    if verbose:
+        print(f"sweep {notebook.name}: {len(points)} runs, {skipped} already finished or kept, "
+              f"{len(todo)} to run with {min(jobs, max(1, len(todo)))} process(es) -> {out}")
+    args = [(str(notebook), str(d), p, run_cwd, kernel_name, timeout_s, env) for p, d in todo]
+    bar = tqdm(total=len(todo), desc="sweep runs", **({} if progress else {"disable": True}))
+    try:
+        if jobs == 1 or len(todo) <= 1:
+            for a in args:
+                rows[a[1]] = (a[2], execute_run(*a))
+                bar.update()
+        else:
+            with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=get_context("spawn")) as pool:
+                pending: dict[Future, tuple] = {pool.submit(execute_run, *a): a for a in args}
+                try:
+                    while pending:
+                        finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                        for fut in finished:
+                            a = pending.pop(fut)
+                            rows[a[1]] = (a[2], fut.result())
+                            bar.update()
+                except BaseException:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
+    finally:
+        bar.close()
+    failed = [(d, s["error"]) for d, (_, s) in rows.items() if s["status"] == "failed"]
+    if verbose and failed:
+        print(f"{len(failed)} run(s) failed (kept with their error; rerun the sweep to retry):")
+        for d, e in failed:
+            print(f"  {Path(d).name}: {e.splitlines()[0] if e else '?'}")
+    collect(out)
+    order = [str(out / RUNS_DIR / run_name({**base, **p}, varying=list(grid))) for p in points]
+    table = _table([(Path(d), *rows[d]) for d in order])
+    table.attrs.update(skipped=skipped, ran=len(todo), failed=len(failed))
+    return table
+
+
+# ---------------------------------------------------------------------------------------- the table
+def flatten(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> ``a.b`` keys; short lists -> JSON text; long lists are left out (MAX_LIST_LEN)."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            if len(value) <= MAX_LIST_LEN:
+                out[name] = json.dumps(value)
+        else:
+            out[name] = value
+    return out
+
+
+def _table(entries: list[tuple[Path, dict[str, Any], dict[str, Any]]]):
+    import pandas as pd
+
+    rows = []
+    for run_dir, params, status in entries:
+        row: dict[str, Any] = {"run": run_dir.name, **params, "status": status["status"],
+                               "seconds": status.get("seconds"), "error": status.get("error", "")}
+        if status["status"] == "done":
+            for k, v in flatten(read_records(run_dir)).items():
+                row[f"result.{k}" if k in row else k] = v
+        row["run_dir"] = str(run_dir)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def collect(out_dir: str | os.PathLike, write: bool = True):
+    """Table of every run folder under ``<out_dir>/runs`` (parameters, status, seconds, error, records).
+
+    Parameters come from each run's params.json; records only from finished runs. Written to
+    ``<out_dir>/sweep.csv`` when ``write``.
+    """
+    out = Path(out_dir)
+    runs = out / RUNS_DIR
+    if not runs.is_dir():
+        raise FileNotFoundError(f"no sweep at {out} (expected a {RUNS_DIR}/ folder)")
+    entries = []
+    for run_dir in sorted(p for p in runs.iterdir() if p.is_dir()):
+        try:
+            params = json.loads((run_dir / PARAMS_FILE).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            continue  # a folder being created right now
+        entries.append((run_dir, params, run_status(run_dir)))
+    table = _table(entries)
+    if write:
+        tmp = out / f".{TABLE_FILE}.tmp"
+        table.to_csv(tmp, index=False)
+        os.replace(tmp, out / TABLE_FILE)
+    return table
+
+
+# ---------------------------------------------------------------------------------------- command line
+def _parse_assignments(items: Sequence[str], declared: Mapping[str, str], multi: bool, flag: str) -> dict:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"{flag} {item!r}: expected key=value{',value2,...' if multi else ''}")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key not in declared:
+            raise SystemExit(f"{flag} {key!r}: unknown parameter; the notebook declares: {', '.join(sorted(declared))}")
+        kind = declared[key]
+        texts = [t for t in raw.split(",")] if multi else [raw]
+        try:
+            values = [parse_value(t.strip(), kind, key) for t in texts]
+        except ValueError as err:
+            raise SystemExit(f"{flag} {item!r}: {err}") from None
+        out[key] = values if multi else values[0]
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fdistill_lab.sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("notebook", help="notebook with a `parameters` cell declaring output_dir")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                        help="a swept parameter and its values (repeat for a cartesian grid)")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="a fixed parameter for every run (repeatable)")
+    parser.add_argument("--out", required=True, help="sweep folder (runs/ and sweep.csv go here)")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel processes (default: one per core)")
+    parser.add_argument("--smoke", action="store_true", help="run the notebook with smoke=True")
+    parser.add_argument("--keep-failed", action="store_true", help="do not rerun failed runs on resume")
+    parser.add_argument("--timeout", type=float, default=600, help="per-cell time limit in seconds")
+    args = parser.parse_args(argv)
+    if not args.grid:
+        parser.error("give at least one --grid KEY=V1,V2")
+    declared = declared_parameters(args.notebook)
+    grid = _parse_assignments(args.grid, declared, True, "--grid")
+    base = _parse_assignments(args.param, declared, False, "--param")
+    try:
+        table = run_sweep(args.notebook, grid, args.out, jobs=args.jobs, base_params=base,
+                          smoke=True if args.smoke else None, retry_failed=not args.keep_failed,
+                          timeout_s=args.timeout)
+    except (ValueError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"table: {Path(args.out) / TABLE_FILE} ({len(table)} runs of this grid; "
+          f"{table.attrs['failed']} failed)")
+    return 1 if table.attrs["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The sweep tool on a tiny throwaway notebook: grid expansion, run folders, resume, failures, the table, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+from fdistill_lab import sweep
+
+PARAMS = '''a: int = 1  # a number
+b: str = "x"  # a label
+fail: bool = False  # raise in the second cell
+smoke: bool = False  # unused
+seed: int = 0  # unused
+output_dir: str = "out"  # where results.json goes'''
+
+BODY = '''from pathlib import Path
+from fdistill_lab.records import record
+if fail:
+    raise RuntimeError(f"deliberate failure for a={a}")
+with open(Path(output_dir).parent.parent / "calls.log", "a") as fh:
+    fh.write(f"{a},{b}\\n")
+record(output_dir, "double", 2 * a)
+record(output_dir, "info", {"label": b, "smoke": smoke, "history": list(range(40))})'''
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell(PARAMS)
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(BODY)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path = tmp_path_factory.mktemp("nb") / "tiny.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def calls(out: Path) -> list[str]:
+    log = out / "calls.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def test_expand_grid_order_and_errors():
+    points = sweep.expand_grid({"a": [1, 2], "b": ["x", "y", "z"]})
+    assert len(points) == 6 and points[0] == {"a": 1, "b": "x"} and points[1] == {"a": 1, "b": "y"}
+    assert points[-1] == {"a": 2, "b": "z"}
+    with pytest.raises(ValueError, match="empty"):
+        sweep.expand_grid({"a": []})
+    with pytest.raises(TypeError, match="list of values"):
+        sweep.expand_grid({"a": "12"})
+    with pytest.raises(ValueError, match="repeats"):
+        sweep.expand_grid({"a": [1, 1]})
+
+
+def test_run_names_are_stable_and_distinct():
+    p = {"a": 1, "b": "x y/z"}
+    name = sweep.run_name(p, ["a", "b"])
+    assert name == sweep.run_name(dict(reversed(list(p.items()))), ["a", "b"])
+    assert name.startswith("a-1_b-x-y-z-") and "/" not in name
+    assert sweep.run_name({"a": 1, "b": "x"}) != sweep.run_name({"a": 1, "b": "x", "c": 0.1})
+    assert len(sweep.params_hash(p)) == 10 and sweep.params_hash(p) == sweep.params_hash(dict(p))
+
+
+def test_parameters_are_checked_before_running(tiny, tmp_path):
+    with pytest.raises(ValueError, match="unknown grid parameter 'c'.*a, b, fail, seed, smoke"):
+        sweep.run_sweep(tiny, {"c": [1]}, tmp_path)
+    with pytest.raises(ValueError, match="set by the sweep"):
+        sweep.run_sweep(tiny, {"output_dir": ["x"]}, tmp_path)
+    with pytest.raises(TypeError, match="must be int"):
+        sweep.run_sweep(tiny, {"a": ["1"]}, tmp_path)
+    with pytest.raises(ValueError, match="both in grid and base_params"):
+        sweep.run_sweep(tiny, {"a": [1]}, tmp_path, base_params={"a": 2})
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_resume_failures_and_table(tiny, tmp_path):
+    out = tmp_path / "sw"
+    grid = {"a": [1, 2, 3], "fail": [False, True]}
+    table = sweep.run_sweep(tiny, grid, out, jobs=2, base_params={"b": "q"}, smoke=True, progress=False)
+    assert table.attrs == {"skipped": 0, "ran": 6, "failed": 3}
+    assert list(table["a"]) == [1, 1, 2, 2, 3, 3]
+    ok = table[table.status == "done"]
+    assert list(ok["double"]) == [2, 4, 6] and list(ok["info.label"]) == ["q"] * 3
+    assert list(ok["info.smoke"]) == [True] * 3
+    assert "info.history" not in table.columns  # long lists stay out of the table
+    bad = table[table.status == "failed"]
+    assert len(bad) == 3 and bad.error.str.contains("RuntimeError: deliberate failure").all()
+    for run_dir in bad.run_dir:
+        assert "deliberate failure" in (Path(run_dir) / sweep.ERROR_FILE).read_text()
+        assert (Path(run_dir) / sweep.EXECUTED_FILE).is_file()
+    assert sorted(calls(out)) == ["1,q", "2,q", "3,q"]
+
+    # resume: finished runs are skipped; failed ones are kept (retry_failed=False) or rerun
+    again = sweep.run_sweep(tiny, grid, out, jobs=1, base_params={"b": "q"}, smoke=True, retry_failed=False,
+                            progress=False)
+    assert again.attrs == {"skipped": 6, "ran": 0, "failed": 3} and len(calls(out)) == 3
+    pd.testing.assert_frame_equal(again.drop(columns="seconds"), table.drop(columns="seconds"))
+
+    # an interrupted run (results.json written, no status) and a done run whose results vanished are rerun
+    first, second = (Path(d) for d in ok.run_dir[:2])
+    (first / sweep.STATUS_FILE).unlink()
+    (second / "results.json").unlink()
+    assert sweep.run_status(first)["status"] == "pending" and not sweep.is_finished(second)
+    grid_ok = {"a": [1, 2, 3], "fail": [False]}
+    third = sweep.run_sweep(tiny, grid_ok, out, jobs=1, base_params={"b": "q"}, smoke=True, progress=False)
+    assert third.attrs == {"skipped": 1, "ran": 2, "failed": 0}
+    assert sorted(calls(out)) == ["1,q", "1,q", "2,q", "2,q", "3,q"]
+
+    # the collected table covers every run under out/ and is written as CSV
+    csv = pd.read_csv(out / sweep.TABLE_FILE)
+    assert len(csv) == 6 and set(csv.status) == {"done", "failed"}
+    assert sorted(csv.loc[csv.status == "done", "double"]) == [2, 4, 6]
+    assert json.loads((first / sweep.PARAMS_FILE).read_text()) == {"a": 1, "b": "q", "fail": False, "smoke": True}
+
+
+def test_notebook_without_results_counts_as_failed(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('smoke: bool = False  # s\nseed: int = 0  # s\noutput_dir: str = "o"  # o')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("x = 1")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path = tmp_path / "silent.ipynb"
+    nbformat.write(nb, path)
+    table = sweep.run_sweep(path, {"seed": [0]}, tmp_path / "out", progress=False)
+    assert table.status.tolist() == ["failed"] and "recorded no results" in table.error[0]
+
+
+def test_command_line(tiny, tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = sweep.main([str(tiny), "--grid", "a=4,5", "--param", "b=cli", "--out", str(out), "--jobs", "1", "--smoke"])
+    assert rc == 0
+    csv = pd.read_csv(out / sweep.TABLE_FILE)
+    assert sorted(csv.double) == [8, 10] and set(csv["info.label"]) == {"cli"} and csv.smoke.all()
+    assert sweep.main([str(tiny), "--grid", "a=4", "--grid", "fail=True", "--out", str(out), "--jobs", "1"]) == 1
+    with pytest.raises(SystemExit, match="unknown parameter; the notebook declares"):
+        sweep.main([str(tiny), "--grid", "nope=1", "--out", str(out)])
+    with pytest.raises(SystemExit, match="is not an int"):
+        sweep.main([str(tiny), "--grid", "a=1.5", "--out", str(out)])
+    with pytest.raises(SystemExit, match="is not a bool"):
+        sweep.main([str(tiny), "--grid", "fail=maybe", "--out", str(out)])
+
+
+def test_parse_value():
+    assert sweep.parse_value("3", "int") == 3 and sweep.parse_value("1e-3", "float") == 1e-3
+    assert sweep.parse_value("True", "bool") is True and sweep.parse_value("false", "bool") is False
+    assert sweep.parse_value("js", "str") == "js"
