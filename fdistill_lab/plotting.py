@@ -65,7 +65,8 @@ def plot_normalized_variance(mus: Sequence[float], values: Mapping[str, Sequence
     fig, ax = plt.subplots(figsize=(7, 4.2))
     sns.lineplot(pd.DataFrame(rows), x="mean shift mu", y="normalised variance of h", hue="divergence",
                  marker="o", ax=ax)
-    ax.set(yscale="symlog", title="Var_q[h(r)] / E_q[h(r)]^2,  p = N(mu, 1), q = N(0, 1)")
+    ax.set_yscale("symlog", linthresh=0.01)
+    ax.set_title("Var_q[h(r)] / E_q[h(r)]^2,  p = N(mu, 1), q = N(0, 1)")
     ax.set_ylim(bottom=0)
     fig.tight_layout()
     return fig
