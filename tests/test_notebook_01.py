@@ -52,3 +52,12 @@ def test_bad_parameters_rejected_before_writing(tmp_path, params, message):
     assert message in str(err.evalue), err.evalue
     assert err.exec_count == 2 or "setup_notebook" in "".join(err.traceback), "must fail in the setup cell"
     assert not out.exists(), "nothing may be written to output_dir on bad input"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_classroom_defaults_within_budget(tmp_path):
+    """Full-size run (classroom defaults) inside the 3-minute CPU budget, same qualitative results."""
+    _, rec = run_notebook(NAME, tmp_path, parameters={"smoke": False}, budget_s=180.0, min_images=7)
+    assert rec["modes_kept_imbalanced"] == {"rkl": 1, "srkl": 1, "js": 1, "sh": 1, "fkl": 2, "jeffreys": 1}
+    assert rec["gradient_identity_max_abs_error"] < 1e-5
