@@ -3,8 +3,9 @@
     python -m fdistill_lab.sweep notebooks/runners/toy_run.ipynb --grid div=js,fkl --grid seed=0,1 \\
         --out outputs/sweep --jobs 2 [--smoke] [--param steps=200]
 
-Each run gets its own folder ``<out>/runs/<slug>-<hash>`` (hash of its parameters, so the name is
-stable across sessions) and the notebook's ``output_dir`` points there. A run is *finished* only when
+Each run gets its own folder ``<out>/runs/<slug>-<hash>`` (the hash of all its parameters identifies
+it across sessions and grids; the slug of the varied ones is for people) and the notebook's
+``output_dir`` points there. A run is *finished* only when
 its ``results.json`` (written atomically by ``fdistill_lab.records.record``) is readable and the status
 file ``sweep_status.json``, written last, says ``done``. Finished runs are skipped, so a sweep can be
 interrupted and resumed; unfinished folders are wiped and rerun. A failing run is kept with its error
@@ -60,6 +61,23 @@ def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
             raise ValueError(f"grid[{name!r}] repeats a value: {list(values)}")
     names = list(grid)
     return [dict(zip(names, combo)) for combo in itertools.product(*(grid[n] for n in names))]
+
+
+def _points(grid: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Grid dict -> cartesian points; list of dicts -> those points, duplicates dropped (order kept)."""
+    if isinstance(grid, Mapping):
+        return expand_grid(grid)
+    if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) or not grid:
+        raise TypeError("grid must be a dict name -> list of values, or a non-empty list of parameter dicts")
+    points, seen = [], set()
+    for p in grid:
+        if not isinstance(p, Mapping):
+            raise TypeError(f"grid points must be dicts of parameters; got {type(p).__name__} {p!r}")
+        key = json.dumps(dict(p), sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            points.append(dict(p))
+    return points
 
 
 def params_hash(params: Mapping[str, Any]) -> str:
@@ -203,12 +221,16 @@ def default_jobs(num_runs: int) -> int:
     return max(1, min(num_runs, os.cpu_count() or 1))
 
 
-def run_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence[Any]], out_dir: str | os.PathLike, *,
+def run_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]],
+              out_dir: str | os.PathLike, *,
               jobs: int | None = None, base_params: Mapping[str, Any] | None = None, smoke: bool | None = None,
               retry_failed: bool = True, timeout_s: float | None = 600, kernel_name: str = "python3",
               cwd: str | os.PathLike | None = None, threads_per_run: int | None = None, progress: bool = True,
               verbose: bool = True):
     """Run ``notebook`` for every point of ``grid`` (merged over ``base_params``); return this grid's table.
+
+    ``grid`` is ``{name: [values]}`` (cartesian product, see ``expand_grid``) or an explicit list of
+    parameter dicts (e.g. a one-factor-at-a-time design); duplicate points run once.
 
     ``jobs`` parallel processes (default: one per core); ``smoke`` sets the notebook's ``smoke``
     parameter; finished runs are skipped, failed ones rerun if ``retry_failed``. Each run's kernel
@@ -219,23 +241,8 @@ def run_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence[Any]], ou
     """
     from tqdm.auto import tqdm
 
-    notebook = Path(notebook).resolve()
-    declared = declared_parameters(notebook)
-    if "output_dir" not in declared:
-        raise ValueError(f"{notebook.name} must declare an output_dir parameter (each run writes to its own folder)")
-    base = dict(base_params or {})
-    if smoke is not None:
-        if "smoke" not in declared:
-            raise ValueError(f"smoke={smoke} given but {notebook.name} declares no smoke parameter")
-        base["smoke"] = bool(smoke)
-    check_parameters(declared, base, "base parameter")
-    points = expand_grid(grid)
-    for p in points:
-        check_parameters(declared, p, "grid parameter")
-    overlap = sorted(set(base) & set(grid))
-    if overlap:
-        raise ValueError(f"{overlap} appear both in grid and base_params; give each parameter once")
-    jobs = default_jobs(len(points)) if jobs is None else int(jobs)
+    notebook, planned = plan(notebook, grid, out_dir, base_params, smoke)
+    jobs = default_jobs(len(planned)) if jobs is None else int(jobs)
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1; got {jobs}")
     threads = threads_per_run or max(1, (os.cpu_count() or 1) // jobs)
@@ -245,9 +252,7 @@ def run_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence[Any]], ou
     run_cwd = str(Path(cwd) if cwd is not None else notebook.parent)
 
     todo, rows, skipped = [], {}, 0
-    for p in points:
-        params = {**base, **p}
-        run_dir = out / RUNS_DIR / run_name(params, varying=list(grid))
+    for params, run_dir in planned:
         status = run_status(run_dir)
         if status["status"] == "done" or (status["status"] == "failed" and not retry_failed):
             skipped += 1
@@ -255,7 +260,7 @@ def run_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence[Any]], ou
         else:
             todo.append((params, run_dir))
     if verbose:
-        print(f"sweep {notebook.name}: {len(points)} runs, {skipped} already finished or kept, "
+        print(f"sweep {notebook.name}: {len(planned)} runs, {skipped} already finished or kept, "
               f"{len(todo)} to run with {min(jobs, max(1, len(todo)))} process(es) -> {out}")
     args = [(str(notebook), str(d), p, run_cwd, kernel_name, timeout_s, env) for p, d in todo]
     bar = tqdm(total=len(todo), desc="sweep runs", **({} if progress else {"disable": True}))
@@ -285,10 +290,87 @@ def run_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence[Any]], ou
         for d, e in failed:
             print(f"  {Path(d).name}: {e.splitlines()[0] if e else '?'}")
     collect(out)
-    order = [str(out / RUNS_DIR / run_name({**base, **p}, varying=list(grid))) for p in points]
-    table = _table([(Path(d), *rows[d]) for d in order])
+    table = _table([(d, *rows[str(d)]) for _, d in planned])
     table.attrs.update(skipped=skipped, ran=len(todo), failed=len(failed))
     return table
+
+
+def plan(notebook: str | os.PathLike, grid: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]],
+         out_dir: str | os.PathLike, base_params: Mapping[str, Any] | None = None,
+         smoke: bool | None = None) -> tuple[Path, list[tuple[dict[str, Any], Path]]]:
+    """Validate a sweep and return (notebook path, [(parameters, run folder)]) without running anything."""
+    notebook = Path(notebook).resolve()
+    declared = declared_parameters(notebook)
+    if "output_dir" not in declared:
+        raise ValueError(f"{notebook.name} must declare an output_dir parameter (each run writes to its own folder)")
+    base = dict(base_params or {})
+    if smoke is not None:
+        if "smoke" not in declared:
+            raise ValueError(f"smoke={smoke} given but {notebook.name} declares no smoke parameter")
+        base["smoke"] = bool(smoke)
+    check_parameters(declared, base, "base parameter")
+    points = _points(grid)
+    for p in points:
+        check_parameters(declared, p, "grid parameter")
+    keys = list(dict.fromkeys(k for p in points for k in p))
+    varying = [k for k in keys if len({json.dumps(p.get(k), sort_keys=True) for p in points}) > 1] or keys
+    overlap = sorted(set(base) & set(keys))
+    if overlap:
+        raise ValueError(f"{overlap} appear both in grid and base_params; give each parameter once")
+    runs = Path(out_dir) / RUNS_DIR
+    return notebook, [({**base, **p}, _run_dir(runs, {**base, **p}, varying)) for p in points]
+
+
+def _run_dir(runs: Path, params: dict[str, Any], varying: list[str]) -> Path:
+    """The folder of these parameters: an existing one with the same hash (whatever its slug), else a new name."""
+    h = params_hash(params)
+    existing = sorted(p for p in runs.glob(f"*{h}") if p.is_dir() and (p.name == h or p.name.endswith(f"-{h}")))
+    return existing[0] if existing else runs / run_name(params, varying=varying)
+
+
+class BackgroundSweep:
+    """A sweep running in a separate process (``start_sweep``); ``wait()`` returns its table."""
+
+    def __init__(self, process, out_dir: Path, planned: list[tuple[dict[str, Any], Path]]) -> None:
+        self.process, self.out_dir, self.planned = process, out_dir, planned
+        self.log = out_dir / "sweep.log"
+
+    def done(self) -> bool:
+        return not self.process.is_alive()
+
+    def wait(self, timeout: float | None = None):
+        """Block until the sweep ends; return the table of its runs (RuntimeError if the sweep itself crashed)."""
+        self.process.join(timeout)
+        if self.process.is_alive():
+            raise TimeoutError(f"sweep still running after {timeout} s (log: {self.log})")
+        if self.process.exitcode != 0:
+            tail = self.log.read_text()[-2000:] if self.log.exists() else ""
+            raise RuntimeError(f"the sweep process exited with code {self.process.exitcode}; log {self.log}:\n{tail}")
+        table = _table([(d, p, run_status(d)) for p, d in self.planned])
+        table.attrs.update(failed=int((table["status"] == "failed").sum()))
+        return table
+
+
+def _background(log: str, args: tuple, kwargs: dict) -> None:
+    with open(log, "w", buffering=1) as fh:
+        sys.stdout = sys.stderr = fh
+        run_sweep(*args, **kwargs)
+
+
+def start_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]],
+                out_dir: str | os.PathLike, **kwargs: Any) -> BackgroundSweep:
+    """Like ``run_sweep`` but in a background process, so the caller can keep working; see ``BackgroundSweep``.
+
+    Parameters are validated here, before the process starts. Its printout goes to ``<out_dir>/sweep.log``.
+    """
+    _, planned = plan(notebook, grid, out_dir, kwargs.get("base_params"), kwargs.get("smoke"))
+    out = Path(out_dir)
+    (out / RUNS_DIR).mkdir(parents=True, exist_ok=True)
+    kwargs = {**kwargs, "progress": False}
+    proc = get_context("spawn").Process(target=_background, args=(str(out / "sweep.log"), (notebook, grid, out_dir),
+                                                                 kwargs), daemon=False)
+    proc.start()
+    return BackgroundSweep(proc, out, planned)
 
 
 # ---------------------------------------------------------------------------------------- the table

@@ -149,3 +149,14 @@ def test_parse_value():
     assert sweep.parse_value("3", "int") == 3 and sweep.parse_value("1e-3", "float") == 1e-3
     assert sweep.parse_value("True", "bool") is True and sweep.parse_value("false", "bool") is False
     assert sweep.parse_value("js", "str") == "js"
+
+
+def test_point_list_in_background(tiny, tmp_path):
+    out = tmp_path / "bg"
+    with pytest.raises(ValueError, match="unknown grid parameter"):
+        sweep.start_sweep(tiny, [{"zzz": 1}], out)
+    handle = sweep.start_sweep(tiny, [{"a": 1}, {"a": 1}, {"a": 7, "b": "z"}], out, jobs=1)
+    table = handle.wait(timeout=120)
+    assert handle.done() and table.attrs["failed"] == 0
+    assert list(table["a"]) == [1, 7] and list(table["double"]) == [2, 14] and list(table["b"].fillna("")) == ["", "z"]
+    assert "2 runs" in (out / "sweep.log").read_text()

@@ -1,0 +1,119 @@
+"""Notebook 03's measurement helpers (toy_analysis) and the one-factor-at-a-time design (sensitivity)."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+import pandas as pd
+import pytest
+import torch
+
+from fdistill_lab import sensitivity, toy, toy_analysis
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return toy.default_teacher()
+
+
+@pytest.fixture(scope="module")
+def short_run(teacher):
+    cfg = toy.ToyConfig(divergence="js", steps=12, batch=64, critic_warmup=5, eval_every=6, eval_samples=200)
+    return toy_analysis.train_and_evaluate(teacher, cfg, eval_samples=300, progress=False)
+
+
+def test_fluctuation():
+    f = toy_analysis.fluctuation([5.0] * 10)
+    assert f == {"mean": 5.0, "cv": 0.0, "step_change": 0.0}
+    g = toy_analysis.fluctuation([1.0, 3.0] * 10, burn_in=0.0)
+    assert g["mean"] == 2.0 and g["step_change"] == pytest.approx(1.0)
+    assert g["cv"] == pytest.approx(float(torch.tensor([1.0, 3.0] * 10).std()) / 2)
+    with pytest.raises(ValueError, match="at least 3"):
+        toy_analysis.fluctuation([1.0, 2.0])
+
+
+def test_instrumented_run_logs_grad_norms(short_run):
+    h = short_run["history"]
+    assert len(h["grad_norm"]) == 12 and all(math.isfinite(v) and v > 0 for v in h["grad_norm"])
+    assert short_run["sec_per_iter"] > 0 and short_run["metrics"]["modes_covered"] >= 1
+    assert short_run["run"].cfg.critic_warmup == 5  # restored after training
+    assert set(short_run["fluctuation"]) == {"gen_loss", "grad_norm"}
+
+
+def test_gradient_variance_matched_state(short_run):
+    snap = toy_analysis.snapshot(short_run["run"])
+    out = toy_analysis.gradient_variance(snap, ["rkl", "js", "fkl"], num_batches=6, batch=128)
+    assert out["rkl"]["weight_var"] == 0.0  # h = 1 for reverse KL
+    assert out["fkl"]["weight_var"] > out["js"]["weight_var"] > 0  # Table 1: high vs low variance
+    assert all(v["trace_var"] > 0 and v["rel_var"] > 0 for v in out.values())
+    again = toy_analysis.gradient_variance(snap, ["fkl"], num_batches=6, batch=128)
+    assert again["fkl"]["trace_var"] == pytest.approx(out["fkl"]["trace_var"], rel=1e-5)  # same seed, same batches
+    assert snap.generator is not short_run["run"].generator
+    with pytest.raises(ValueError, match="valid"):
+        toy_analysis.gradient_variance(snap, ["nope"], num_batches=2)
+
+
+def test_ratio_calibration_against_a_constant_discriminator(short_run):
+    snap = toy_analysis.snapshot(short_run["run"])
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, sigma):
+            return torch.zeros(x.shape[0])
+
+    snap.discriminator = Zero()
+    cal = toy_analysis.ratio_calibration(snap, [0.3, 2.0], n=400, kde_samples=600)
+    rows = pd.DataFrame(cal["rows"])
+    assert set(rows.variant) == {"raw", "clipped", "clipped+bins", "true (KDE)"}
+    for s in (0.3, 2.0):
+        true = cal["points"][s]["true"]
+        raw = rows[(rows.sigma == s) & (rows.variant == "raw")].iloc[0]
+        assert raw.abs_log_error == pytest.approx(float(true.abs().mean()))  # log r_hat = 0
+        assert raw.mean_ratio == pytest.approx(1.0)
+    assert cal["kde_bandwidth"] > 0
+    with pytest.raises(ValueError, match="sigmas must be > 0"):
+        toy_analysis.ratio_calibration(snap, [0.0], n=10, kde_samples=20)
+
+
+def test_peak_tensor_bytes_and_cost(teacher):
+    def two_big():
+        a = torch.ones(512, 512)
+        b = a * 2
+        return b.sum()
+
+    assert toy_analysis.peak_tensor_bytes(two_big) >= 2 * 512 * 512 * 4
+    cost = toy_analysis.iteration_cost(teacher, toy.ToyConfig(divergence="fkl", batch=32), iters=2, warmup=1)
+    assert all(v > 0 for v in cost.values())
+    assert cost["gen_step_s"] <= cost["sec_per_iter"]
+
+
+AXES = {"lr": [0.002, 0.005], "clip": [{"ratio_min": 0.1, "ratio_max": 20.0}, {"ratio_min": 0.5, "ratio_max": 2.0}]}
+DEFAULTS = {"lr": 0.002, "ratio_min": 0.1, "ratio_max": 20.0}
+
+
+def test_ofat_points_share_the_default_runs():
+    pts = sensitivity.ofat_points(["js", "fkl"], [0, 1], AXES, DEFAULTS)
+    assert len(pts) == 2 * 2 * 3  # default + one other setting per axis
+    assert {"div": "js", "seed": 0, "lr": 0.005, "ratio_min": 0.1, "ratio_max": 20.0} in pts
+    with pytest.raises(ValueError, match="no default"):
+        sensitivity.ofat_points(["js"], [0], {"gan_weight": [0.0]}, DEFAULTS)
+    assert sensitivity.setting_label({"ratio_min": 0.1, "ratio_max": 20.0}) == "0.1-20"
+
+
+def test_axis_summary_and_heatmaps():
+    pts = sensitivity.ofat_points(["js", "fkl"], [0, 1], AXES, DEFAULTS)
+    rows = [{**p, "status": "done", "tv": p["lr"] * 100 + p["seed"] + (p["ratio_max"] == 2.0)} for p in pts]
+    rows.append({**pts[0], "seed": 9, "status": "failed", "tv": float("nan")})
+    table = pd.DataFrame(rows)
+    mean, std, count = sensitivity.axis_summary(table, "lr", AXES["lr"], DEFAULTS, "tv", AXES)
+    assert list(mean.columns) == ["0.002", "0.005"] and list(mean.index) == ["js", "fkl"]
+    assert mean.loc["js", "0.005"] == pytest.approx(1.0) and std.loc["js", "0.005"] == pytest.approx(math.sqrt(0.5))
+    assert (count.to_numpy() == 2).all()  # the failed run does not count
+    mean_c, _, _ = sensitivity.axis_summary(table, "clip", AXES["clip"], DEFAULTS, "tv", AXES)
+    assert mean_c.loc["fkl", "0.5-2"] == pytest.approx(1.7)
+    with pytest.raises(ValueError, match="not a column"):
+        sensitivity.axis_summary(table, "lr", AXES["lr"], DEFAULTS, "nope", AXES)
+    fig = sensitivity.plot_heatmaps(table, AXES, DEFAULTS, "tv")
+    assert len([a for a in fig.axes if a.get_visible() and a.get_title()]) == 2
