@@ -80,6 +80,34 @@ def train_and_evaluate(teacher: GaussianMixture, config: ToyConfig, eval_samples
             "fluctuation": {k: fluctuation(h[k]) for k in ("gen_loss", "grad_norm")}, "run": run}
 
 
+def train_with_snapshots(teacher: GaussianMixture, config: ToyConfig, at: Sequence[int],
+                         progress: bool = True) -> tuple[InstrumentedDistiller, dict[int, ToyDistiller]]:
+    """Train one instrumented run and keep frozen copies (``snapshot``) after the generator steps in ``at``
+    (0 = right after the critic warm-up). The schedule is the same as ``ToyDistiller.train``."""
+    marks = sorted(set(int(a) for a in at))
+    if not marks or marks[0] < 0 or marks[-1] > config.steps:
+        raise ValueError(f"snapshot steps must lie in [0, steps={config.steps}]; got {list(at)}")
+    run = InstrumentedDistiller(teacher, config)
+    c = run.cfg
+    if not c.oracle:
+        for _ in range(c.critic_warmup):
+            run.critic_step()
+    total, warm = c.steps, c.critic_warmup
+    snaps, done = {}, 0
+    try:
+        c.critic_warmup = 0
+        for mark in [*marks, total]:
+            if mark > done:
+                c.steps = mark - done
+                run.train(progress=progress, desc=f"{c.divergence} steps {done}-{mark}")
+                done = mark
+            if mark in marks and mark not in snaps:
+                snaps[mark] = snapshot(run)
+    finally:
+        c.steps, c.critic_warmup = total, warm
+    return run, snaps
+
+
 def fluctuation(values: Sequence[float], burn_in: float = 0.2) -> dict[str, float]:
     """Fluctuation of a training curve after dropping the first ``burn_in`` fraction of steps.
 
@@ -226,12 +254,13 @@ def peak_tensor_bytes(fn: Callable[[], object]) -> int:
     return int(max(itertools.accumulate(d for _, d in deltas), default=0))
 
 
-def iteration_cost(teacher: GaussianMixture, config: ToyConfig, iters: int = 20, warmup: int = 3) -> dict[str, float]:
+def iteration_cost(teacher: GaussianMixture, config: ToyConfig, iters: int = 20, warmup: int = 3,
+                   weighting_reps: int = 200) -> dict[str, float]:
     """Wall time of one training iteration (critic_steps critic updates + 1 generator update) and of its
-    generator update alone (medians over ``iters``), the time of the weighting h_norm alone, and the
-    peak tensor memory of one iteration. Fresh networks from ``config`` (its seed)."""
-    if iters < 1 or warmup < 0:
-        raise ValueError(f"need iters >= 1 and warmup >= 0; got {iters}, {warmup}")
+    generator update alone (medians over ``iters``), the time of the weighting h_norm alone (mean of
+    ``weighting_reps`` calls), and the peak tensor memory of one iteration. Fresh networks from ``config``."""
+    if iters < 1 or warmup < 0 or weighting_reps < 1:
+        raise ValueError(f"need iters >= 1, warmup >= 0, weighting_reps >= 1; got {iters}, {warmup}, {weighting_reps}")
     run = ToyDistiller(teacher, config)
 
     def iteration() -> None:
@@ -256,9 +285,9 @@ def iteration_cost(teacher: GaussianMixture, config: ToyConfig, iters: int = 20,
     logits = torch.randn(config.batch)
     sigma = run.sample_sigma(config.batch)
     t0 = time.perf_counter()
-    for _ in range(200):
+    for _ in range(weighting_reps):
         run.weighting(logits, sigma, update=False)
-    weight_s = (time.perf_counter() - t0) / 200
+    weight_s = (time.perf_counter() - t0) / weighting_reps
     return {"sec_per_iter": _median(it), "gen_step_s": _median(gen), "weighting_s": weight_s,
             "peak_tensor_mb": peak_tensor_bytes(iteration) / 2**20}
 

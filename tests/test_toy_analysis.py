@@ -117,3 +117,14 @@ def test_axis_summary_and_heatmaps():
         sensitivity.axis_summary(table, "lr", AXES["lr"], DEFAULTS, "nope", AXES)
     fig = sensitivity.plot_heatmaps(table, AXES, DEFAULTS, "tv")
     assert len([a for a in fig.axes if a.get_visible() and a.get_title()]) == 2
+
+
+def test_train_with_snapshots(teacher):
+    cfg = toy.ToyConfig(divergence="fkl", steps=6, batch=32, critic_warmup=2, eval_every=3, eval_samples=100)
+    run, snaps = toy_analysis.train_with_snapshots(teacher, cfg, [0, 4], progress=False)
+    assert sorted(snaps) == [0, 4] and run.num_generator_steps == 6 and snaps[4].num_generator_steps == 4
+    assert run.cfg.steps == 6 and run.cfg.critic_warmup == 2
+    w0, w4 = (next(s.generator.parameters()) for s in (snaps[0], snaps[4]))
+    assert not torch.equal(w0, w4) and not torch.equal(w4, next(run.generator.parameters()))
+    with pytest.raises(ValueError, match="snapshot steps"):
+        toy_analysis.train_with_snapshots(teacher, cfg, [7])
