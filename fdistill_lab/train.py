@@ -1,0 +1,369 @@
+"""Distributed f-distill training of a one-step student from an EDM teacher (paper Table 5 runs).
+
+Command line (one GPU, several GPUs, several nodes)::
+
+    python -m fdistill_lab.train --preset imagenet64 --teacher downloads/edm/edm-imagenet-64x64-cond-adm.pkl \\
+        --data datasets/imagenet-64x64.zip --out runs/in64_js \\
+        --fid-detector downloads/edm/inception-2015-12-05.pt --fid-ref downloads/edm/imagenet-64x64.npz
+    torchrun --nproc_per_node 8 -m fdistill_lab.train --preset imagenet64 ...      # 8 GPUs (NCCL)
+    torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 -m fdistill_lab.train ...
+
+Any setting can be changed with ``--set key=value`` (see ``--describe``). Rerunning the same command
+resumes exactly from ``<out>/checkpoints`` (step counter, every rank's RNG states, ratio bins, optimiser
+states, EMAs, data position). SIGTERM saves a checkpoint and exits with code 143. Data-parallel: each
+rank holds ``batch_size / world_size`` images, split into micro-batches of ``per_gpu_batch`` (gradient
+accumulation); networks run under bf16 autocast while ratio, weight and loss maths stay in fp32.
+Files written: see :mod:`fdistill_lab.train_io`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import dist as fdist
+from .data.imagenet import EDMImageDataset, ImageNetNpzDataset, to_model_range
+from .distill import DistillConfig
+from .fid import compute_fid, latents_from_seeds, load_detector, load_reference_stats
+from .parallel_trainer import DataParallelTrainer
+from .presets import PRESETS, RunConfig, describe, get_preset, parse_overrides, resolve
+from .teachers import load_edm
+from .train_io import (
+    LogWindow,
+    StudentEMAs,
+    append_jsonl,
+    checkpoint_path,
+    commit_checkpoint,
+    export_student,
+    latest_checkpoint,
+    read_json,
+    save_grid_png,
+    truncate_jsonl,
+    write_json_atomic,
+)
+
+EXIT_INTERRUPTED = 143
+SAMPLE_SEED = 20250221
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train`: ``status`` 'done' or 'interrupted', the step reached, FIDs, paths."""
+
+    status: str
+    step: int
+    out: Path
+    last_fid: float | None
+    best_fid: float | None
+    checkpoint: Path | None
+
+
+def open_dataset(path: str | Path, xflip: bool = False) -> torch.utils.data.Dataset:
+    """EDM-format zip/folder, or downsampled-ImageNet npz file/folder; clear error when missing."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"training data not found: {path}. Build EDM's ImageNet-64 zip with "
+                                "`python -m fdistill_lab.data.prepare_imagenet --source <ILSVRC train folder> "
+                                "--dest datasets/imagenet-64x64.zip` (docs/edm_data_and_fid.md)")
+    if path.suffix == ".npz" or (path.is_dir() and any(path.glob("*.npz"))):
+        if xflip:
+            raise ValueError("xflip is supported for EDM-format zips only")
+        return ImageNetNpzDataset(path)
+    return EDMImageDataset(path, xflip=xflip)
+
+
+def _check_data(ds: Any, teacher: torch.nn.Module) -> None:
+    shape = tuple(ds.image_shape)
+    want = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
+    if shape != want:
+        raise ValueError(f"data images are {shape} but the teacher expects {want}")
+    if teacher.label_dim:
+        labels = ds.labels
+        if len(labels) and (labels.min() < 0 or labels.max() >= teacher.label_dim):
+            raise ValueError(f"the teacher is class-conditional with {teacher.label_dim} classes but the data labels "
+                             f"span [{labels.min()}, {labels.max()}] (an unlabelled data set?)")
+
+
+def batch_layout(batch_size: int, per_gpu_batch: int, world_size: int) -> tuple[int, int]:
+    """(local batch per rank, accumulation steps) for a global ``batch_size`` on ``world_size`` ranks."""
+    if batch_size % world_size:
+        raise ValueError(f"batch_size {batch_size} is not divisible by the {world_size} processes; choose a "
+                         f"multiple of {world_size}")
+    local = batch_size // world_size
+    micro = per_gpu_batch or local
+    if local % micro:
+        raise ValueError(f"per-process batch {local} (= batch_size {batch_size} / {world_size} processes) is not a "
+                         f"multiple of per_gpu_batch {micro}; pick per_gpu_batch dividing {local}")
+    return local, local // micro
+
+
+def _batches(loader: torch.utils.data.DataLoader, conditional: bool
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    for images, labels in loader:
+        yield to_model_range(images), (labels if conditional else None)
+
+
+class _SigtermFlag:
+    """Sets ``seen`` on SIGTERM (installed only in the main thread); restores the old handler on close."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._old: Any = None
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. a worker thread): no handler
+            self._old = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.seen = True
+
+    def close(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _set_lr(trainer: DataParallelTrainer, cfg: DistillConfig, step: int, warmup: int) -> None:
+    scale = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    for opt, lr in ((trainer.opt_student, cfg.lr_student), (trainer.opt_fake, cfg.lr_fake),
+                    (trainer.opt_disc, cfg.lr_disc)):
+        for group in opt.param_groups:
+            group["lr"] = lr * scale
+
+
+def _save(trainer: DataParallelTrainer, emas: StudentEMAs, ckpt_dir: Path, rcfg: RunConfig, env: fdist.DistEnv,
+          fid_state: dict[str, Any]) -> Path:
+    """Gather every rank's RNG states, write the checkpoint atomically on rank 0, then move the pointer."""
+    rank_rng = fdist.gather_objects(fdist.rng_state())
+    trainer_rng = fdist.gather_objects(trainer.generator.get_state())
+    path = checkpoint_path(ckpt_dir, trainer.step_count)
+    if env.is_main:
+        extra = {"world_size": env.world_size, "rank_rng": rank_rng, "trainer_rng": trainer_rng,
+                 "emas": emas.state_dict(), "fid": fid_state}
+        trainer.save_checkpoint(path, extra=extra)
+        commit_checkpoint(ckpt_dir, path, trainer.step_count, rcfg.keep_checkpoints)
+    fdist.barrier()
+    return path
+
+
+def _resume(trainer: DataParallelTrainer, emas: StudentEMAs, ckpt_dir: Path, env: fdist.DistEnv) -> dict[str, Any]:
+    path = latest_checkpoint(ckpt_dir)
+    if path is None:
+        return {}
+    extra = trainer.load_checkpoint(path)
+    if extra.get("world_size") != env.world_size:
+        raise ValueError(f"{path} was written by {extra.get('world_size')} processes, this run has "
+                         f"{env.world_size}: exact resume needs the same number (or start a new --out)")
+    trainer.generator.set_state(extra["trainer_rng"][env.rank])
+    fdist.set_rng_state(extra["rank_rng"][env.rank])
+    emas.load_state_dict(extra["emas"])
+    trainer.history.clear()
+    return extra.get("fid", {})
+
+
+def _fid(trainer: DataParallelTrainer, rcfg: RunConfig, detector: Any, ref: Any) -> float:
+    shape = (trainer.teacher.img_channels, trainer.teacher.img_resolution, trainer.teacher.img_resolution)
+
+    def generate(labels: torch.Tensor | None, seeds: torch.Tensor) -> torch.Tensor:
+        z = latents_from_seeds(seeds.cpu(), shape)
+        return trainer.sample(z=z, labels=labels, use_ema=True)
+
+    return float(compute_fid(generate, detector, ref, num_images=rcfg.fid_images, batch_size=rcfg.fid_batch,
+                             num_classes=trainer.label_dim or None, quantize=rcfg.fid_quantize,
+                             seed=rcfg.fid_seed, device=trainer.device))
+
+
+def train(preset: str, teacher: str | Path, data: str | Path, out: str | Path, overrides: dict[str, Any] | None = None,
+          progress: bool = True, stop_at: int | None = None,
+          callback: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Train with ``preset`` + ``overrides`` into ``out`` (resuming if it holds a checkpoint).
+
+    ``stop_at``: stop with a checkpoint once this many iterations are done, as SIGTERM does (for tests
+    and time-limited jobs). ``callback(step, logs)`` runs on rank 0 after every iteration.
+    """
+    dcfg, rcfg = resolve(preset, overrides)
+    env = fdist.init_distributed(rcfg.device)
+    try:
+        return _train(preset, dcfg, rcfg, Path(teacher), Path(data), Path(out), env, overrides or {}, progress,
+                      stop_at, callback)
+    finally:
+        fdist.cleanup()
+
+
+def _train(preset: str, dcfg: DistillConfig, rcfg: RunConfig, teacher_path: Path, data_path: Path, out: Path,
+           env: fdist.DistEnv, overrides: dict[str, Any], progress: bool, stop_at: int | None,
+           callback: Callable[[int, dict[str, float]], None] | None) -> TrainResult:
+    from tqdm.auto import tqdm
+
+    hints = get_preset(preset)
+    if not teacher_path.is_file():
+        raise FileNotFoundError(f"teacher not found: {teacher_path}. Get it with: {hints.teacher_hint}")
+    if rcfg.fid_every and not (rcfg.fid_detector and rcfg.fid_ref):
+        raise ValueError("fid_every > 0 needs --fid-detector (inception-2015-12-05.pt) and --fid-ref (EDM reference "
+                         ".npz): `python -m fdistill_lab.download fid --root downloads/edm`; or --set fid_every=0")
+    local, accum = batch_layout(rcfg.batch_size, rcfg.per_gpu_batch, env.world_size)
+    dcfg = dcfg.replace(accum_steps=accum)
+    if rcfg.cpu_threads:
+        torch.set_num_threads(rcfg.cpu_threads)
+    if env.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = rcfg.tf32
+        torch.backends.cudnn.allow_tf32 = rcfg.tf32
+        torch.backends.cudnn.benchmark = True
+
+    ds = open_dataset(data_path, rcfg.xflip)
+    net = load_edm(teacher_path, device=env.device)
+    _check_data(ds, net)
+    detector = load_detector(rcfg.fid_detector, env.device) if rcfg.fid_every else None
+    ref = load_reference_stats(rcfg.fid_ref) if rcfg.fid_every else None
+
+    fdist.seed_for_rank(dcfg.seed, 0)  # identical initial weights (discriminator heads) on every rank
+    trainer = DataParallelTrainer(net, dcfg, env.device, env.rank, env.world_size, rcfg.rng_mode)
+    emas = StudentEMAs(trainer.student, rcfg.extra_ema_betas)
+    fdist.seed_for_rank(dcfg.seed, env.rank)  # dropout and other global randomness: distinct per rank
+
+    ckpt_dir, log_path, fid_log = out / "checkpoints", out / "logs" / "train.jsonl", out / "logs" / "fid.jsonl"
+    fid_state = _resume(trainer, emas, ckpt_dir, env)
+    start = trainer.step_count
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        truncate_jsonl(log_path, start)
+        truncate_jsonl(fid_log, start)
+        write_json_atomic(out / "config.json", {
+            "preset": preset, "overrides": {k: str(v) for k, v in overrides.items()}, "distill": dcfg.to_dict(),
+            "run": dataclasses.asdict(rcfg), "world_size": env.world_size, "local_batch": local,
+            "accum_steps": accum, "teacher": str(teacher_path), "data": str(data_path), "resumed_from": start})
+    sampler = fdist.GlobalBatchSampler(len(ds), rcfg.batch_size, env.rank, env.world_size, seed=dcfg.seed,
+                                       start_batch=start, micro_batch=local // accum)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=rcfg.num_workers,
+                                         pin_memory=env.device.type == "cuda",
+                                         persistent_workers=rcfg.num_workers > 0,
+                                         generator=torch.Generator().manual_seed(dcfg.seed))  # not the global RNG
+    batches = _batches(loader, bool(net.label_dim))
+    g = torch.Generator().manual_seed(SAMPLE_SEED)
+    shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    sample_z = torch.randn(rcfg.sample_count, *shape, generator=g)
+    sample_labels = torch.arange(rcfg.sample_count) % net.label_dim if net.label_dim else None
+
+    sigterm = _SigtermFlag()
+    window = LogWindow()
+    status, path = "done", None
+    bar = tqdm(total=rcfg.steps, initial=start, desc=f"f-distill {dcfg.divergence}", disable=not (progress and
+               env.is_main), dynamic_ncols=True)
+    try:
+        while trainer.step_count < rcfg.steps:
+            _set_lr(trainer, dcfg, trainer.step_count, rcfg.warmup_steps)
+            t0 = time.perf_counter()
+            images, labels = next(batches)
+            t_data = time.perf_counter() - t0
+            logs = trainer.step(images, labels)
+            logs.pop("step")
+            if logs["generator_step"]:
+                emas.update(trainer.student)
+            trainer.history.clear()  # the JSONL log keeps the history; checkpoints stay small
+            logs = fdist.all_reduce_mean(logs, env.device)
+            logs["images_per_s"] = rcfg.batch_size / max(logs["time_s"] + t_data, 1e-9)
+            logs["data_time_s"] = t_data
+            window.add(logs)
+            done = trainer.step_count
+            bar.update(1)
+            if env.is_main and callback is not None:
+                callback(done, logs)
+            if env.is_main and rcfg.log_every and done % rcfg.log_every == 0:
+                row = {"step": done, "kimg": done * rcfg.batch_size / 1000, **window.mean()}
+                append_jsonl(log_path, row)
+                window.reset()
+                if "loss_f" in row:
+                    bar.set_postfix(loss_f=f"{row['loss_f']:.3g}", ratio=f"{row.get('ratio_mean', math.nan):.2f}",
+                                    img_s=f"{row['images_per_s']:.0f}", refresh=False)
+            if env.is_main and rcfg.sample_every and (done % rcfg.sample_every == 0 or done == rcfg.steps):
+                imgs = trainer.sample(z=sample_z, labels=sample_labels, use_ema=True)
+                save_grid_png(imgs, out / "samples" / f"step_{done:07d}.png")
+            if rcfg.fid_every and (done % rcfg.fid_every == 0 or done == rcfg.steps):
+                value = _fid(trainer, rcfg, detector, ref)
+                fid_state["last"] = {"step": done, "fid": value}
+                if "best" not in fid_state or value < fid_state["best"]["fid"]:
+                    fid_state["best"] = {"step": done, "fid": value}
+                    if env.is_main:
+                        export_student(trainer.student_ema, out / "student_best.pt", {"step": done, "fid": value})
+                if env.is_main:
+                    append_jsonl(fid_log, {"step": done, "fid": value, "ema_beta": dcfg.ema_beta,
+                                           "images": rcfg.fid_images})
+                    write_json_atomic(out / "metrics.json", fid_state)
+            stop = fdist.any_rank(sigterm.seen, env.device) or (stop_at is not None and done >= stop_at)
+            if (rcfg.ckpt_every and done % rcfg.ckpt_every == 0) or stop or done == rcfg.steps:
+                path = _save(trainer, emas, ckpt_dir, rcfg, env, fid_state)
+            if stop and done < rcfg.steps:
+                status = "interrupted"
+                break
+    finally:
+        bar.close()
+        sigterm.close()
+    if status == "done" and env.is_main:
+        export_student(trainer.student_ema, out / "student_final.pt", {"step": trainer.step_count})
+    fdist.barrier()
+    last, best = fid_state.get("last"), fid_state.get("best")
+    return TrainResult(status, trainer.step_count, out, last["fid"] if last else None,
+                       best["fid"] if best else None, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fdistill_lab.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="imagenet64", choices=sorted(PRESETS), help="recipe (default imagenet64)")
+    p.add_argument("--teacher", help="EDM teacher pickle (or a load_edm .pt)")
+    p.add_argument("--data", help="EDM-format dataset zip/folder or npz batches")
+    p.add_argument("--out", help="run folder (reused for resume)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any setting; repeatable (see --describe)")
+    for flag, key, typ in (("--div", "divergence", str), ("--steps", "steps", int), ("--batch-size", "batch_size", int),
+                           ("--per-gpu-batch", "per_gpu_batch", int), ("--lr", "lr", float),
+                           ("--fid-detector", "fid_detector", str), ("--fid-ref", "fid_ref", str),
+                           ("--device", "device", str), ("--seed", "seed", int)):
+        p.add_argument(flag, dest=f"flag_{key}", type=typ, default=None, help=f"same as --set {key}=...")
+    p.add_argument("--stop-at", type=int, default=None, help="save and stop after this many iterations")
+    p.add_argument("--describe", action="store_true", help="print the preset's settings and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point (``fdistill-train``); returns 0 when done, 143 when stopped early (SIGTERM)."""
+    args = build_parser().parse_args(argv)
+    try:
+        overrides: dict[str, Any] = parse_overrides(args.overrides)
+        for key, value in vars(args).items():
+            if key.startswith("flag_") and value is not None:
+                overrides[key[len("flag_"):]] = value
+        if args.describe:
+            resolve(args.preset, overrides)
+            print(describe(args.preset) if not overrides else f"{describe(args.preset)}\noverrides: {overrides}")
+            return 0
+        missing = [f"--{k}" for k in ("teacher", "data", "out") if getattr(args, k) is None]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+        result = train(args.preset, args.teacher, args.data, args.out, overrides, progress=not args.no_progress,
+                       stop_at=args.stop_at)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    msg = f"{result.status} at step {result.step}; checkpoint {result.checkpoint}"
+    if result.last_fid is not None:
+        msg += f"; FID last {result.last_fid:.4g}, best {result.best_fid:.4g}"
+    print(msg, flush=True)
+    return 0 if result.status == "done" else EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["train", "main", "TrainResult", "batch_layout", "open_dataset", "build_parser", "read_json"]

@@ -1,0 +1,192 @@
+"""Files of a training run folder (see :mod:`fdistill_lab.train`): JSONL logs, sample grids, checkpoint
+pointers, FID records, extra student EMAs.
+
+Layout of ``<out>``::
+
+    config.json              preset, overrides, resolved settings, world size
+    logs/train.jsonl         one line per log interval: step, every loss, ratio statistics, images/s
+    logs/fid.jsonl           one line per FID evaluation
+    metrics.json             {"last": {step, fid}, "best": {step, fid}}
+    samples/step_0002000.png sample grids of the EMA student (fixed latents and labels)
+    checkpoints/ckpt_0002000.pt, checkpoints/latest.json   full state for exact resume (atomic)
+    student_best.pt, student_final.pt                      EMA student weights + network config
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+CKPT_POINTER = "latest.json"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """JSON to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: Path) -> Any:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """All rows of a JSONL log ([] if the file does not exist; a torn last line is skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def truncate_jsonl(path: Path, max_step: int) -> None:
+    """Drop rows with ``step > max_step`` (written after the checkpoint a run resumes from)."""
+    if path.is_file():
+        rows = [r for r in read_jsonl(path) if r.get("step", 0) <= max_step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, path)
+
+
+class LogWindow:
+    """Means of the logged numbers over a log interval (keys may differ between iterations)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def add(self, logs: dict[str, float]) -> None:
+        for k, v in logs.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self.sums[k] += float(v)
+                self.counts[k] += 1
+            elif isinstance(v, float):  # NaN / inf are worth seeing in the log
+                self.sums[k] = v
+                self.counts[k] = 1
+
+    def mean(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+    def reset(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
+
+
+def grid_uint8(images: torch.Tensor, nrow: int | None = None, padding: int = 1) -> torch.Tensor:
+    """[-1, 1] images [N, C, H, W] -> one uint8 grid [H', W', C] (rows of ``nrow``, white padding)."""
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty [N, C, H, W] tensor; got {tuple(images.shape)}")
+    n, c, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    x = ((images.detach().float().cpu() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
+    grid = torch.full((c, rows * (h + padding) + padding, nrow * (w + padding) + padding), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, k = divmod(i, nrow)
+        grid[:, padding + r * (h + padding):][:, :h, padding + k * (w + padding):][:, :, :w] = x[i]
+    return grid.permute(1, 2, 0)
+
+
+def save_grid_png(images: torch.Tensor, path: Path, nrow: int | None = None) -> Path:
+    """[-1, 1] images [N, C, H, W] -> one PNG grid (no torchvision)."""
+    import PIL.Image
+
+    arr = grid_uint8(images, nrow).numpy()
+    if arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    PIL.Image.fromarray(arr, "L" if arr.ndim == 2 else "RGB").save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
+    return ckpt_dir / f"ckpt_{step:07d}.pt"
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The checkpoint named by ``latest.json`` (written after the file itself), or None for a fresh run."""
+    pointer = ckpt_dir / CKPT_POINTER
+    if not pointer.is_file():
+        return None
+    path = ckpt_dir / read_json(pointer)["file"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which is missing; delete {pointer} to start "
+                                "afresh or restore the file")
+    return path
+
+
+def commit_checkpoint(ckpt_dir: Path, path: Path, step: int, keep: int) -> None:
+    """Point ``latest.json`` at ``path`` and delete all but the newest ``keep`` checkpoints."""
+    write_json_atomic(ckpt_dir / CKPT_POINTER, {"file": path.name, "step": step})
+    old = sorted(ckpt_dir.glob("ckpt_*.pt"))[:-keep]
+    for p in old:
+        if p != path:
+            p.unlink(missing_ok=True)
+
+
+class StudentEMAs:
+    """Extra constant-rate EMAs of the student (FastGen keeps 0.9999, 0.99995 and 0.9996), updated after
+    each generator step, besides the trainer's own ``student_ema``."""
+
+    def __init__(self, student: nn.Module, betas: tuple[float, ...]) -> None:
+        self.betas = tuple(betas)
+        self.nets = [copy.deepcopy(student).eval().requires_grad_(False) for _ in self.betas]
+
+    @torch.no_grad()
+    def update(self, student: nn.Module) -> None:
+        for beta, net in zip(self.betas, self.nets):
+            for p_ema, p in zip(net.parameters(), student.parameters()):
+                p_ema.lerp_(p.detach(), 1.0 - beta)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"betas": list(self.betas), "nets": [n.state_dict() for n in self.nets]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if [float(b) for b in state["betas"]] != list(self.betas):
+            raise ValueError(f"checkpoint has extra EMAs {state['betas']}, this run {list(self.betas)}")
+        for net, sd in zip(self.nets, state["nets"]):
+            net.load_state_dict(sd)
+
+
+def export_student(net: nn.Module, path: Path, info: dict[str, Any]) -> Path:
+    """Save a student's weights with its EDMPrecond constructor keywords (loadable with build_edm)."""
+    from .checkpoint import atomic_save
+
+    blob = {"format": "fdistill-student-v1", "config": dict(getattr(net, "init_kwargs", {})),
+            "state_dict": net.state_dict(), "info": info}
+    return atomic_save(blob, path)

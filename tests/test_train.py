@@ -1,0 +1,287 @@
+"""Distributed training entry point with the tiny preset on CPU: one step per divergence, 2-process DDP
+(gloo) equals one process on the same global batch, kill-and-resume equals an uninterrupted run,
+presets and overrides with clear errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from fdistill_lab import divergences, presets
+from fdistill_lab.dist import GlobalBatchSampler
+from fdistill_lab.smoke_assets import make_smoke_assets
+from fdistill_lab.train import EXIT_INTERRUPTED, batch_layout, main, train
+from fdistill_lab.train_io import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_FID = {"fid_every": 0, "sample_every": 0}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    return make_smoke_assets(tmp_path_factory.mktemp("assets"), num_images=64)
+
+
+def _run(assets, out, overrides=None, **kw):
+    return train("tiny", assets["teacher"], assets["data"], out, {**NO_FID, **(overrides or {})}, progress=False, **kw)
+
+
+def _state(out: Path) -> dict:
+    ckpts = sorted((out / "checkpoints").glob("ckpt_*.pt"))
+    return torch.load(ckpts[-1], map_location="cpu", weights_only=True)
+
+
+def _assert_states_equal(a: dict, b: dict, exact: bool = True, atol: float = 0.0) -> None:
+    assert a["step"] == b["step"]
+    for name in ("student", "student_ema", "fake_score", "disc", "weighting"):
+        for k, v in a[name].items():
+            if exact:
+                assert torch.equal(v, b[name][k]), (name, k)
+            else:
+                torch.testing.assert_close(v, b[name][k], rtol=1e-4, atol=atol, msg=f"{name}.{k}")
+    for name in ("opt_student", "opt_fake", "opt_disc"):
+        for pid, st in a[name]["state"].items():
+            for k, v in st.items():
+                if exact:
+                    assert torch.equal(v, b[name]["state"][pid][k]), (name, pid, k)
+
+
+@pytest.mark.parametrize("div", divergences.names())
+def test_one_generator_and_one_critic_step_per_divergence(assets, tmp_path, div):
+    res = _run(assets, tmp_path, {"divergence": div, "steps": 2, "log_every": 1})
+    assert res.status == "done" and res.step == 2
+    rows = read_jsonl(tmp_path / "logs" / "train.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and [r["generator_step"] for r in rows] == [1.0, 0.0]
+    for key in ("loss_f", "loss_g", "ratio_mean", "weight_max", "images_per_s"):
+        assert torch.isfinite(torch.tensor(rows[0][key])), key
+    for key in ("loss_dsm", "loss_d", "disc_acc"):
+        assert torch.isfinite(torch.tensor(rows[1][key])), key
+    assert (tmp_path / "student_final.pt").is_file()
+
+
+def test_full_tiny_run_writes_logs_grids_fid_and_checkpoints(assets, tmp_path):
+    over = {"fid_detector": str(assets["detector"]), "fid_ref": str(assets["ref"])}
+    res = train("tiny", assets["teacher"], assets["data"], tmp_path, over, progress=False)
+    assert res.status == "done" and res.step == 6
+    assert res.last_fid is not None and res.best_fid <= res.last_fid and res.best_fid > 0
+    assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == ["step_0000003.png", "step_0000006.png"]
+    assert [r["step"] for r in read_jsonl(tmp_path / "logs" / "fid.jsonl")] == [3, 6]
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").glob("ckpt_*.pt"))
+    assert ckpts == ["ckpt_0000003.pt", "ckpt_0000006.pt"]  # keep_checkpoints=2
+    assert not list(tmp_path.rglob("*.tmp"))
+    state = _state(tmp_path)
+    assert state["extra"]["world_size"] == 1 and len(state["extra"]["rank_rng"]) == 1
+    assert state["extra"]["fid"]["best"]["fid"] == res.best_fid
+    assert state["history"] == []  # logs live in the JSONL, not in every checkpoint
+    import PIL.Image
+    with PIL.Image.open(tmp_path / "samples" / "step_0000006.png") as im:
+        assert im.mode == "RGB" and im.size == (4 * 9 + 1, 4 * 9 + 1)  # 16 samples of 8x8, 1-pixel padding
+
+
+def test_stop_and_resume_equals_uninterrupted_run(assets, tmp_path):
+    over = {"steps": 7, "extra_ema_betas": "0.5,0.8", "generator_labels": "uniform"}
+    ref = _run(assets, tmp_path / "ref", over)
+    part = _run(assets, tmp_path / "resumed", over, stop_at=3)
+    assert part.status == "interrupted" and part.step == 3
+    torch.manual_seed(999)  # a different global RNG must not matter
+    done = _run(assets, tmp_path / "resumed", over)
+    assert done.status == "done" and ref.step == done.step == 7
+    a, b = _state(tmp_path / "ref"), _state(tmp_path / "resumed")
+    _assert_states_equal(a, b)
+    assert all(torch.equal(x, y) for n1, n2 in zip(a["extra"]["emas"]["nets"], b["extra"]["emas"]["nets"])
+               for x, y in zip(n1.values(), n2.values()))
+    assert not torch.equal(a["weighting"]["normalizer.bins"], torch.ones(10))
+    strip = ("images_per_s", "time_s", "data_time_s")
+    rows = [[{k: v for k, v in r.items() if k not in strip} for r in read_jsonl(p / "logs" / "train.jsonl")]
+            for p in (tmp_path / "ref", tmp_path / "resumed")]
+    assert rows[0] == rows[1] and len(rows[0]) == 7
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_exactly(assets, tmp_path):
+    steps = 16
+    args = [sys.executable, "-m", "fdistill_lab.train", "--preset", "tiny", "--teacher", str(assets["teacher"]),
+            "--data", str(assets["data"]), "--out", str(tmp_path / "run"), "--steps", str(steps), "--no-progress",
+            "--set", "fid_every=0", "--set", "sample_every=0", "--set", "ckpt_every=1000"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "run" / "logs" / "train.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and len(read_jsonl(log)) < 3 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == EXIT_INTERRUPTED, output
+    stopped = _state(tmp_path / "run")["step"]
+    assert 3 <= stopped < steps, output
+    rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert f"done at step {steps}" in rerun.stdout
+    ref = _run(assets, tmp_path / "ref", {"steps": steps, "ckpt_every": 1000})
+    assert ref.step == steps
+    _assert_states_equal(_state(tmp_path / "ref"), _state(tmp_path / "run"))
+    assert [r["step"] for r in read_jsonl(log)] == list(range(1, steps + 1))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, assets: dict, out: str, overrides: dict) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    res = train("tiny", assets["teacher"], assets["data"], out, {**NO_FID, **overrides}, progress=False)
+    assert res.status == "done"
+
+
+# adam_eps 1e-4: Adam maps float-noise gradients (e.g. of a conv bias in front of a GroupNorm, mathematically 0)
+# to +-lr; a larger eps keeps the update proportional to the gradient, which is what the test compares
+@pytest.mark.parametrize("overrides", [
+    {"steps": 4, "adam_eps": 1e-4},
+    {"steps": 4, "adam_eps": 1e-4, "disc_placement": "fake_score", "generator_labels": "uniform", "schedule": "dmd2",
+     "fake_score_weighting": "edm", "divergence": "fkl", "per_gpu_batch": 2},
+], ids=["teacher-disc", "fake-score-disc-accum"])
+def test_two_process_gloo_ddp_equals_single_process(assets, tmp_path, overrides):
+    single = dict(overrides)
+    if "per_gpu_batch" in single:  # 2 ranks x micro-batch 2 x 2 accumulation = 1 process x micro 4 x 2
+        single["per_gpu_batch"] = 2 * overrides["per_gpu_batch"]
+    _run(assets, tmp_path / "single", single)
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), assets, str(tmp_path / "ddp"), overrides), nprocs=2,
+                       join=True, start_method="fork")
+    a, b = _state(tmp_path / "single"), _state(tmp_path / "ddp")
+    assert b["extra"]["world_size"] == 2 and len(b["extra"]["rank_rng"]) == 2
+    _assert_states_equal(a, b, exact=False, atol=1e-6)
+    teacher = torch.load(assets["teacher"], weights_only=True)["state_dict"]
+    moved = max(float((v - teacher[k]).abs().max()) for k, v in b["student"].items())
+    assert moved > 1e-5  # the comparison is not trivial: the student did move
+    ra, rb = (read_jsonl(p / "logs" / "train.jsonl") for p in (tmp_path / "single", tmp_path / "ddp"))
+    for key in ("loss_f", "loss_dsm", "loss_d", "ratio_mean"):
+        va = [r[key] for r in ra if key in r]
+        assert va, key
+        torch.testing.assert_close(torch.tensor(va), torch.tensor([r[key] for r in rb if key in r]), rtol=1e-4,
+                                   atol=1e-6)
+
+
+def test_global_batch_sampler_is_independent_of_world_size_and_resumable():
+    one = GlobalBatchSampler(10, 4, seed=3)
+    it = iter(one)
+    first = [next(it) for _ in range(5)]  # 20 indices: two epochs, batches straddle them
+    assert sorted(first[0] + first[1] + first[2][:2]) == list(range(10))
+    two = [iter(GlobalBatchSampler(10, 4, rank=r, world_size=2, seed=3)) for r in (0, 1)]
+    for b in range(5):
+        assert next(two[0]) + next(two[1]) == first[b]
+    assert next(iter(GlobalBatchSampler(10, 4, seed=3, start_batch=3))) == first[3]
+    with pytest.raises(ValueError, match="multiple of world_size 3"):
+        GlobalBatchSampler(10, 4, rank=0, world_size=3)
+    # with micro-batches (gradient accumulation) rank r takes slice r of each global micro-batch
+    big = GlobalBatchSampler(100, 8, seed=1)
+    acc = [GlobalBatchSampler(100, 8, rank=r, world_size=2, seed=1, micro_batch=2) for r in (0, 1)]
+    g, l0, l1 = big.global_indices(0), acc[0].local_indices(0), acc[1].local_indices(0)
+    assert l0[:2] + l1[:2] + l0[2:] + l1[2:] == g
+    with pytest.raises(ValueError, match="must divide the per-rank batch 4"):
+        GlobalBatchSampler(100, 8, rank=0, world_size=2, micro_batch=3)
+
+
+def test_batch_layout():
+    assert batch_layout(512, 64, 8) == (64, 1)
+    assert batch_layout(512, 64, 1) == (512, 8)
+    assert batch_layout(280, 0, 8) == (35, 1)
+    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
+        batch_layout(512, 64, 3)
+    with pytest.raises(ValueError, match="not a multiple of per_gpu_batch 48"):
+        batch_layout(512, 48, 8)
+
+
+def test_presets_match_the_paper_and_dmd2():
+    d, r = presets.resolve("imagenet64")
+    assert (d.divergence, r.batch_size, d.lr_student, d.lr_fake, d.lr_disc, d.gan_weight_gen) == (
+        "js", 512, 2e-6, 2e-6, 2e-6, 3e-3)
+    assert (d.student_update_freq, d.schedule, d.bin_ema, d.num_bins, d.ratio_min, d.ratio_max) == (
+        5, "fastgen", 0.5, 10, 0.1, 20.0)
+    assert (d.weight_decay, d.grad_clip, d.disc_placement, d.disc_features, d.precision) == (
+        0.01, 10.0, "teacher", ("bottleneck",), "bf16")
+    assert (d.ema_beta, r.extra_ema_betas, r.steps) == (0.9999, (0.99995, 0.9996), 380_000)
+    d, r = presets.resolve("cifar10")
+    assert (d.divergence, r.batch_size, d.lr_student, d.gan_weight_gen, d.r1_gamma) == ("fkl", 2048, 1e-4, 1e-3, 1.0)
+    assert d.disc_features == ("32x32", "16x16", "8x8")
+    d, r = presets.resolve("dmd2")
+    assert (d.divergence, d.schedule, r.batch_size, d.lr_student, d.gan_weight_gen, d.gan_weight_disc) == (
+        "rkl", "dmd2", 280, 2e-6, 3e-3, 1e-2)
+    assert (d.min_index, d.max_index, d.fake_min_index, d.fake_max_index, d.fake_score_weighting) == (
+        20, 980, 0, 999, "edm")
+    assert (d.disc_placement, d.generator_labels, d.ema_beta, r.extra_ema_betas, r.warmup_steps) == (
+        "fake_score", "uniform", 0.0, (), 500)
+
+
+def test_overrides_parse_types_and_aliases():
+    d, r = presets.resolve("imagenet64", {"lr": "1e-5", "div": "fkl", "betas": "0.5,0.9", "grad_clip": "none",
+                                          "disc_features": "8x8,bottleneck", "xflip": "true", "steps": "1_000",
+                                          "extra_ema_betas": "0.99"})
+    assert (d.lr_student, d.lr_fake, d.lr_disc, d.divergence, d.betas, d.grad_clip) == (
+        1e-5, 1e-5, 1e-5, "fkl", (0.5, 0.9), None)
+    assert (d.disc_features, r.xflip, r.steps, r.extra_ema_betas) == (("8x8", "bottleneck"), True, 1000, (0.99,))
+    d, r = presets.resolve("tiny", {"steps": 3, "ratio_max": 5, "real_same_t": True})  # Python values (notebook)
+    assert (r.steps, d.ratio_max, d.real_same_t) == (3, 5.0, True)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"lr_studnt": "1"}, "unknown setting 'lr_studnt'; valid settings: .*lr_student"),
+    ({"steps": "1.5"}, "setting 'steps' must be an integer"),
+    ({"steps": "0"}, "steps must be an integer >= 1"),
+    ({"divergence": "nonsense"}, "unknown divergence 'nonsense'; valid names"),
+    ({"xflip": "maybe"}, r"setting 'xflip' must be a bool \(true/false\)"),
+    ({"betas": "0.9"}, "setting 'betas' needs 2 values"),
+    ({"rng_mode": "global"}, "rng_mode must be one of"),
+    ({"fid_quantize": "floor"}, "fid_quantize must be one of"),
+    ({"lr": "fast"}, "setting 'lr_student' must be a number"),
+])
+def test_bad_overrides_raise_clear_errors(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        presets.resolve("imagenet64", overrides)
+    with pytest.raises(ValueError, match="unknown preset 'in64'; valid presets: imagenet64, cifar10, dmd2, tiny"):
+        presets.resolve("in64")
+
+
+def test_cli_errors_and_describe(assets, tmp_path, capsys):
+    assert main(["--preset", "tiny", "--describe", "--set", "lr=1e-3"]) == 0
+    assert "lr_student = 0.0001" in capsys.readouterr().out
+    assert main(["--preset", "tiny", "--teacher", str(assets["teacher"]), "--data", str(assets["data"]),
+                 "--out", str(tmp_path), "--set", "bogus=1"]) == 2
+    assert "unknown setting 'bogus'" in capsys.readouterr().err
+    assert main(["--preset", "tiny", "--teacher", str(tmp_path / "none.pkl"), "--data", str(assets["data"]),
+                 "--out", str(tmp_path / "o"), "--set", "fid_every=0"]) == 2
+    err = capsys.readouterr().err
+    assert "teacher not found" in err and "make_smoke_assets" in err
+    assert main(["--preset", "imagenet64", "--teacher", str(assets["teacher"]), "--data", str(tmp_path / "x.zip"),
+                 "--out", str(tmp_path / "o2")]) == 2
+    assert "fid_every > 0 needs --fid-detector" in capsys.readouterr().err
+    assert main(["--preset", "tiny", "--teacher", str(assets["teacher"]), "--data", str(tmp_path / "x.zip"),
+                 "--out", str(tmp_path / "o3"), "--set", "fid_every=0"]) == 2
+    assert "training data not found" in capsys.readouterr().err
+    assert main(["--preset", "tiny", "--data", "x"]) == 2
+    assert "missing --teacher, --out" in capsys.readouterr().err
+
+
+def test_resume_with_another_world_size_or_config_fails_clearly(assets, tmp_path):
+    _run(assets, tmp_path, {"steps": 2})
+    with pytest.raises(ValueError, match="another configuration.*divergence"):
+        _run(assets, tmp_path, {"steps": 4, "divergence": "fkl"})
