@@ -93,12 +93,13 @@ def plot_mode_mass(mass: Mapping[str, np.ndarray], weights: torch.Tensor | np.nd
 
 
 def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, list]]],
-                         keys: Sequence[str] = ("eval_modes_covered", "eval_mass_tv", "eval_precision", "gen_loss"),
+                         keys: Sequence[str] = ("eval_modes_covered", "eval_mass_tv", "eval_precision", "weight_std"),
                          smooth: int = 25) -> Figure:
     """Curves per divergence (mean over seeds, band = min..max). ``histories[name]`` is a list of run histories.
 
     Keys starting with ``eval_`` are plotted against ``eval_step``; others against ``step``, smoothed
-    with a moving average of ``smooth`` points.
+    with a moving average of ``smooth`` points. ``weight_std`` is the in-batch std of the normalised h
+    (0 for reverse KL; large for forward KL and Jeffreys, the paper's "high variance").
     """
     if not histories:
         raise ValueError("histories must not be empty")
@@ -119,7 +120,7 @@ def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, list]]],
             ax.plot(x, y.mean(0), color=palette(i % 10), label=_label(name))
             if y.shape[0] > 1:
                 ax.fill_between(x, y.min(0), y.max(0), color=palette(i % 10), alpha=0.15)
-        ax.set_title(key.replace("eval_", ""))
+        ax.set_title({"weight_std": "std of normalised h in the batch"}.get(key, key.replace("eval_", "")))
         ax.set_xlabel("generator step")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
@@ -129,8 +130,8 @@ def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, list]]],
 def plot_score_disagreement(data: Mapping[str, torch.Tensor], teacher: GaussianMixture, sigma: float,
                             lim: float = 3.0) -> Figure:
     """Paper Fig. 2 analogue from ``toy.score_disagreement``: where teacher and fake scores disagree, and
-    the weight h each divergence puts there (colour = h normalised to mean 1, log scale), plus h against
-    the disagreement."""
+    the weight h each divergence puts there (colour = log10 of h normalised to mean 1; red = above the mean
+    weight, blue = below), plus h against the disagreement."""
     hkeys = [k for k in data if k.startswith("h_")]
     if not hkeys:
         raise ValueError("data has no h_<divergence> entries")
@@ -142,12 +143,13 @@ def plot_score_disagreement(data: Mapping[str, torch.Tensor], teacher: GaussianM
     ax = axes[0]
     im = ax.scatter(x[:, 0], x[:, 1], c=dis, s=3, cmap="magma", rasterized=True)
     ax.contour(np.exp(logp), extent=extent, levels=5, colors="tab:blue", linewidths=0.6)
-    ax.set_title(f"||x0_fake - x0_teacher||, sigma={sigma:g}")
+    ax.set_title(f"disagreement, sigma = {sigma:g}")
     fig.colorbar(im, ax=ax, fraction=0.046)
+    logh = {k: np.log10(np.clip(data[k].detach().numpy(), 1e-6, None)) for k in hkeys}
+    span = max(0.1, max(float(np.quantile(np.abs(v), 0.98)) for v in logh.values()))
     for ax, key in zip(axes[1:1 + len(hkeys)], hkeys):
-        h = data[key].detach().numpy()
-        im = ax.scatter(x[:, 0], x[:, 1], c=np.log10(np.clip(h, 1e-3, None)), s=3, cmap="viridis",
-                        vmin=-1.5, vmax=1.5, rasterized=True)
+        im = ax.scatter(x[:, 0], x[:, 1], c=logh[key], s=3, cmap="coolwarm", vmin=-span, vmax=span,
+                        rasterized=True)
         ax.contour(np.exp(logp), extent=extent, levels=5, colors="tab:blue", linewidths=0.6)
         ax.set_title(f"log10 h, {_label(key[2:])}")
         fig.colorbar(im, ax=ax, fraction=0.046)

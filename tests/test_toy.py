@@ -206,3 +206,42 @@ def test_score_disagreement_and_plots(teacher):
     with pytest.raises(ValueError, match="modes"):
         toy_plots.plot_mode_mass({"rkl": np.ones((2, 3))}, teacher.weights)
     matplotlib.pyplot.close("all")
+
+
+def test_resolve_divergences():
+    from fdistill_lab.toy import COMPARISON, resolve_divergences
+
+    assert resolve_divergences("all") == list(COMPARISON) == ["rkl", "srkl", "js", "sh", "fkl", "jeffreys"]
+    assert resolve_divergences("Forward-KL") == ["fkl"]
+    with pytest.raises(ValueError, match="valid names: rkl, srkl.*or 'all'"):
+        resolve_divergences("nonsense")
+
+
+def test_run_comparison_tiny(teacher):
+    from fdistill_lab.toy import run_comparison
+
+    cfg = ToyConfig(steps=3, eval_every=3, **SMALL)
+    threads = torch.get_num_threads()
+    res = run_comparison(teacher, ["rkl", "fkl"], [0, 1], cfg, eval_samples=200, progress=False, threads=1)
+    assert torch.get_num_threads() == threads
+    assert list(res.metrics) == ["rkl", "fkl"] and [m["seed"] for m in res.metrics["fkl"]] == [0, 1]
+    assert res.runs["fkl"][1].cfg.divergence == "fkl" and res.runs["fkl"][1].cfg.seed == 1
+    assert res.samples["rkl"][0].shape == (200, 2)
+    s = res.summary()
+    assert set(s) == {"rkl", "fkl"} and s["rkl"]["modes_covered"]["std"] >= 0
+    with pytest.raises(ValueError, match="threads"):
+        run_comparison(teacher, ["rkl"], [0], cfg, threads=0)
+
+
+@pytest.mark.slow
+def test_forward_kl_covers_more_than_reverse_kl(teacher):
+    """Classroom setting, 3 seeds: forward KL covers all 8 modes, reverse KL misses some on average.
+
+    Measured (500 steps, 2 critic steps, std-0.2 ring): fkl 8/8/8 modes, rkl 8/7/6.
+    """
+    from fdistill_lab.toy import default_teacher, run_comparison
+
+    cfg = ToyConfig()  # the classroom defaults
+    res = run_comparison(default_teacher(), ["rkl", "fkl"], [0, 1, 2], cfg, eval_samples=4000, progress=False)
+    s = res.summary()
+    assert s["fkl"]["modes_covered"]["mean"] > s["rkl"]["modes_covered"]["mean"]

@@ -46,11 +46,11 @@ class ToyConfig:
     """Settings of one toy run (defaults: the notebook's classroom run)."""
 
     divergence: str = "js"
-    steps: int = 600  # generator updates
+    steps: int = 400  # generator updates
     critic_steps: int = 2  # critic (fake score + discriminator) updates per generator update
     critic_warmup: int = 100  # critic updates before the first generator update
     batch: int = 256
-    lr_gen: float = 1e-3
+    lr_gen: float = 2e-3
     lr_critic: float = 2e-3
     betas: tuple[float, float] = (0.5, 0.999)
     hidden: int = 64
@@ -180,7 +180,8 @@ class ToyDistiller:
         if self.cfg.oracle:
             kde = self.oracle_model()
             x0_fake = kde.denoise(x_t.detach().double(), sigma.double()).float()
-            logits = self.oracle_logit(kde, x_t, sigma)
+            with torch.set_grad_enabled(self.cfg.gan_weight > 0):  # gradient only for the GAN term
+                logits = self.oracle_logit(kde, x_t, sigma)
         else:
             with torch.no_grad():
                 x0_fake = self.fake_score(x_t.detach(), sigma)
@@ -214,8 +215,8 @@ class ToyDistiller:
         if not c.oracle:
             for _ in range(c.critic_warmup):
                 self.critic_step()
-        bar = tqdm(range(c.steps), desc=desc or f"{c.divergence} seed {c.seed}", disable=not progress,
-                   leave=False)
+        quiet = {} if progress else {"disable": True}  # leave the default so TQDM_DISABLE=1 still works
+        bar = tqdm(range(c.steps), desc=desc or f"{c.divergence} seed {c.seed}", leave=False, **quiet)
         for i in bar:
             logs: dict[str, float] = {}
             if not c.oracle:

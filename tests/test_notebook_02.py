@@ -1,0 +1,78 @@
+"""Notebook 02 (2-D mode-coverage lab): papermill smoke runs with checks on the recorded results."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+from notebook_harness import declared_parameters, run_notebook, run_notebook_expecting_error
+
+NAME = "02_toy_mode_coverage"
+PAPER = ["rkl", "srkl", "js", "sh", "fkl", "jeffreys"]
+METRICS = ("modes_covered", "precision", "recall", "mass_tv", "fkl", "rkl")
+
+pytestmark = pytest.mark.notebooks
+
+
+def _check_run(m: dict) -> None:
+    assert 0 <= m["modes_covered"] <= 8 and len(m["covered"]) == 8
+    assert 0.0 <= m["precision"] <= 1.0 and 0.0 <= m["recall"] <= 1.0
+    assert len(m["mode_mass"]) == 8 and 0.0 <= m["mass_tv"] <= 1.0
+    assert sum(m["mode_mass"]) == pytest.approx(1.0, abs=1e-9) or m["precision"] == 0.0
+    assert all(math.isfinite(m[k]) for k in ("fkl", "rkl")) and m["kde_bandwidth"] > 0
+
+
+def test_declared_parameters():
+    params = declared_parameters(NAME)
+    for name in ("div", "steps", "seed", "smoke", "output_dir", "oracle", "gan_weight", "num_seeds"):
+        assert name in params, f"parameter {name} missing; declared {sorted(params)}"
+    assert params["div"]["default"].strip("\"'") == "all"
+
+
+@pytest.mark.timeout(180)
+def test_smoke_all_divergences(tmp_path):
+    _, rec = run_notebook(NAME, tmp_path, budget_s=60.0, min_images=4)
+    assert rec["config"]["divergences"] == PAPER and rec["config"]["smoke"] is True
+    assert len(rec["config"]["seeds"]) == 2
+    assert set(rec["summary"]) == set(PAPER) and set(rec["per_run"]) == set(PAPER)
+    for name in PAPER:
+        runs = rec["per_run"][name]
+        assert [r["seed"] for r in runs] == rec["config"]["seeds"]
+        for m in runs:
+            _check_run(m)
+        for key in METRICS:
+            s = rec["summary"][name][key]
+            assert math.isfinite(s["mean"]) and s["std"] >= 0
+    assert rec["teacher_weights"][0] == pytest.approx(0.3, abs=0.01)
+    assert rec["teacher_weights"][-1] == pytest.approx(0.03, abs=0.005)
+    probe = rec["fig2_probe"]
+    assert set(probe["h_on_top_disagreement"]) == {"rkl", "js", "fkl"}
+    assert probe["h_on_top_disagreement"]["rkl"] == pytest.approx(1.0)
+    for name in ("samples", "mode_mass", "training_curves", "score_disagreement"):
+        assert (tmp_path / f"{name}.png").is_file()
+
+
+@pytest.mark.timeout(180)
+def test_smoke_single_divergence_oracle_gan(tmp_path):
+    _, rec = run_notebook(NAME, tmp_path, parameters={"div": "forward-kl", "oracle": True, "gan_weight": 0.01,
+                                                      "num_seeds": 1}, budget_s=60.0)
+    assert rec["config"]["divergences"] == ["fkl"] and rec["config"]["oracle"] is True
+    assert rec["config"]["gan_weight"] == pytest.approx(0.01)
+    assert list(rec["per_run"]) == ["fkl"] and len(rec["per_run"]["fkl"]) == 1
+    _check_run(rec["per_run"]["fkl"][0])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("params", "pattern"), [
+    ({"div": "nonsense"}, "unknown divergence 'nonsense'; valid names: rkl, srkl, js"),
+    ({"steps": "abc"}, "parameter 'steps' must be int; got str 'abc'"),
+    ({"div": "all", "num_seeds": 2}, "num_seeds must be >= 3"),
+    ({"stepz": 3}, r"unknown parameter\(s\) 'stepz'; valid parameter names"),
+])
+def test_bad_input_stops_in_first_code_cell(tmp_path, params, pattern):
+    out = tmp_path / "out"
+    err = run_notebook_expecting_error(NAME, out, params)
+    assert re.search(pattern, str(err)), str(err)[-2000:]
+    assert "setup_notebook(globals()" in err.source, "the error must come from the first code cell"
+    assert not out.exists(), f"output_dir was created on bad input: {sorted(out.rglob('*'))}"
