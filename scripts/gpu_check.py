@@ -1,0 +1,289 @@
+"""Performance check of f-distill training on one GPU (run by scripts/gpu_check.sh; about 5 minutes on an H100).
+
+Builds the full-size EDM ImageNet-64 ADM (296M parameters; random weights unless --teacher is given) as
+teacher, student and fake score with the ``imagenet64`` preset (bf16 autocast, discriminator on the teacher's
+8x8 bottleneck, extra EMAs), then prints:
+
+1. the largest per-GPU batch that fits (doubling search over one generator and one critic step);
+2. at that batch: generator-step, critic-step and iteration time (FastGen schedule K = 5: 1 generator + 4
+   critic steps), images/s, peak memory;
+3. the time of each network pass, measured in isolation at the same batch (teacher forward/backward,
+   student, fake score, discriminator, optimiser steps), as shares of their sum;
+4. JS against reverse KL: generator-step time with each weighting, and the overhead on the iteration;
+5. model FLOPs (torch.utils.flop_counter) per iteration and the model FLOPs utilisation (MFU).
+
+``--tiny --device cpu`` runs the same code on a tiny network (for tests on machines without a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fdistill_lab.losses import FDistillWeighting
+from fdistill_lab.networks import build_edm, count_parameters, imagenet64_adm_config
+from fdistill_lab.parallel_trainer import DataParallelTrainer
+from fdistill_lab.presets import resolve
+from fdistill_lab.smoke_assets import smoke_teacher_config
+from fdistill_lab.train_io import StudentEMAs
+
+# dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
+
+
+def peak_flops(name: str, override: float | None) -> float | None:
+    if override:
+        return override * 1e12
+    for key, value in PEAK_BF16.items():
+        if key in name:
+            return value
+    return None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` in seconds (synchronised)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def build(args: argparse.Namespace, device: torch.device) -> tuple[DataParallelTrainer, StudentEMAs]:
+    preset = "tiny" if args.tiny else "imagenet64"
+    dcfg, rcfg = resolve(preset, {"precision": "bf16" if device.type == "cuda" else "fp32"})
+    if args.teacher:
+        from fdistill_lab.teachers import load_edm
+
+        teacher = load_edm(args.teacher, device=device)
+    else:
+        cfg = smoke_teacher_config() if args.tiny else dict(imagenet64_adm_config(), dropout=0.0)
+        torch.manual_seed(0)
+        with torch.device(device):
+            teacher = build_edm(**cfg).eval().requires_grad_(False)
+    trainer = DataParallelTrainer(teacher, dcfg, device, rng_mode="per_rank")
+    return trainer, StudentEMAs(trainer.student, rcfg.extra_ema_betas)
+
+
+def batch_of(trainer: DataParallelTrainer, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    t = trainer.teacher
+    x = torch.rand(n, t.img_channels, t.img_resolution, t.img_resolution) * 2 - 1
+    return x, (torch.randint(0, t.label_dim, (n,)) if t.label_dim else None)
+
+
+def fits(trainer: DataParallelTrainer, n: int, device: torch.device) -> bool:
+    try:
+        x, y = batch_of(trainer, n)
+        trainer.generator_step(x, y)
+        trainer.critic_step(x, y)
+        sync(device)
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        for opt in (trainer.opt_student, trainer.opt_fake, trainer.opt_disc):
+            opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def search_batch(trainer: DataParallelTrainer, device: torch.device, start: int, limit: int) -> int:
+    """Largest batch in start, 2 start, 4 start, ... (then halfway to the first failure) that fits."""
+    best, n = 0, start
+    while n <= limit and fits(trainer, n, device):
+        print(f"  batch {n}: fits", flush=True)
+        best, n = n, n * 2
+    if best and n <= limit:
+        print(f"  batch {n}: out of memory", flush=True)
+        mid = (best + n) // 2 // 8 * 8
+        if mid > best and fits(trainer, mid, device):
+            print(f"  batch {mid}: fits", flush=True)
+            best = mid
+    if not best:
+        raise SystemExit(f"even batch {start} does not fit on {device}")
+    return best
+
+
+def pass_times(trainer: DataParallelTrainer, n: int, device: torch.device, repeats: int) -> dict[str, float]:
+    """Isolated timings of each network pass at batch n (same autocast as the trainer)."""
+    x, y = batch_of(trainer, n)
+    x, y = x.to(device), (y.to(device) if y is not None else None)
+    sigma = torch.full((n,), 2.0, device=device)
+    ac = trainer._autocast
+    keys = trainer.disc.keys
+
+    def student_fwd_bwd() -> None:
+        with ac():
+            out = trainer.student(x * 80, torch.full((n,), 80.0, device=device), y)
+        out.float().square().mean().backward()
+
+    def teacher_fwd_bwd_input() -> None:
+        xi = x.detach().requires_grad_(True)
+        with ac():
+            x0, feats = trainer.teacher(xi, sigma, y, return_features=True)
+            logit = trainer.disc({k: feats[k] for k in keys})
+        (x0.float().square().mean() + logit.float().mean()).backward()
+
+    def teacher_fwd() -> None:
+        with torch.no_grad(), ac():
+            trainer.teacher(x, sigma, y, return_features=True)
+
+    def fake_fwd() -> None:
+        with torch.no_grad(), ac():
+            trainer.fake_score(x, sigma, y)
+
+    def fake_fwd_bwd() -> None:
+        with ac():
+            out = trainer.fake_score(x, sigma, y)
+        out.float().square().mean().backward()
+
+    with torch.no_grad(), ac():
+        _, feats0 = trainer.teacher(x, sigma, y, return_features=True)
+    feats = {k: feats0[k].detach() for k in keys}
+
+    def disc_fwd_bwd() -> None:
+        with ac():
+            logit = trainer.disc(feats)
+        logit.float().mean().backward()
+
+    def opt(o: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> Callable[[], None]:
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        return o.step
+
+    out = {
+        "student fwd+bwd (generator)": timed(student_fwd_bwd, device, repeats),
+        "teacher fwd+bwd to input + disc (generator)": timed(teacher_fwd_bwd_input, device, repeats),
+        "fake score fwd, no grad (generator)": timed(fake_fwd, device, repeats),
+        "teacher fwd, no grad (critic, x2)": 2 * timed(teacher_fwd, device, repeats),
+        "fake score fwd+bwd (critic)": timed(fake_fwd_bwd, device, repeats),
+        "discriminator fwd+bwd (critic, x2)": 2 * timed(disc_fwd_bwd, device, repeats),
+        "AdamW student": timed(opt(trainer.opt_student, list(trainer.student.parameters())), device, repeats),
+        "AdamW fake score + disc": timed(opt(trainer.opt_fake, list(trainer.fake_score.parameters())), device,
+                                         repeats) + timed(opt(trainer.opt_disc, list(trainer.disc.parameters())),
+                                                          device, repeats),
+    }
+    for o in (trainer.opt_student, trainer.opt_fake, trainer.opt_disc):
+        o.zero_grad(set_to_none=True)
+    return out
+
+
+def step_flops(trainer: DataParallelTrainer, n: int) -> tuple[int, int]:
+    x, y = batch_of(trainer, n)
+    flops = []
+    for fn in (trainer.generator_step, trainer.critic_step):
+        with FlopCounterMode(display=False) as fc:
+            fn(x, y)
+        flops.append(fc.get_total_flops())
+    return flops[0], flops[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--tiny", action="store_true", help="tiny network (code-path test on CPU)")
+    p.add_argument("--teacher", default="", help="real EDM teacher pickle instead of random weights")
+    p.add_argument("--start-batch", type=int, default=32)
+    p.add_argument("--max-batch", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=0, help="skip the search and use this per-GPU batch")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s if the GPU is not known")
+    p.add_argument("--json", default="", help="also write the figures to this JSON file")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: no CUDA GPU (use --device cpu --tiny to test the script)", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    t_start = time.perf_counter()
+    trainer, emas = build(args, device)
+    k = trainer.config.student_update_freq
+    print(f"device {name}; ADM with {count_parameters(trainer.teacher) / 1e6:.1f}M parameters x3 (teacher, student, "
+          f"fake score) + EMAs {[trainer.config.ema_beta, *emas.betas]}; precision {trainer.config.precision}, "
+          f"divergence {trainer.config.divergence}, K = {k}", flush=True)
+
+    print("1. largest per-GPU batch (generator + critic step):", flush=True)
+    n = args.batch or search_batch(trainer, device, args.start_batch, args.max_batch)
+    x, y = batch_of(trainer, n)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t_gen = timed(lambda: (trainer.generator_step(x, y), emas.update(trainer.student)), device, args.repeats)
+    t_crit = timed(lambda: trainer.critic_step(x, y), device, args.repeats)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else float("nan")
+    t_iter = (t_gen + (k - 1) * t_crit) / k
+    print(f"2. batch {n}: generator step {t_gen * 1e3:.0f} ms, critic step {t_crit * 1e3:.0f} ms, iteration "
+          f"(1 generator + {k - 1} critic)/{k} = {t_iter * 1e3:.0f} ms, {n / t_iter:.0f} images/s per GPU; "
+          f"peak memory {peak:.1f} of {total:.1f} GiB", flush=True)
+
+    print("3. network passes, isolated at the same batch (share of their sum over one K-cycle):", flush=True)
+    passes = pass_times(trainer, n, device, args.repeats)
+    weight = {key: (1 if "(generator)" in key or key == "AdamW student" else k - 1) for key in passes}
+    cycle = {key: passes[key] * weight[key] for key in passes}
+    s = sum(cycle.values())
+    for key, v in cycle.items():
+        print(f"   {key:45s} {passes[key] * 1e3:8.1f} ms x{weight[key]}  {100 * v / s:5.1f}%")
+    print(f"   sum {s * 1e3:.0f} ms per cycle vs measured {k * t_iter * 1e3:.0f} ms "
+          "(the rest: EMA, losses, ratio maths, random numbers, launch gaps)", flush=True)
+
+    print("4. JS vs reverse KL (generator step; the discriminator is trained in both):", flush=True)
+    cfg = trainer.config
+    weightings = {d: FDistillWeighting(d, cfg.logit_clip, cfg.ratio_min, cfg.ratio_max, cfg.normalize_ratio,
+                                       cfg.normalize_weight, cfg.num_bins, cfg.bin_ema, cfg.bin_spacing).to(device)
+                  for d in ("js", "rkl")}
+    gen_t: dict[str, list[float]] = {"js": [], "rkl": []}
+    for _ in range(2):
+        for d in ("js", "rkl"):
+            trainer.weighting = weightings[d]
+            gen_t[d].append(timed(lambda: trainer.generator_step(x, y), device, args.repeats))
+    js, rkl = min(gen_t["js"]), min(gen_t["rkl"])
+    overhead = (js - rkl) / (rkl + (k - 1) * t_crit)
+    print(f"   generator step: JS {js * 1e3:.1f} ms, reverse KL {rkl * 1e3:.1f} ms; JS overhead on the iteration "
+          f"{100 * overhead:+.2f}% (target < 3%)", flush=True)
+
+    print("5. model FLOPs utilisation:", flush=True)
+    f_gen, f_crit = step_flops(trainer, n)
+    f_iter = (f_gen + (k - 1) * f_crit) / k
+    achieved = f_iter / t_iter
+    pk = peak_flops(name, args.peak_tflops)
+    mfu = achieved / pk if pk else None
+    print(f"   FLOPs: generator step {f_gen / 1e12:.2f} T, critic step {f_crit / 1e12:.2f} T, per iteration "
+          f"{f_iter / 1e12:.2f} T; achieved {achieved / 1e12:.1f} TFLOP/s"
+          + (f"; MFU {100 * mfu:.1f}% of {pk / 1e12:.0f} TFLOP/s bf16 peak (target >= 35%)" if mfu else
+             "; MFU: unknown GPU peak (pass --peak-tflops)"), flush=True)
+    figures = {"device": name, "batch_per_gpu": n, "generator_step_s": t_gen, "critic_step_s": t_crit,
+               "iteration_s": t_iter, "images_per_s": n / t_iter, "peak_memory_gib": peak,
+               "passes_s": passes, "js_gen_s": js, "rkl_gen_s": rkl, "js_overhead": overhead,
+               "flops_per_iteration": f_iter, "achieved_tflops": achieved / 1e12, "mfu": mfu,
+               "wall_s": time.perf_counter() - t_start}
+    print(f"total {figures['wall_s']:.0f} s")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

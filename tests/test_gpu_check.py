@@ -1,0 +1,46 @@
+"""scripts/gpu_check.py runs its whole measurement code path on a tiny network on the CPU (the real check
+needs a GPU: scripts/gpu_check.sh)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.timeout(180)
+def test_gpu_check_code_path_on_cpu(tmp_path, capsys):
+    gc = _load()
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert gc.main(["--device", "cpu", "--tiny", "--batch", "4", "--repeats", "1",
+                        "--json", str(tmp_path / "f.json")]) == 0
+    finally:
+        torch.set_num_threads(old)
+    out = capsys.readouterr().out
+    for text in ("2. batch 4", "teacher fwd+bwd to input", "JS overhead on the iteration", "FLOPs: generator step"):
+        assert text in out
+    fig = json.loads((tmp_path / "f.json").read_text())
+    assert fig["batch_per_gpu"] == 4 and fig["iteration_s"] > 0 and fig["flops_per_iteration"] > 0
+    assert fig["mfu"] is None  # unknown peak on a CPU
+    assert gc.peak_flops("NVIDIA H100 80GB HBM3", None) == 989e12 and gc.peak_flops("x", 100.0) == 1e14
+
+
+def test_gpu_check_refuses_cuda_without_a_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert _load().main(["--device", "cuda"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
