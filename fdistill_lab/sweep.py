@@ -353,6 +353,8 @@ class BackgroundSweep:
 
 def _background(log: str, args: tuple, kwargs: dict) -> None:
     with open(log, "w", buffering=1) as fh:
+        os.dup2(fh.fileno(), 1)  # also the kernels' output: keep it out of the caller's terminal or notebook
+        os.dup2(fh.fileno(), 2)
         sys.stdout = sys.stderr = fh
         run_sweep(*args, **kwargs)
 

@@ -15,9 +15,12 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import os
 import resource
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -240,6 +243,21 @@ def gradient_variance(run: ToyDistiller, divs: Sequence[str], num_batches: int =
 
 
 # ---------------------------------------------------------------------------------------- cost
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence the profiler's C++ log lines (written to file descriptor 2) for the duration."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def peak_tensor_bytes(fn: Callable[[], object]) -> int:
     """Peak bytes of live CPU tensors allocated while ``fn()`` runs (torch profiler memory events).
 
@@ -248,7 +266,7 @@ def peak_tensor_bytes(fn: Callable[[], object]) -> int:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
     return int(max(itertools.accumulate(d for _, d in deltas), default=0))

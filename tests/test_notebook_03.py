@@ -1,0 +1,91 @@
+"""Notebook 03 (ratio, normalisation, cost and sensitivity): papermill smoke run with checks on its records,
+bad parameters rejected before anything is written, and hygiene of the runner notebook it sweeps."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import subprocess
+import sys
+
+import nbformat
+import pandas as pd
+import pytest
+from notebook_harness import NOTEBOOKS, declared_parameters, run_notebook, run_notebook_expecting_error
+
+NAME = "03_ratio_normalisation_and_sensitivity"
+PAPER = ["rkl", "srkl", "js", "sh", "fkl", "jeffreys"]
+RUNNER = NOTEBOOKS / "runners" / "toy_run.ipynb"
+
+pytestmark = pytest.mark.notebooks
+
+
+def test_declared_parameters():
+    params = declared_parameters(NAME)
+    assert sorted(params) == ["full", "gan_weight", "jobs", "output_dir", "seed", "smoke", "steps"]
+    assert params["full"]["default"] == "False"
+
+
+@pytest.mark.timeout(240)
+def test_smoke(tmp_path):
+    _, rec = run_notebook(NAME, tmp_path, budget_s=60.0, min_images=6)
+    assert rec["config"]["smoke"] is True and rec["config"]["full"] is False
+
+    cal = pd.DataFrame(rec["ratio_calibration"]["rows"])
+    assert set(cal.variant) == {"raw", "clipped", "clipped+bins", "true (KDE)"} and cal.sigma.nunique() == 7
+    assert cal.abs_log_error.map(math.isfinite).all() and (cal.mean_ratio > 0).all()
+
+    norm = pd.DataFrame(rec["normalisation"])
+    assert len(norm) == 8 and set(norm["div"]) == {"fkl", "js"}
+    assert norm[["loss_cv", "grad_cv"]].map(math.isfinite).all().all()
+
+    gv = pd.DataFrame(rec["gradient_variance"])
+    assert set(gv["div"]) == set(PAPER) and gv.state.nunique() == 3
+    assert (gv[gv["div"] == "rkl"].weight_var == 0).all()  # h = 1
+    final = gv[gv.state == gv.state.iloc[-1]].set_index("div")
+    assert final.loc["fkl", "weight_var"] > final.loc["js", "weight_var"]  # Table 1: FKL high, JS low
+
+    gan = pd.DataFrame(rec["gan_ablation"])
+    assert set(gan.GAN) == {"w/ GAN", "w/o GAN"} and ((gan.mass_tv >= 0) & (gan.mass_tv <= 1)).all()
+
+    cost = pd.DataFrame(rec["cost"]).set_index("div")
+    assert list(cost.index) == PAPER and (cost.sec_per_iter > 0).all() and (cost.peak_tensor_mb > 0).all()
+
+    sw = rec["sweep"]
+    assert sw["runs"] == 2 and sw["failed"] == 0
+    table = pd.read_csv(sw["csv"])
+    assert (table.status == "done").all() and sorted(table.lr) == [0.002, 0.005]
+    assert table["metrics.mass_tv"].between(0, 1).all() and (table["cost.peak_rss_mb"] > 0).all()
+    for name in ("ratio_calibration", "normalisation_ablation", "gradient_variance", "gan_ablation", "cost",
+                 "sensitivity_heatmaps"):
+        assert (tmp_path / f"{name}.png").is_file()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("params, message", [({"jobs": 0}, "jobs must be >= 1"),
+                                             ({"full": "yes"}, "must be bool"),
+                                             ({"nonsense": 1}, "unknown parameter")])
+def test_bad_parameters_fail_before_writing(tmp_path, params, message):
+    out = tmp_path / "out"
+    err = run_notebook_expecting_error(NAME, out, params)
+    assert message in str(err)
+    assert not out.exists()
+
+
+def test_runner_notebook_hygiene():
+    nb = nbformat.read(RUNNER, as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    res = subprocess.run([sys.executable, "-m", "nbstripout", "--verify", str(RUNNER)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1
+    for node in ast.parse(cells[0].source).body:
+        assert isinstance(node, ast.AnnAssign) and ast.literal_eval(node.value) is not None
+    params = declared_parameters(RUNNER.relative_to(NOTEBOOKS).as_posix())
+    for name in ("div", "seed", "steps", "lr", "gan_weight", "ratio_min", "ratio_max", "critic_steps", "smoke",
+                 "output_dir"):
+        assert name in params
+    assert "setup_notebook(globals()" in nb.cells[nb.cells.index(cells[0]) + 1].source
+    json.dumps(params)  # inspectable
