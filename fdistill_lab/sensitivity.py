@@ -96,7 +96,8 @@ def defaults_for(axis: str, axes: Mapping[str, Sequence[Any]], defaults: Mapping
 
 
 def plot_heatmaps(table, axes: Mapping[str, Sequence[Any]], defaults: Mapping[str, Any], metric: str,
-                  titles: Mapping[str, str] | None = None, cmap: str = "viridis_r", ncols: int = 2):
+                  titles: Mapping[str, str] | None = None, cmap: str = "viridis_r", ncols: int = 2,
+                  suptitle: str | None = None):
     """One seaborn heatmap per axis: mean of ``metric`` over seeds, annotated ``mean ± std`` (n seeds)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
@@ -126,6 +127,6 @@ def plot_heatmaps(table, axes: Mapping[str, Sequence[Any]], defaults: Mapping[st
         ax.set_ylabel("")
     for ax in axs.ravel()[n:]:
         ax.set_visible(False)
-    fig.suptitle(f"{metric}: mean over seeds, ± seed std")
+    fig.suptitle(suptitle or f"{metric}: mean over seeds, ± seed std")
     fig.tight_layout()
     return fig

@@ -239,8 +239,6 @@ def run_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence[Any]] | S
     ``cwd`` defaults to the notebook's folder; ``timeout_s`` limits each cell. Also writes
     ``<out_dir>/sweep.csv`` with every run found under ``out_dir`` (see ``collect``).
     """
-    from tqdm.auto import tqdm
-
     notebook, planned = plan(notebook, grid, out_dir, base_params, smoke)
     jobs = default_jobs(len(planned)) if jobs is None else int(jobs)
     if jobs < 1:
@@ -250,6 +248,49 @@ def run_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence[Any]] | S
     out = Path(out_dir)
     (out / RUNS_DIR).mkdir(parents=True, exist_ok=True)
     run_cwd = str(Path(cwd) if cwd is not None else notebook.parent)
+
+    with _lock(out):
+        return _execute_planned(notebook, planned, out, jobs, env, run_cwd, kernel_name, timeout_s, retry_failed,
+                                progress, verbose)
+
+
+LOCK_FILE = ".sweep.lock"
+
+
+def _running_pid(out: Path) -> int | None:
+    """Process id of a live sweep holding ``out``'s lock, else None (a stale lock is ignored)."""
+    try:
+        pid = int((out / LOCK_FILE).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    if pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+@contextmanager
+def _lock(out: Path) -> Iterator[None]:
+    """One sweep per folder at a time: two would wipe each other's unfinished runs."""
+    pid = _running_pid(out)
+    if pid is not None:
+        raise RuntimeError(f"another sweep (process {pid}) is running in {out}; wait for it or stop it first")
+    (out / LOCK_FILE).write_text(str(os.getpid()))
+    try:
+        yield
+    finally:
+        (out / LOCK_FILE).unlink(missing_ok=True)
+
+
+def _execute_planned(notebook: Path, planned: list[tuple[dict[str, Any], Path]], out: Path, jobs: int,
+                     env: dict[str, str], run_cwd: str, kernel_name: str, timeout_s: float | None,
+                     retry_failed: bool, progress: bool, verbose: bool):
+    from tqdm.auto import tqdm
 
     todo, rows, skipped = [], {}, 0
     for params, run_dir in planned:
@@ -367,6 +408,9 @@ def start_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence[Any]] |
     """
     _, planned = plan(notebook, grid, out_dir, kwargs.get("base_params"), kwargs.get("smoke"))
     out = Path(out_dir)
+    pid = _running_pid(out)
+    if pid is not None:
+        raise RuntimeError(f"another sweep (process {pid}) is running in {out}; wait for it or stop it first")
     (out / RUNS_DIR).mkdir(parents=True, exist_ok=True)
     kwargs = {**kwargs, "progress": False}
     proc = get_context("spawn").Process(target=_background, args=(str(out / "sweep.log"), (notebook, grid, out_dir),

@@ -89,3 +89,14 @@ def test_runner_notebook_hygiene():
         assert name in params
     assert "setup_notebook(globals()" in nb.cells[nb.cells.index(cells[0]) + 1].source
     json.dumps(params)  # inspectable
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(700)
+def test_classroom_defaults_within_budget(tmp_path):
+    """Classroom defaults inside the 5-minute CPU budget; the Table 1 variance order holds at the start state."""
+    _, rec = run_notebook(NAME, tmp_path, parameters={"smoke": False}, budget_s=300.0, min_images=6)
+    assert rec["sweep"]["runs"] == 20 and rec["sweep"]["failed"] == 0
+    gv = pd.DataFrame(rec["gradient_variance"])
+    start = gv[gv.state == "step 0"].set_index("div").weight_var
+    assert start["fkl"] > start["jeffreys"] > start["js"] > start["srkl"] > start["rkl"] == 0

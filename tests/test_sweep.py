@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nbformat
@@ -160,3 +161,15 @@ def test_point_list_in_background(tiny, tmp_path):
     assert handle.done() and table.attrs["failed"] == 0
     assert list(table["a"]) == [1, 7] and list(table["double"]) == [2, 14] and list(table["b"].fillna("")) == ["", "z"]
     assert "2 runs" in (out / "sweep.log").read_text()
+
+
+def test_one_sweep_per_folder(tiny, tmp_path):
+    out = tmp_path / "locked"
+    (out / "runs").mkdir(parents=True)
+    (out / sweep.LOCK_FILE).write_text(str(os.getppid()))  # a live process that is not us
+    with pytest.raises(RuntimeError, match="another sweep"):
+        sweep.run_sweep(tiny, {"a": [1]}, out)
+    with pytest.raises(RuntimeError, match="another sweep"):
+        sweep.start_sweep(tiny, {"a": [1]}, out)
+    (out / sweep.LOCK_FILE).write_text("999999999")  # stale: no such process
+    assert sweep._running_pid(out) is None
