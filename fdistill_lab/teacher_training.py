@@ -35,7 +35,8 @@ class TeacherConfig:
     """Teacher network (``build_edm`` keywords) and EDM training settings.
 
     EDM loss: ln sigma ~ N(p_mean, p_std^2), weight lambda(sigma) = (sigma^2 + sigma_data^2)/(sigma sigma_data)^2.
-    Adam with a linear learning-rate warm-up; the returned teacher is the EMA of the weights.
+    Adam with a linear learning-rate warm-up; the returned teacher is the EMA of the weights, with rate
+    min(ema_beta, (1 + step) / (10 + step)) so that short runs do not keep the random initialisation.
     """
 
     net: dict[str, Any] = field(default_factory=dict)
@@ -127,9 +128,10 @@ def train_teacher(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        beta = min(config.ema_beta, (1.0 + step) / (10.0 + step))  # warm-up: short runs forget the init
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(p, 1.0 - config.ema_beta)
+                pe.lerp_(p, 1.0 - beta)
         losses.append(float(loss.detach()))
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", refresh=False)

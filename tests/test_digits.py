@@ -159,3 +159,19 @@ def test_teacher_config_errors_and_edm_loss():
     x = torch.zeros(4, 1, 8, 8)
     loss = edm_loss(net, x, torch.zeros(4, dtype=torch.long), torch.ones(4), torch.randn(4, 1, 8, 8))
     assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_make_grid_layout_and_errors():
+    from fdistill_lab.image_grid import make_grid
+
+    imgs = torch.stack([torch.full((1, 2, 2), v) for v in (-1.0, 0.0, 1.0)])
+    grid = make_grid(imgs, nrow=2, padding=1, pad_value=0.5)
+    assert grid.shape == (2 * 3 + 1, 2 * 3 + 1)
+    assert float(grid[1, 1]) == 0.0 and float(grid[1, 4]) == 0.5 and float(grid[4, 1]) == 1.0
+    assert float(grid[4, 4]) == 0.5 and float(grid[0, 0]) == 0.5  # empty slot and border are padding
+    rgb = make_grid(torch.zeros(4, 3, 2, 2), padding=0)
+    assert rgb.shape == (4, 4, 3) and float(rgb.max()) == 0.5
+    with pytest.raises(ValueError, match=r"non-empty \[N, C, H, W\]"):
+        make_grid(torch.zeros(3, 2, 2))
+    with pytest.raises(ValueError, match="value_range"):
+        make_grid(imgs, value_range=(1.0, 1.0))

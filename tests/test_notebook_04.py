@@ -1,0 +1,91 @@
+"""Notebook 04 (one-step digits): papermill smoke run, recorded metrics, bad input, corrupted teacher cache."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+from notebook_harness import declared_parameters, run_notebook, run_notebook_expecting_error
+
+NAME = "04_digits"
+METRICS = ("fd", "precision", "recall", "coverage", "freq_error", "label_agreement")
+
+pytestmark = pytest.mark.notebooks
+
+
+def _check_metrics(m: dict) -> None:
+    for k in ("precision", "recall", "coverage", "freq_error", "label_agreement"):
+        assert 0.0 <= m[k] <= 1.0, (k, m[k])
+    assert math.isfinite(m["fd"]) and m["fd"] >= -1e-6
+
+
+def test_declared_parameters():
+    params = declared_parameters(NAME)
+    for name in ("div", "steps", "teacher_steps", "retrain_teacher", "seed", "smoke", "output_dir",
+                 "student_update_freq", "gan_weight", "disc_placement"):
+        assert name in params, f"parameter {name} missing; declared {sorted(params)}"
+    assert params["div"]["default"].strip("\"'") == "js"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    """The tiny networks here run fastest on one thread, and a shared CPU punishes two badly (a 40-step
+    teacher took 8 s with one thread, 90 s with two, on the loaded 2-core CI machine)."""
+    monkeypatch.setenv("FDISTILL_THREADS", "1")
+
+
+@pytest.mark.timeout(400)
+def test_smoke_run_records_metrics_then_corrupted_teacher_cache_is_refused(tmp_path):
+    _, rec = run_notebook(NAME, tmp_path, budget_s=90.0, min_images=4)
+    assert rec["config"]["divergences"] == ["js"] and rec["config"]["smoke"] is True
+    assert rec["classifier_accuracy"] > 0.8  # the yardstick is trained on real digits
+    _check_metrics(rec["real"])
+    _check_metrics(rec["teacher"])
+    assert rec["teacher"]["cached"] is False and rec["teacher"]["nfe"] == 35
+    assert set(rec["students"]) == {"js"}
+    for m in rec["students"].values():
+        _check_metrics(m)
+        assert m["train_s"] > 0
+    speed = rec["speed"]
+    assert speed["speedup"] == pytest.approx(speed["student_images_per_s"] / speed["teacher_images_per_s"])
+    assert speed["speedup"] >= 20, f"one-step student only {speed['speedup']:.1f}x faster than 18-step Heun"
+    for name in ("samples.png", "training_curves.png", "student_js.pt"):
+        assert (tmp_path / name).is_file()
+    caches = sorted(tmp_path.glob("teacher_*.pt"))
+    assert len(caches) == 1
+
+    # the second run must refuse a corrupted cache (never use it, never silently retrain)
+    caches[0].write_bytes(b"corrupted teacher checkpoint")
+    err = run_notebook_expecting_error(NAME, tmp_path, {})
+    msg = str(err)
+    assert re.search(rf"TeacherCacheError.*{caches[0].name}", msg, re.S), msg[-2000:]
+    assert "retrain_teacher True" in msg and "delete" in msg
+    assert "load_or_train_teacher" in err.source
+    assert caches[0].read_bytes() == b"corrupted teacher checkpoint"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("params", "pattern"), [
+    ({"div": "nonsense"}, "unknown divergence 'nonsense'; valid names: rkl, srkl, js"),
+    ({"disc_placement": "student"}, r"disc_placement must be one of \('teacher', 'fake_score'\)"),
+    ({"student_update_freq": 1}, "student_update_freq must be >= 2"),
+    ({"steps": 0}, "steps must be >= 1"),
+])
+def test_bad_input_stops_in_first_code_cell(tmp_path, params, pattern):
+    out = tmp_path / "out"
+    err = run_notebook_expecting_error(NAME, out, params)
+    assert re.search(pattern, str(err)), str(err)[-2000:]
+    assert "setup_notebook(globals()" in err.source, "the error must come from the first code cell"
+    assert not out.exists(), f"output_dir was created on bad input: {sorted(out.rglob('*'))}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_classroom_all_divergences_within_budget(tmp_path):
+    _, rec = run_notebook(NAME, tmp_path, parameters={"smoke": False, "div": "all"}, budget_s=360.0, min_images=4)
+    assert set(rec["students"]) == {"rkl", "js", "fkl"}
+    assert rec["speed"]["speedup"] >= 20
+    for m in rec["students"].values():
+        _check_metrics(m)
+        assert m["label_agreement"] > 0.5
