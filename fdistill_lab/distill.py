@@ -309,9 +309,9 @@ class FDistillTrainer:
         with self._autocast():
             return net(x, sigma, labels).float()
 
-    def _logits(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _logits(self, feats: dict[str, torch.Tensor], disc: nn.Module | None = None) -> torch.Tensor:
         with self._autocast():
-            return self._disc_fwd(feats).float()
+            return (disc or self._disc_fwd)(feats).float()
 
     def _micro_batches(self, images: torch.Tensor, labels: torch.Tensor | None
                        ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -320,7 +320,7 @@ class FDistillTrainer:
             raise ValueError(f"batch size {images.shape[0]} is not divisible by accum_steps={k}")
         if labels is not None and labels.shape[0] != images.shape[0]:
             raise ValueError(f"{labels.shape[0]} labels for {images.shape[0]} images")
-        if self.label_dim and labels is None and self.config.generator_labels == "real":
+        if self.label_dim and labels is None:
             raise ValueError("the teacher is class-conditional: pass labels with the real batch")
         imgs = images.to(self.device, torch.float32).chunk(k)
         labs = labels.to(self.device).chunk(k) if labels is not None else (None,) * k
@@ -336,18 +336,19 @@ class FDistillTrainer:
         sigma = self._sigma(n, cfg.min_index, cfg.max_index)
         x_t = x + sigma.view(-1, 1, 1, 1) * self._randn(*x.shape)
         use_gan = cfg.gan_weight_gen > 0
+        # fake score and heads are frozen here and called unwrapped: no parameter gradients (DDP-safe)
         if cfg.disc_placement == "teacher":
             with torch.no_grad():
-                x0_fake = self._denoise(self._fake_fwd, x_t, sigma, labels)
+                x0_fake = self._denoise(self.fake_score, x_t, sigma, labels)
             with torch.set_grad_enabled(use_gan):
                 x0_teacher, feats = self._features(self.teacher, x_t if use_gan else x_t.detach(), sigma, labels)
-                logits = self._logits(feats)
+                logits = self._logits(feats, self.disc)
         else:
             with torch.no_grad():
                 x0_teacher = self._denoise(self.teacher, x_t, sigma, labels)
             with torch.set_grad_enabled(use_gan):
-                x0_fake, feats = self._features(self._fake_fwd, x_t if use_gan else x_t.detach(), sigma, labels)
-                logits = self._logits(feats)
+                x0_fake, feats = self._features(self.fake_score, x_t if use_gan else x_t.detach(), sigma, labels)
+                logits = self._logits(feats, self.disc)
         h, wstats = self.weighting(logits.detach(), sigma, update=True)
         loss_f = fdistill_loss(x, x0_fake.detach(), x0_teacher.detach(), h, cfg.dmd_normalize)
         loss_gan = gan_generator_loss(logits) if use_gan else torch.zeros((), device=self.device)
@@ -363,7 +364,7 @@ class FDistillTrainer:
         n = real.shape[0]
         labels = self._labels(real_labels, n)
         with torch.no_grad():
-            x_fake = self._generate(n, labels)
+            x_fake = self._generate(n, labels, self.student)
         sigma = self._sigma(n, cfg.fake_min_index, cfg.fake_max_index)
         eps = self._randn(*x_fake.shape)
         x_t = x_fake + sigma.view(-1, 1, 1, 1) * eps
@@ -376,20 +377,20 @@ class FDistillTrainer:
         use_r1 = cfg.r1_gamma > 0
         if use_r1:
             x_r = x_r.detach().requires_grad_(True)
-        real_cond = real_labels.to(self.device) if (real_labels is not None and self.label_dim) else None
+        # fake and real go through each network in one batched call (one forward per backward: DDP-safe)
+        both_x, both_sigma = torch.cat([x_t, x_r]), torch.cat([sigma, sigma_r])
+        both_labels = torch.cat([labels, real_labels.to(self.device)]) if labels is not None else None
         if cfg.disc_placement == "teacher":
             x0_pred = self._denoise(self._fake_fwd, x_t, sigma, labels)
-            with torch.no_grad():
-                _, feats_f = self._features(self.teacher, x_t, sigma, labels)
             with torch.set_grad_enabled(use_r1):
-                _, feats_r = self._features(self.teacher, x_r, sigma_r, real_cond)
+                _, feats = self._features(self.teacher, both_x, both_sigma, both_labels)
             if not use_r1:
-                feats_r = {k: v.detach() for k, v in feats_r.items()}
+                feats = {k: v.detach() for k, v in feats.items()}
         else:
-            x0_pred, feats_f = self._features(self._fake_fwd, x_t, sigma, labels)
-            _, feats_r = self._features(self._fake_fwd, x_r, sigma_r, real_cond)
+            x0_both, feats = self._features(self._fake_fwd, both_x, both_sigma, both_labels)
+            x0_pred = x0_both[:n]
         loss_dsm = denoising_loss(x0_pred, x_fake, sigma, cfg.fake_score_weighting)
-        logits_fake, logits_real = self._logits(feats_f), self._logits(feats_r)
+        logits_fake, logits_real = self._logits(feats).split([n, n])
         loss_d = gan_discriminator_loss(logits_real, logits_fake)
         loss = loss_dsm + cfg.gan_weight_disc * loss_d
         r1 = r1_penalty(logits_real, x_r) if use_r1 else None

@@ -236,3 +236,40 @@ def test_discriminator_head_shapes():
     torch.testing.assert_close(disc(feats), expect)
     with pytest.raises(KeyError, match="features lack"):
         disc({"a": feats["a"]})
+
+
+def _ddp_worker(rank: int, world: int, placement: str, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        cfg = DistillConfig(disc_placement=placement, student_update_freq=2, gan_weight_gen=1e-2, r1_gamma=0.1)
+        tr = FDistillTrainer(_teacher(), cfg, wrap=DistributedDataParallel, rng_offset=rank)
+        for i in range(4):
+            tr.step(*_batch(world * i + rank))
+        flat = torch.cat([p.detach().flatten() for m in (tr.student, tr.fake_score, tr.disc) for p in m.parameters()])
+        torch.save({"params": flat, "bins": tr.weighting.normalizer.bins.clone()}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("placement", [pytest.param("teacher", marks=pytest.mark.slow), "fake_score"])
+def test_ddp_wrap_keeps_ranks_in_sync(tmp_path, placement):
+    """Two gloo ranks with different data: DDP-wrapped networks and all-reduced ratio bins stay identical
+    (one forward per backward for every wrapped network, frozen critics unwrapped in generator steps)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, placement, port, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert torch.equal(r0["params"], r1["params"]) and torch.equal(r0["bins"], r1["bins"])
+    assert not torch.equal(r0["bins"], torch.ones_like(r0["bins"]))
