@@ -76,3 +76,26 @@ def test_bad_input_stops_in_first_code_cell(tmp_path, params, pattern):
     assert re.search(pattern, str(err)), str(err)[-2000:]
     assert "setup_notebook(globals()" in err.source, "the error must come from the first code cell"
     assert not out.exists(), f"output_dir was created on bad input: {sorted(out.rglob('*'))}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_classroom_defaults_within_budget(tmp_path):
+    """div='all' at classroom defaults inside the 3-minute CPU budget, with the numbers the notebook text quotes.
+
+    The runs are seeded and single-threaded, so the recorded coverage is reproducible; the text of section 8
+    quotes these values (modes covered per seed).
+    """
+    _, rec = run_notebook(NAME, tmp_path, parameters={"smoke": False}, budget_s=180.0, min_images=5)
+    covered = {n: [m["modes_covered"] for m in ms] for n, ms in rec["per_run"].items()}
+    assert covered == {"rkl": [8, 7, 7], "srkl": [8, 7, 8], "js": [6, 6, 6], "sh": [7, 7, 6], "fkl": [7, 8, 8],
+                       "jeffreys": [8, 7, 7]}
+    assert rec["summary"]["fkl"]["mass_tv"]["mean"] == pytest.approx(0.148, abs=0.005)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_main_job_single_divergence(tmp_path):
+    """README main job (`-p div js`, no smoke): 3 seeds of JS well inside the budget."""
+    _, rec = run_notebook(NAME, tmp_path, parameters={"smoke": False, "div": "js"}, budget_s=180.0)
+    assert rec["config"]["divergences"] == ["js"] and len(rec["per_run"]["js"]) == 3

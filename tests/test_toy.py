@@ -235,13 +235,14 @@ def test_run_comparison_tiny(teacher):
 
 @pytest.mark.slow
 def test_forward_kl_covers_more_than_reverse_kl(teacher):
-    """Classroom setting, 3 seeds: forward KL covers all 8 modes, reverse KL misses some on average.
+    """Classroom setting (notebook 02 defaults), 3 seeds: forward KL covers more modes than reverse KL on average.
 
-    Measured (500 steps, 2 critic steps, std-0.2 ring): fkl 8/8/8 modes, rkl 8/7/6.
+    Measured (400 steps, 2 critic steps, std-0.2 ring, 3000 eval samples): fkl 7/8/8 modes, rkl 8/7/7. The
+    margin is one mode in one seed, so this guards the recorded behaviour rather than a robust effect.
     """
     from fdistill_lab.toy import default_teacher, run_comparison
 
     cfg = ToyConfig()  # the classroom defaults
-    res = run_comparison(default_teacher(), ["rkl", "fkl"], [0, 1, 2], cfg, eval_samples=4000, progress=False)
+    res = run_comparison(default_teacher(), ["rkl", "fkl"], [0, 1, 2], cfg, eval_samples=3000, progress=False)
     s = res.summary()
     assert s["fkl"]["modes_covered"]["mean"] > s["rkl"]["modes_covered"]["mean"]
