@@ -16,6 +16,8 @@ Randomness (``rng_mode``):
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -24,6 +26,10 @@ from .distill import DistillConfig, FDistillTrainer
 from .edm import sample_sigma_grid
 
 RNG_MODES = ("shared", "per_rank")
+# the networks' buffers are constants: no buffer broadcast in every forward (torch >= 2.13 renamed the option)
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+                   else {"broadcast_buffers": False})
 
 
 class DataParallelTrainer(FDistillTrainer):
@@ -43,8 +49,7 @@ class DataParallelTrainer(FDistillTrainer):
             ids = [device.index] if device.type == "cuda" else None
 
             def wrap(m: nn.Module) -> nn.Module:
-                return DistributedDataParallel(m, device_ids=ids, broadcast_buffers=False,
-                                               gradient_as_bucket_view=True)
+                return DistributedDataParallel(m, device_ids=ids, gradient_as_bucket_view=True, **_NO_BUFFER_SYNC)
         offset = rank if rng_mode == "per_rank" else 0
         super().__init__(teacher, config, device, wrap=wrap, rng_offset=offset, **kwargs)
 

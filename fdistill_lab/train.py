@@ -66,6 +66,7 @@ class TrainResult:
     last_fid: float | None
     best_fid: float | None
     checkpoint: Path | None
+    rank: int = 0
 
 
 def open_dataset(path: str | Path, xflip: bool = False) -> torch.utils.data.Dataset:
@@ -239,8 +240,9 @@ def _train(preset: str, dcfg: DistillConfig, rcfg: RunConfig, teacher_path: Path
         truncate_jsonl(fid_log, start)
         write_json_atomic(out / "config.json", {
             "preset": preset, "overrides": {k: str(v) for k, v in overrides.items()}, "distill": dcfg.to_dict(),
-            "run": dataclasses.asdict(rcfg), "world_size": env.world_size, "local_batch": local,
-            "accum_steps": accum, "teacher": str(teacher_path), "data": str(data_path), "resumed_from": start})
+            "run": dataclasses.asdict(rcfg), "world_size": env.world_size, "device": str(env.device),
+            "local_batch": local, "accum_steps": accum, "teacher": str(teacher_path), "data": str(data_path),
+            "resumed_from": start})
     sampler = fdist.GlobalBatchSampler(len(ds), rcfg.batch_size, env.rank, env.world_size, seed=dcfg.seed,
                                        start_batch=start, micro_batch=local // accum)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=rcfg.num_workers,
@@ -312,7 +314,7 @@ def _train(preset: str, dcfg: DistillConfig, rcfg: RunConfig, teacher_path: Path
     fdist.barrier()
     last, best = fid_state.get("last"), fid_state.get("best")
     return TrainResult(status, trainer.step_count, out, last["fid"] if last else None,
-                       best["fid"] if best else None, path)
+                       best["fid"] if best else None, path, env.rank)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -358,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     msg = f"{result.status} at step {result.step}; checkpoint {result.checkpoint}"
     if result.last_fid is not None:
         msg += f"; FID last {result.last_fid:.4g}, best {result.best_fid:.4g}"
-    print(msg, flush=True)
+    if result.rank == 0:
+        print(msg, flush=True)
     return 0 if result.status == "done" else EXIT_INTERRUPTED
 
 

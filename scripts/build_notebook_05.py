@@ -215,7 +215,7 @@ config = read_json(run_dir / "config.json")
 tail = rows[-max(1, len(rows) // 4):]
 record(cfg.output_dir, "run", {
     "status": result["status"], "preset": run_preset, "divergence": dcfg.divergence, "smoke": cfg.smoke,
-    "steps_done": rows[-1]["step"] if rows else 0, "world_size": config["world_size"],
+    "steps_done": rows[-1]["step"] if rows else 0, "world_size": config["world_size"], "device": config["device"],
     "batch_size": rcfg.batch_size, "accum_steps": config["accum_steps"], "resumed_from": config["resumed_from"],
 })
 _ = record(cfg.output_dir, "metrics", {

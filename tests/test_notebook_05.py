@@ -66,10 +66,12 @@ def test_missing_files_say_what_to_download(tmp_path):
 
 @pytest.mark.timeout(240)
 def test_smoke_run_trains_samples_and_measures_fid(tmp_path):
+    """On a CPU-only machine the whole pipeline on the CPU; with a GPU the same smoke run on the GPU."""
     nb, rec = run_notebook(NAME, tmp_path, parameters={"div": "fkl"}, budget_s=90.0, min_images=3)
     run, m = rec["run"], rec["metrics"]
     assert run["status"] == "done" and run["preset"] == "tiny" and run["divergence"] == "fkl" and run["smoke"]
     assert run["steps_done"] == 6 and run["world_size"] == 1 and run["batch_size"] == 8
+    assert run["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
     assert m["fid_evaluations"] == 2 and m["sample_grids"] == 2
     assert math.isfinite(m["last_fid"]) and 0 < m["best_fid"] <= m["last_fid"]
     assert m["images_per_s"] > 0 and math.isfinite(m["final_loss_f"]) and m["final_ratio_mean"] > 0
