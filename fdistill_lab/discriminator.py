@@ -18,8 +18,11 @@ FINAL_RESOLUTION = 4
 
 
 def _groups(channels: int, max_groups: int = 32) -> int:
-    """Largest divisor of ``channels`` that is <= max_groups (GroupNorm needs an exact division)."""
-    return next(g for g in range(min(max_groups, channels), 0, -1) if channels % g == 0)
+    """GroupNorm groups: the largest divisor of ``channels`` <= min(max_groups, channels // 4) (EDM's rule),
+    so every group has at least 4 channels. After the stride-4 conv the map is 1x1; one channel per group
+    would normalise every value to the bias and make the logit a constant."""
+    limit = max(1, min(max_groups, channels // 4))
+    return next(g for g in range(limit, 0, -1) if channels % g == 0)
 
 
 class _ConvNormAct(nn.Sequential):

@@ -273,3 +273,15 @@ def test_ddp_wrap_keeps_ranks_in_sync(tmp_path, placement):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert torch.equal(r0["params"], r1["params"]) and torch.equal(r0["bins"], r1["bins"])
     assert not torch.equal(r0["bins"], torch.ones_like(r0["bins"]))
+
+
+@pytest.mark.parametrize("channels", [4, 8, 32, 768])
+def test_discriminator_head_is_not_constant_for_narrow_features(channels):
+    """GroupNorm after the 4x4 stride-4 conv sees a 1x1 map: each group needs several channels, or the
+    normalised value is always 0 and the logit (hence the ratio) never depends on the input."""
+    torch.manual_seed(0)
+    head = DiscriminatorHead(channels, 4)
+    norms = [m for m in head.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert all(m.num_channels // m.num_groups >= 4 for m in norms)
+    logits = head(torch.randn(16, channels, 4, 4)).detach()
+    assert float(logits.std()) > 1e-3
