@@ -10,8 +10,10 @@ Randomness (``rng_mode``):
   uniform labels for the whole global micro-batch, each keeping its slice. W ranks then compute what
   one process computes on the global batch (equal up to float summation order); the cost is W times
   the random draws on the CPU.
-* ``"per_rank"``: rank r uses its own stream (seed offset r) and draws only its share: the same
-  distribution, no redundant work, but the result depends on the number of ranks.
+* ``"per_rank"``: rank r uses its own streams (seed offset r) and draws only its share: the same
+  distribution, no redundant work, but the result depends on the number of ranks. The large draws
+  (latents, noise) come from a generator on the training device (``noise_generator``: no CPU work and no
+  host-to-device copy on GPUs); its state is saved with the checkpoints by :mod:`fdistill_lab.train`.
 """
 
 from __future__ import annotations
@@ -52,6 +54,10 @@ class DataParallelTrainer(FDistillTrainer):
                 return DistributedDataParallel(m, device_ids=ids, gradient_as_bucket_view=True, **_NO_BUFFER_SYNC)
         offset = rank if rng_mode == "per_rank" else 0
         super().__init__(teacher, config, device, wrap=wrap, rng_offset=offset, **kwargs)
+        self.noise_generator: torch.Generator | None = None
+        if rng_mode == "per_rank":
+            seed = (config.seed * 1_000_003 + offset) ^ 0x5EED
+            self.noise_generator = torch.Generator(device=self.device).manual_seed(seed)
 
     @property
     def _shares(self) -> int:
@@ -63,6 +69,8 @@ class DataParallelTrainer(FDistillTrainer):
         return full[self.rank * n:(self.rank + 1) * n]
 
     def _randn(self, *shape: int) -> torch.Tensor:
+        if self.noise_generator is not None:
+            return torch.randn(*shape, generator=self.noise_generator, device=self.device)
         n = shape[0]
         full = torch.randn(n * self._shares, *shape[1:], generator=self.generator)
         return self._slice(full, n).to(self.device)

@@ -146,9 +146,11 @@ def _save(trainer: DataParallelTrainer, emas: StudentEMAs, ckpt_dir: Path, rcfg:
     """Gather every rank's RNG states, write the checkpoint atomically on rank 0, then move the pointer."""
     rank_rng = fdist.gather_objects(fdist.rng_state())
     trainer_rng = fdist.gather_objects(trainer.generator.get_state())
+    noise_rng = fdist.gather_objects(trainer.noise_generator.get_state().cpu()
+                                     if trainer.noise_generator is not None else None)
     path = checkpoint_path(ckpt_dir, trainer.step_count)
     if env.is_main:
-        extra = {"world_size": env.world_size, "rank_rng": rank_rng, "trainer_rng": trainer_rng,
+        extra = {"world_size": env.world_size, "rank_rng": rank_rng, "trainer_rng": trainer_rng, "noise_rng": noise_rng,
                  "emas": emas.state_dict(), "fid": fid_state}
         trainer.save_checkpoint(path, extra=extra)
         commit_checkpoint(ckpt_dir, path, trainer.step_count, rcfg.keep_checkpoints)
@@ -165,6 +167,11 @@ def _resume(trainer: DataParallelTrainer, emas: StudentEMAs, ckpt_dir: Path, env
         raise ValueError(f"{path} was written by {extra.get('world_size')} processes, this run has "
                          f"{env.world_size}: exact resume needs the same number (or start a new --out)")
     trainer.generator.set_state(extra["trainer_rng"][env.rank])
+    noise = extra.get("noise_rng", [None] * env.world_size)[env.rank]
+    if (noise is None) != (trainer.noise_generator is None):
+        raise ValueError(f"{path} was written with another rng_mode; resume with the same rng_mode")
+    if trainer.noise_generator is not None:
+        trainer.noise_generator.set_state(noise)
     fdist.set_rng_state(extra["rank_rng"][env.rank])
     emas.load_state_dict(extra["emas"])
     trainer.history.clear()

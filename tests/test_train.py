@@ -95,8 +95,9 @@ def test_full_tiny_run_writes_logs_grids_fid_and_checkpoints(assets, tmp_path):
         assert im.mode == "RGB" and im.size == (4 * 9 + 1, 4 * 9 + 1)  # 16 samples of 8x8, 1-pixel padding
 
 
-def test_stop_and_resume_equals_uninterrupted_run(assets, tmp_path):
-    over = {"steps": 7, "extra_ema_betas": "0.5,0.8", "generator_labels": "uniform"}
+@pytest.mark.parametrize("rng_mode", ["shared", "per_rank"])
+def test_stop_and_resume_equals_uninterrupted_run(assets, tmp_path, rng_mode):
+    over = {"steps": 7, "extra_ema_betas": "0.5,0.8", "generator_labels": "uniform", "rng_mode": rng_mode}
     ref = _run(assets, tmp_path / "ref", over)
     part = _run(assets, tmp_path / "resumed", over, stop_at=3)
     assert part.status == "interrupted" and part.step == 3
@@ -145,12 +146,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, assets: dict, out: str, overrides: dict) -> None:
+def _ddp_worker(rank: int, world: int, port: int, assets: dict, out: str, overrides: dict,
+                stop_at: int | None = None) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    res = train("tiny", assets["teacher"], assets["data"], out, {**NO_FID, **overrides}, progress=False)
-    assert res.status == "done"
+    res = train("tiny", assets["teacher"], assets["data"], out, {**NO_FID, **overrides}, progress=False,
+                stop_at=stop_at)
+    assert res.status == ("done" if stop_at is None else "interrupted")
+
+
+def _ddp(assets, out, overrides, stop_at=None) -> None:
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), assets, str(out), overrides, stop_at), nprocs=2,
+                       join=True, start_method="fork")
 
 
 # adam_eps 1e-4: Adam maps float-noise gradients (e.g. of a conv bias in front of a GroupNorm, mathematically 0)
@@ -165,8 +173,7 @@ def test_two_process_gloo_ddp_equals_single_process(assets, tmp_path, overrides)
     if "per_gpu_batch" in single:  # 2 ranks x micro-batch 2 x 2 accumulation = 1 process x micro 4 x 2
         single["per_gpu_batch"] = 2 * overrides["per_gpu_batch"]
     _run(assets, tmp_path / "single", single)
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), assets, str(tmp_path / "ddp"), overrides), nprocs=2,
-                       join=True, start_method="fork")
+    _ddp(assets, tmp_path / "ddp", overrides)
     a, b = _state(tmp_path / "single"), _state(tmp_path / "ddp")
     assert b["extra"]["world_size"] == 2 and len(b["extra"]["rank_rng"]) == 2
     _assert_states_equal(a, b, exact=False, atol=1e-6)
@@ -179,6 +186,16 @@ def test_two_process_gloo_ddp_equals_single_process(assets, tmp_path, overrides)
         assert va, key
         torch.testing.assert_close(torch.tensor(va), torch.tensor([r[key] for r in rb if key in r]), rtol=1e-4,
                                    atol=1e-6)
+
+
+def test_two_process_stop_and_resume_restores_every_ranks_rng(assets, tmp_path):
+    over = {"steps": 4, "rng_mode": "per_rank"}  # each rank its own noise streams: both must be restored
+    _ddp(assets, tmp_path / "ref", over)
+    _ddp(assets, tmp_path / "resumed", over, stop_at=2)
+    part = _state(tmp_path / "resumed")
+    assert part["step"] == 2 and len({bytes(s.numpy()) for s in part["extra"]["noise_rng"]}) == 2
+    _ddp(assets, tmp_path / "resumed", over)
+    _assert_states_equal(_state(tmp_path / "ref"), _state(tmp_path / "resumed"))
 
 
 def test_global_batch_sampler_is_independent_of_world_size_and_resumable():
