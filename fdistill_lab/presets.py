@@ -236,9 +236,11 @@ def parse_value(key: str, raw: Any) -> Any:
         typ = next(a for a in args if a is not type(None))
         args = typing.get_args(typ)
     if typing.get_origin(typ) is tuple:
-        if isinstance(raw, str):
+        if isinstance(raw, str) and raw.strip().lower() in ("", "none", "()", "[]"):
+            items: list[Any] = []
+        elif isinstance(raw, str):
             text = raw.strip().strip("[]()")
-            items: list[Any] = [s.strip().strip("'\"") for s in text.split(",") if s.strip()]
+            items = [s.strip().strip("'\"") for s in text.split(",") if s.strip()]
         elif isinstance(raw, (list, tuple)):
             items = list(raw)
         else:
@@ -281,10 +283,10 @@ def resolve(preset: str, overrides: dict[str, Any] | None = None) -> tuple[Disti
     return dcfg, rcfg
 
 
-def describe(preset: str) -> str:
-    """A readable table of a preset's settings."""
-    dcfg, rcfg = resolve(preset)
-    rows = [f"preset {preset}: {PRESETS[preset].description}"]
+def describe(preset: str, overrides: dict[str, Any] | None = None) -> str:
+    """A readable table of a preset's settings (with ``overrides`` applied)."""
+    dcfg, rcfg = resolve(preset, overrides)
+    rows = [f"preset {preset}: {PRESETS[preset].description}" + (f"; overrides {overrides}" if overrides else "")]
     rows += [f"  {k} = {v!r}" for k, v in dcfg.to_dict().items()]
     rows += [f"  {k} = {v!r}" for k, v in dataclasses.asdict(rcfg).items()]
     return "\n".join(rows)

@@ -353,8 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             if key.startswith("flag_") and value is not None:
                 overrides[key[len("flag_"):]] = value
         if args.describe:
-            resolve(args.preset, overrides)
-            print(describe(args.preset) if not overrides else f"{describe(args.preset)}\noverrides: {overrides}")
+            print(describe(args.preset, overrides))
             return 0
         missing = [f"--{k}" for k in ("teacher", "data", "out") if getattr(args, k) is None]
         if missing:
