@@ -8,7 +8,7 @@ import math
 import nbformat
 import pytest
 import torch
-from notebook_harness import declared_parameters, run_notebook, run_notebook_expecting_error
+from notebook_harness import EXECUTED, declared_parameters, run_notebook, run_notebook_expecting_error
 
 from fdistill_lab import launch
 
@@ -32,7 +32,7 @@ def test_without_gpu_and_smoke_it_stops_in_the_first_code_cell(tmp_path, monkeyp
     out = tmp_path / "out"
     err = run_notebook_expecting_error(NAME, out, {"smoke": False, "div": "nonsense"})
     assert err.ename == "RuntimeError" and "needs a CUDA GPU" in err.evalue and "-p smoke True" in err.evalue
-    nb = nbformat.read(f"build/executed/{NAME}_error.ipynb", as_version=4)
+    nb = nbformat.read(EXECUTED / f"{NAME}_error.ipynb", as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code" and "injected-parameters" not in c.metadata.get("tags", [])]
     assert "parameters" in code[0].metadata.get("tags", [])
     assert any(o.get("output_type") == "error" for o in code[1].outputs)  # the first code cell after parameters
