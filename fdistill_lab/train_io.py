@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .image_grid import make_grid
+
 CKPT_POINTER = "latest.json"
 
 
@@ -105,28 +107,12 @@ class LogWindow:
         self.counts.clear()
 
 
-def grid_uint8(images: torch.Tensor, nrow: int | None = None, padding: int = 1) -> torch.Tensor:
-    """[-1, 1] images [N, C, H, W] -> one uint8 grid [H', W', C] (rows of ``nrow``, white padding)."""
-    if images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"images must be a non-empty [N, C, H, W] tensor; got {tuple(images.shape)}")
-    n, c, h, w = images.shape
-    nrow = nrow or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / nrow)
-    x = ((images.detach().float().cpu() + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
-    grid = torch.full((c, rows * (h + padding) + padding, nrow * (w + padding) + padding), 255, dtype=torch.uint8)
-    for i in range(n):
-        r, k = divmod(i, nrow)
-        grid[:, padding + r * (h + padding):][:, :h, padding + k * (w + padding):][:, :, :w] = x[i]
-    return grid.permute(1, 2, 0)
-
-
 def save_grid_png(images: torch.Tensor, path: Path, nrow: int | None = None) -> Path:
-    """[-1, 1] images [N, C, H, W] -> one PNG grid (no torchvision)."""
+    """[-1, 1] images [N, C, H, W] -> one PNG grid (the package's own make_grid, no torchvision)."""
+    import numpy as np
     import PIL.Image
 
-    arr = grid_uint8(images, nrow).numpy()
-    if arr.shape[-1] == 1:
-        arr = arr[..., 0]
+    arr = (make_grid(images, nrow=nrow, padding=1).numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")
     PIL.Image.fromarray(arr, "L" if arr.ndim == 2 else "RGB").save(tmp)
