@@ -303,3 +303,18 @@ def test_resume_with_another_world_size_or_config_fails_clearly(assets, tmp_path
     _run(assets, tmp_path, {"steps": 2})
     with pytest.raises(ValueError, match="another configuration.*divergence"):
         _run(assets, tmp_path, {"steps": 4, "divergence": "fkl"})
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_equal_one(assets, tmp_path):
+    """The real launcher: torchrun --nproc_per_node 2 (gloo) on the command line equals one process."""
+    from fdistill_lab.launch import train_command
+
+    over = {"steps": 4, "adam_eps": 1e-4, **NO_FID}
+    cmd = train_command("tiny", assets["teacher"], assets["data"], tmp_path / "tr", over, gpus=2)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("done at step 4") == 1  # printed by rank 0 only
+    _run(assets, tmp_path / "single", over)
+    _assert_states_equal(_state(tmp_path / "single"), _state(tmp_path / "tr"), exact=False, atol=1e-6)
