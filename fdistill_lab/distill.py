@@ -251,7 +251,9 @@ class FDistillTrainer:
         self.fake_score.requires_grad_(True)
         self.student_ema = copy.deepcopy(self.student).eval().requires_grad_(False)
         feat_net = self.teacher if cfg.disc_placement == "teacher" else self.fake_score
-        self.disc = Discriminator.for_network(feat_net, cfg.disc_features, cfg.disc_hidden).to(self.device).train()
+        with torch.random.fork_rng(devices=[]):  # heads initialised from config.seed, not the global RNG state
+            torch.manual_seed(cfg.seed)
+            self.disc = Discriminator.for_network(feat_net, cfg.disc_features, cfg.disc_hidden).to(self.device).train()
         self.weighting = FDistillWeighting(
             cfg.divergence, cfg.logit_clip, cfg.ratio_min, cfg.ratio_max, cfg.normalize_ratio,
             cfg.normalize_weight, cfg.num_bins, cfg.bin_ema, cfg.bin_spacing, SIGMA_MIN, SIGMA_MAX).to(self.device)

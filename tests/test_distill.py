@@ -285,3 +285,14 @@ def test_discriminator_head_is_not_constant_for_narrow_features(channels):
     assert all(m.num_channels // m.num_groups >= 4 for m in norms)
     logits = head(torch.randn(16, channels, 4, 4)).detach()
     assert float(logits.std()) > 1e-3
+
+
+def test_trainer_is_reproducible_from_its_seed_alone():
+    teacher = _teacher()
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        tr = FDistillTrainer(teacher, DistillConfig(student_update_freq=2, seed=5))
+        fit(tr, _batches(), 3, progress=False)
+        runs.append(torch.cat([p.detach().flatten() for p in tr.student.parameters()]))
+    assert torch.equal(runs[0], runs[1])

@@ -82,10 +82,12 @@ def test_bad_input_stops_in_first_code_cell(tmp_path, params, pattern):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_classroom_all_divergences_within_budget(tmp_path):
-    _, rec = run_notebook(NAME, tmp_path, parameters={"smoke": False, "div": "all"}, budget_s=360.0, min_images=4)
-    assert set(rec["students"]) == {"rkl", "js", "fkl"}
+def test_classroom_defaults_within_budget(tmp_path):
+    """Classroom defaults (div js), teacher trained from scratch: at most 6 minutes on the 2-core CPU."""
+    _, rec = run_notebook(NAME, tmp_path, parameters={"smoke": False}, budget_s=360.0, min_images=4)
+    assert set(rec["students"]) == {"js"} and rec["teacher"]["cached"] is False
     assert rec["speed"]["speedup"] >= 20
+    assert rec["teacher"]["label_agreement"] > 0.8 and rec["teacher"]["recall"] > 0.6
     for m in rec["students"].values():
         _check_metrics(m)
-        assert m["label_agreement"] > 0.5
+        assert m["label_agreement"] > 0.8 and m["precision"] > 0.8
