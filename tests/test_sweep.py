@@ -12,6 +12,8 @@ import pytest
 
 from fdistill_lab import sweep
 
+pytestmark = pytest.mark.notebooks  # starts real kernels (about 15 papermill runs of a two-cell notebook)
+
 PARAMS = '''a: int = 1  # a number
 b: str = "x"  # a label
 fail: bool = False  # raise in the second cell
