@@ -60,7 +60,10 @@ def read_records(output_dir: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def _write_atomic(path: Path, data: dict[str, Any]) -> None:
+def write_json_atomic(path: Path, data: Any) -> None:
+    """JSON to ``path`` via a temporary file in the same folder, fsync and ``os.replace``: readers see the
+    old or the new file, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
@@ -104,7 +107,7 @@ def record(output_dir: str | os.PathLike, name: str, value: Any, *, show: bool =
     path = results_path(out)
     data = read_records(out) if path.is_file() else {}
     data[name] = jsonable
-    _write_atomic(path, data)
+    write_json_atomic(path, data)
     if show:
         _display(name, jsonable)
     return jsonable

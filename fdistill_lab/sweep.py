@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .notebook import SUPPORTED_TYPES, check_value
-from .records import RESULTS_FILE, read_records
+from .records import RESULTS_FILE, read_records, write_json_atomic
 
 RUNS_DIR = "runs"
 PARAMS_FILE = "params.json"
@@ -136,12 +136,6 @@ def check_parameters(declared: Mapping[str, str], params: Mapping[str, Any], whe
 
 
 # ---------------------------------------------------------------------------------------- run folders
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def run_status(run_dir: str | os.PathLike) -> dict[str, Any]:
     """``{"status": "done" | "failed" | "pending", ...}``; done requires a readable results.json too."""
     run_dir = Path(run_dir)
@@ -184,7 +178,7 @@ def execute_run(notebook: str, run_dir: str, params: dict[str, Any], cwd: str, k
     if run.exists():
         shutil.rmtree(run)  # leftovers of an interrupted or failed attempt
     run.mkdir(parents=True)
-    _write_json_atomic(run / PARAMS_FILE, params)
+    write_json_atomic(run / PARAMS_FILE, params)
     t0 = time.perf_counter()
     error = None
     try:
@@ -204,7 +198,7 @@ def execute_run(notebook: str, run_dir: str, params: dict[str, Any], cwd: str, k
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if error and not (run / ERROR_FILE).exists():
         (run / ERROR_FILE).write_text(error + "\n")
-    _write_json_atomic(run / STATUS_FILE, status)
+    write_json_atomic(run / STATUS_FILE, status)
     return status
 
 
