@@ -31,9 +31,9 @@ same one the ImageNet-64 run uses.
 3. measure what a one-step student keeps and loses, per divergence: class coverage, class-frequency error,
    a Fréchet distance and precision/recall in the feature space of a digit classifier, and speed.
 
-**Budget** (2-core CPU, one thread, measured on a shared machine): classroom defaults (`div="js"`) about
-4 min without a cached teacher (2 min with it); `-p div all` (reverse KL, JS, forward KL) about 6 min; smoke
-(`-p smoke True`) about 1 min. The teacher
+**Budget** (2-core CPU, one thread): classroom defaults (`div="js"`) about 2.5 min without a cached teacher
+(3 min measured while other jobs shared the machine; 1.5 min with the cache); `-p div all` (reverse KL, JS,
+forward KL) about 3.5 min (6 min on the shared machine); smoke (`-p smoke True`) under a minute. The teacher
 is cached in `output_dir` by a hash of its configuration and data (`-p retrain_teacher True` retrains).
 Command line: `papermill notebooks/04_digits.ipynb out.ipynb -p div all`."""
 
@@ -125,9 +125,10 @@ def show(ax, images, title, nrow=10):
     ax.axis("off")
 
 
-order = torch.argsort(train.labels[:200], stable=True)[:100]
+per_class = torch.stack([torch.nonzero(train.labels == k).flatten()[:10] for k in range(10)], dim=1)
+real_grid = train.images[per_class.flatten()]  # row r holds the r-th example of digits 0..9
 fig, ax = plt.subplots(figsize=(4, 4))
-show(ax, train.images[:200][order], "real training digits")
+show(ax, real_grid, "real training digits (column k is digit k)")
 plt.show()'''
 
 TEACHER_MD = r"""## 2. The teacher: a small class-conditional EDM model
@@ -242,7 +243,7 @@ if speedup < 20:
 
 GRIDS_MD = "## 6. Samples per model (same latents and labels; column k is digit k)"
 
-GRIDS = '''panels = {"real (train)": train.images[:200][order], "teacher (Heun 18)": x_teacher[:100],
+GRIDS = '''panels = {"real (train)": real_grid, "teacher (Heun 18)": x_teacher[:100],
           **{f"{n} (1 step)": students[n][:100] for n in DIVS}}
 fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
 for ax, (title, imgs) in zip(axes, panels.items()):
@@ -318,28 +319,30 @@ record(cfg.output_dir, "discriminator_late", disc)'''
 
 TEXT_MD = r"""## 9. What the measurements show
 
-The numbers printed above are this run's. On the project's 2-core CPU (one thread, seed 0, `-p div all`,
-other jobs sharing the machine) we measured: teacher FD 8.4 and recall 0.89 (real training digits: FD 8.0,
-recall 0.85, i.e. the teacher is at the floor set by the sample sizes); one-step students after 300
-iterations (100 generator steps): reverse KL FD 24.1 / recall 0.39, JS 42.6 / 0.13, forward KL 30.0 / 0.42,
-all with precision 0.92-0.98 and label agreement 0.92-0.99; speed-up 49× (4,983 against 101 images/s).
+The numbers printed above are this run's. On the project's 2-core CPU (one thread, `-p div all`, seed 0,
+teacher trained from scratch) we measured: teacher FD 8.4, recall 0.89 (real training digits: FD 8.0,
+recall 0.85, the floor set by the sample sizes); after 300 iterations (100 generator steps) the one-step
+students reached reverse KL FD 29.3 / recall 0.43, JS 26.5 / 0.46, forward KL 24.9 / 0.51, with precision
+0.89-0.91 and label agreement 0.92-0.93; speed-up 42× (5,483 against 132 images/s). With the same teacher,
+seeds 1 and 2 gave FD 44.0 / 39.0 / 34.9 and 24.4 / 24.3 / 24.6 (reverse KL / JS / forward KL).
 
-* **Speed.** The one-step student is 35-50× faster than the 18-step Heun sampler (35 evaluations), as the
+* **Speed.** The one-step student is 30-50× faster than the 18-step Heun sampler (35 evaluations), as the
   evaluation count predicts; the sampler loop itself costs little.
 * **Quality at this budget.** The students draw clean digits of the requested class, but they are **not**
-  as good as the teacher: FD 3-5× the teacher's and recall 0.1-0.4 against 0.89. They lose diversity
+  as good as the teacher: FD 3-5× the teacher's and recall 0.23-0.51 against 0.89. They lose diversity
   within each class. The student starts as the teacher evaluated once at $\sigma = 80$, which gives the
   class-mean digit (high precision, recall 0); a few hundred CPU iterations only partly spread it out. This
   is about 1/1000 of the paper's training on a tiny network: it does not test the paper's FID claims.
-* **Divergences: no ranking.** Repeated runs with other teachers and seeds gave FD 24-42 and recall 0.13-0.43
-  for the *same* divergence, as large as the differences between divergences. We cannot confirm or refute
-  the paper's finding (forward KL best on CIFAR-10, JS on ImageNet-64) at this scale.
+* **Divergences: a tendency, not a result.** Within a seed, forward KL had the lowest FD in 2 of 3 seeds and
+  reverse KL the highest (the third seed was a tie within 0.3), the direction the paper reports for
+  less mode-seeking divergences. But the differences (up to 9 FD) are smaller than the spread over seeds for
+  one divergence (up to 20 FD), and 3 seeds are too few to call it. We neither confirm nor refute the paper.
 * **Why the divergences behave alike here.** The discriminator barely separates real digits from student
-  samples (accuracy 0.50-0.54 and loss close to $2\ln 2 \approx 1.386$ in the last fifth of training), so the
-  estimated ratios stay in about $[0.55, 1.7]$ and the normalised weights vary little (std 0.05 for JS, 0.2
-  for forward KL, 0 for reverse KL). With $r \approx 1$ every $h(r)$ is nearly constant and all divergences
-  reduce to the reverse-KL (DMD2) update. The f-divergence choice can only matter once the discriminator
-  sees a real difference; try longer runs (`-p steps 1500`) and several seeds.
+  samples (accuracy about 0.54 and loss 1.36-1.37 against $2\ln 2 \approx 1.386$ at chance, last fifth of
+  training), so the estimated ratios stay within about $[0.5, 1.8]$ and the normalised weights vary little
+  (std 0.09 for JS, 0.19 for forward KL, 0 for reverse KL). With $r \approx 1$ every $h(r)$ is nearly
+  constant and all divergences reduce to the reverse-KL (DMD2) update. The choice of divergence can only
+  matter once the discriminator sees a real difference; try longer runs (`-p steps 1500`) and more seeds.
 * **Coverage** is 1.0 for every model because the models are class-conditional: mode dropping shows up
   inside classes, as low recall, not as missing classes."""
 
