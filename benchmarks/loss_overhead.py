@@ -3,7 +3,11 @@
 Times, on a 64x3x64x64 batch on the CPU, the generator loss and its backward pass into x:
   rkl   : fdistill_loss(x, x0_fake, x0_teacher)                   (DMD2's update)
   fdiv  : logits -> ratio -> stage-1 bins -> h -> stage-2 mean -> fdistill_loss(..., weights=h)
-and prints medians of repeated runs and their ratio. Issue target: overhead under 5%.
+and the weighting alone, calling the three in turn so drifts in machine load hit all alike; prints
+median and minimum times. The weighting is a fixed cost of a few dozen small ops on B numbers
+(independent of the image size), so against the bare loss it shows as a few tenths of a millisecond;
+the issue's target (JS under 3% over reverse KL) is on the whole training iteration, which
+``scripts/gpu_check.py`` measures (``--device cpu --tiny`` runs it on a CPU).
 
     python benchmarks/loss_overhead.py [--div js] [--repeats 200] [--batch 64] [--res 64]
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -20,7 +25,7 @@ from fdistill_lab import edm
 from fdistill_lab.losses import FDistillWeighting, fdistill_loss
 
 
-def _time(fn, repeats: int, warmup: int = 10) -> list[float]:
+def _time(fn: Callable[[], None], repeats: int, warmup: int = 10) -> list[float]:
     for _ in range(warmup):
         fn()
     out = []
@@ -60,18 +65,25 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         fdistill_loss(x, x0_fake, x0_teacher, weights=h).backward()
         x.grad = None
 
-    # interleave the two so drifts in machine load hit both alike
-    t_rkl, t_f = [], []
-    for _ in range(4):
-        t_rkl += _time(rkl, args.repeats // 4)
-        t_f += _time(fdiv, args.repeats // 4)
-    m_rkl, m_f = statistics.median(t_rkl), statistics.median(t_f)
-    over = (m_f / m_rkl - 1) * 100
-    print(f"batch {shape}, torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {len(t_rkl)}")
-    print(f"rkl (DMD2) loss+backward : median {m_rkl * 1e3:8.3f} ms")
-    print(f"{args.div:5s} weighted         : median {m_f * 1e3:8.3f} ms")
-    print(f"ratio {m_f / m_rkl:.4f}  -> overhead {over:+.2f}% (target < 5%)")
-    return {"rkl_ms": m_rkl * 1e3, "fdiv_ms": m_f * 1e3, "overhead_pct": over}
+    def weight_only() -> None:
+        weighting(logits, sigma)
+
+    fns = {"rkl": rkl, "fdiv": fdiv, "weighting": weight_only}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        _time(fn, 0)
+    for _ in range(args.repeats):  # one call of each in turn
+        for k, fn in fns.items():
+            times[k] += _time(fn, 1, warmup=0)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    low = {k: min(v) * 1e3 for k, v in times.items()}
+    over, over_min = (med["fdiv"] / med["rkl"] - 1) * 100, (low["fdiv"] / low["rkl"] - 1) * 100
+    print(f"batch {shape}, torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats}")
+    print(f"rkl (DMD2) loss+backward     : median {med['rkl']:7.3f} ms, min {low['rkl']:7.3f} ms")
+    print(f"{args.div:5s} weighted loss+backward : median {med['fdiv']:7.3f} ms, min {low['fdiv']:7.3f} ms")
+    print(f"weighting alone              : median {med['weighting']:7.3f} ms, min {low['weighting']:7.3f} ms")
+    print(f"overhead on the bare loss: {over:+.1f}% (medians), {over_min:+.1f}% (minima)")
+    return {"rkl_ms": med["rkl"], "fdiv_ms": med["fdiv"], "weighting_ms": med["weighting"], "overhead_pct": over}
 
 
 if __name__ == "__main__":

@@ -128,15 +128,13 @@ class RatioNormalizer(nn.Module):
         r = r.detach().float().flatten()
         if r.shape[0] != idx.shape[0]:
             raise ValueError(f"r has {r.shape[0]} entries but sigma has {idx.shape[0]}")
-        sums = torch.bincount(idx, weights=r, minlength=self.num_bins)
-        counts = torch.bincount(idx, minlength=self.num_bins).to(sums.dtype)
+        # per-bin sums of r and counts in one scatter: stats[0] = sums, stats[1] = counts
+        stats = r.new_zeros(2, self.num_bins).index_add_(1, idx, torch.stack((r, torch.ones_like(r))))
         if _distributed():
-            stats = torch.stack([sums, counts])
             dist.all_reduce(stats)
-            sums, counts = stats[0], stats[1]
         # bins[k] <- rho bins[k] + (1 - rho) mean_k where the batch has samples of bin k
-        keep = torch.where(counts > 0, self.ema_rate, 1.0)
-        self.bins.mul_(keep).add_((1 - keep) * sums / counts.clamp_min(1))
+        mean = stats[0] / stats[1].clamp_min(1)
+        self.bins.copy_(torch.where(stats[1] > 0, torch.lerp(mean, self.bins, self.ema_rate), self.bins))
 
     def forward(self, r: torch.Tensor, sigma: torch.Tensor, update: bool = True) -> torch.Tensor:
         """Return r normalised by its bin's running mean (updating the state first if ``update``)."""
@@ -145,5 +143,4 @@ class RatioNormalizer(nn.Module):
         idx = self.bin_index(sigma)
         if update:
             self.update(r, sigma, idx)
-        b = self.bins[idx]
-        return (r.detach() / b.clamp_min(self.eps)).to(r.dtype)
+        return r.detach() / self.bins.clamp_min(self.eps)[idx].to(r.dtype)
