@@ -41,6 +41,17 @@ def edm_fixtures(shared_reference: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module on one torch thread: tiny networks are fastest so and do not fight other jobs."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 # Quiet progress bars in tests and in the notebook kernels they start (kernels inherit the environment).
 os.environ.setdefault("TQDM_DISABLE", "1")
 

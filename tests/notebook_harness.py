@@ -98,3 +98,13 @@ def run_notebook_expecting_error(name: str, tmp_path: Path, parameters: dict[str
     out, err = _execute(name, Path(tmp_path), dict(parameters), "_error")
     assert err is not None, f"{name} ran without error with parameters {parameters}"
     return err
+
+
+def assert_rejected_before_writing(name: str, tmp_path: Path, parameters: dict[str, Any], message: str) -> None:
+    """Bad parameters stop the notebook in its setup cell (the first code cell after the parameters) with
+    an error containing ``message``, before anything is written to ``output_dir``."""
+    out = Path(tmp_path) / "out"
+    err = run_notebook_expecting_error(name, out, parameters)
+    assert message in str(err.evalue), f"expected {message!r} in the error; got {err.ename}: {err.evalue}"
+    assert "setup_notebook(globals()" in err.source, f"the error must come from the setup cell, not:\n{err.source}"
+    assert not out.exists(), f"output_dir was created on bad input: {sorted(out.rglob('*'))}"

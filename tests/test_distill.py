@@ -11,14 +11,7 @@ from fdistill_lab.discriminator import Discriminator, DiscriminatorHead
 from fdistill_lab.distill import DistillConfig, FDistillTrainer, fit
 from fdistill_lab.networks import build_edm, tiny_adm_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks run fastest on one thread (and do not fight other jobs on a shared CPU)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 B = 8

@@ -5,7 +5,11 @@ from __future__ import annotations
 import math
 
 import pytest
-from notebook_harness import declared_parameters, run_notebook, run_notebook_expecting_error
+from notebook_harness import (
+    assert_rejected_before_writing,
+    declared_parameters,
+    run_notebook,
+)
 
 NAME = "01_f_divergences"
 PAPER = ["rkl", "srkl", "js", "sh", "fkl", "jeffreys"]
@@ -47,11 +51,7 @@ def test_smoke_run_records(tmp_path):
     ({"weight": 1.5}, "weight must be in [0.5, 1); got 1.5"),
 ])
 def test_bad_parameters_rejected_before_writing(tmp_path, params, message):
-    out = tmp_path / "out"
-    err = run_notebook_expecting_error(NAME, out, params)
-    assert message in str(err.evalue), err.evalue
-    assert err.exec_count == 2 or "setup_notebook" in "".join(err.traceback), "must fail in the setup cell"
-    assert not out.exists(), "nothing may be written to output_dir on bad input"
+    assert_rejected_before_writing(NAME, tmp_path, params, message)
 
 
 @pytest.mark.slow

@@ -12,7 +12,12 @@ import sys
 import nbformat
 import pandas as pd
 import pytest
-from notebook_harness import NOTEBOOKS, declared_parameters, run_notebook, run_notebook_expecting_error
+from notebook_harness import (
+    NOTEBOOKS,
+    assert_rejected_before_writing,
+    declared_parameters,
+    run_notebook,
+)
 
 NAME = "03_ratio_normalisation_and_sensitivity"
 PAPER = ["rkl", "srkl", "js", "sh", "fkl", "jeffreys"]
@@ -67,10 +72,7 @@ def test_smoke(tmp_path):
                                              ({"full": "yes"}, "must be bool"),
                                              ({"nonsense": 1}, "unknown parameter")])
 def test_bad_parameters_fail_before_writing(tmp_path, params, message):
-    out = tmp_path / "out"
-    err = run_notebook_expecting_error(NAME, out, params)
-    assert message in str(err)
-    assert not out.exists()
+    assert_rejected_before_writing(NAME, tmp_path, params, message)
 
 
 def test_runner_notebook_hygiene():

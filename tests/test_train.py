@@ -26,12 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NO_FID = {"fid_every": 0, "sample_every": 0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
