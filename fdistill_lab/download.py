@@ -2,13 +2,17 @@
 reference statistics (URLs: reference_implementations.md 1.4). Files go to ``<root>/<name>``.
 
 Resumable (HTTP Range on a ``.part`` file, atomic rename when complete), verified by sha256 when a
-checksum is known, and with a clear message when offline. The weights are NVIDIA's (CC BY-NC-SA 4.0):
+checksum is known, and with a clear message when offline. NVIDIA publishes no checksums for these
+files, so the first complete download records each file's sha256 in ``<root>/SHA256SUMS``
+(``sha256sum`` format); later runs check the files against it, and ``--verify`` re-checks them all
+(compare the file with a colleague's to be sure of the originals). The weights are NVIDIA's (CC BY-NC-SA 4.0):
 they are downloaded to the user's disk, never shipped with this package.
 
 Usage::
 
     python -m fdistill_lab.download imagenet64 --root downloads/edm
     python -m fdistill_lab.download cifar10 --root downloads/edm
+    python -m fdistill_lab.download --verify --root downloads/edm
     python -m fdistill_lab.download --list
 """
 
@@ -25,10 +29,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["RemoteFile", "KNOWN_FILES", "GROUPS", "DownloadError", "ChecksumError", "download", "fetch",
-           "sha256_file", "main"]
+__all__ = ["RemoteFile", "KNOWN_FILES", "GROUPS", "MANIFEST", "DownloadError", "ChecksumError", "download",
+           "fetch", "read_manifest", "verify", "sha256_file", "main"]
 
 EDM_CDN = "https://nvlabs-fi-cdn.nvidia.com/edm"
+MANIFEST = "SHA256SUMS"  # in the download root: "<sha256>  <file name>" per line, as sha256sum writes
 
 
 @dataclass(frozen=True)
@@ -175,12 +180,58 @@ def _finish(part: Path, dest: Path, sha256: str | None, url: str) -> Path:
     return dest
 
 
+def read_manifest(root: str | Path) -> dict[str, str]:
+    """File name -> sha256 recorded in ``<root>/SHA256SUMS`` (empty if there is none)."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        return {}
+    sums: dict[str, str] = {}
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        m = re.fullmatch(r"([0-9a-fA-F]{64}) [ *](.+)", line.strip())
+        if m is None:
+            raise ValueError(f"{path}:{i}: expected '<64 hex digits>  <file name>', got {line!r}")
+        sums[m.group(2)] = m.group(1).lower()
+    return sums
+
+
+def _record(root: Path, name: str, digest: str) -> None:
+    sums = read_manifest(root)
+    sums[name] = digest
+    tmp = root / f"{MANIFEST}.tmp"
+    tmp.write_text("".join(f"{d}  {n}\n" for n, d in sorted(sums.items())))
+    os.replace(tmp, root / MANIFEST)
+
+
 def fetch(name: str, root: str | Path, **kwargs) -> Path:
-    """Download a file of :data:`KNOWN_FILES` by name into ``root``; returns its path."""
+    """Download a file of :data:`KNOWN_FILES` by name into ``root``; returns its path.
+
+    The expected sha256 is the pinned one, else the one recorded in ``<root>/SHA256SUMS`` by an earlier
+    download; a file with neither gets its sha256 recorded there once it is complete.
+    """
     if name not in KNOWN_FILES:
         raise ValueError(f"unknown file {name!r}; known: {', '.join(KNOWN_FILES)}")
-    f = KNOWN_FILES[name]
-    return download(f.url, Path(root) / f.name, f.sha256, **kwargs)
+    f, root = KNOWN_FILES[name], Path(root)
+    recorded = read_manifest(root).get(f.name)
+    expected = f.sha256 or recorded
+    path = download(f.url, root / f.name, expected, **kwargs)
+    if recorded is None:
+        _record(root, f.name, expected.lower() if expected else sha256_file(path))
+    return path
+
+
+def verify(root: str | Path) -> dict[str, str]:
+    """Check every file in ``<root>/SHA256SUMS`` (and the pinned sums); name -> "ok", "MISMATCH" or "missing"."""
+    root = Path(root)
+    sums = read_manifest(root)
+    for f in KNOWN_FILES.values():
+        if f.sha256 and ((root / f.name).is_file() or f.name in sums):
+            sums[f.name] = f.sha256.lower()
+    if not sums:
+        raise ValueError(f"nothing to verify: no {MANIFEST} in {root} and no pinned file there")
+    return {n: "missing" if not (root / n).is_file() else ("ok" if sha256_file(root / n) == d else "MISMATCH")
+            for n, d in sums.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,8 +239,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("items", nargs="*", help=f"groups ({', '.join(GROUPS)}) or file names")
     parser.add_argument("--root", default="downloads/edm", help="destination folder (default downloads/edm)")
     parser.add_argument("--list", action="store_true", help="list known files and groups")
+    parser.add_argument("--verify", action="store_true", help=f"re-check the files in --root against {MANIFEST}")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    if args.verify:
+        try:
+            status = verify(args.root)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        for n, st in status.items():
+            print(f"{st:8s} {Path(args.root) / n}")
+        return 0 if all(st == "ok" for st in status.values()) else 1
     if args.list or not args.items:
         for f in KNOWN_FILES.values():
             print(f"{f.name:36s} {f.description}\n{'':36s} {f.url}")

@@ -157,3 +157,35 @@ def test_known_files_groups_and_cli(tmp_path, server, monkeypatch, capsys):
     assert dl.main(["--list"]) == 0
     with pytest.raises(ValueError, match="known"):
         dl.fetch("nope", Path(tmp_path))
+
+
+def test_first_download_records_sha256_and_later_runs_check_it(tmp_path, server, monkeypatch, capsys):
+    handler, base = server
+    monkeypatch.setattr(dl, "KNOWN_FILES", {"a.pkl": dl.RemoteFile("a.pkl", f"{base}/f.bin")})
+    path = dl.fetch("a.pkl", tmp_path, progress=False)
+    assert dl.read_manifest(tmp_path) == {"a.pkl": SHA}
+    assert (tmp_path / dl.MANIFEST).read_text() == f"{SHA}  a.pkl\n"  # sha256sum -c reads it
+    assert dl.main(["--verify", "--root", str(tmp_path)]) == 0
+    assert "ok" in capsys.readouterr().out
+    n = len(handler.log)
+    dl.fetch("a.pkl", tmp_path, progress=False)  # present and matching its record: no request
+    assert len(handler.log) == n
+    path.write_bytes(PAYLOAD[:-1] + b"x")  # silently damaged on disk
+    assert dl.verify(tmp_path) == {"a.pkl": "MISMATCH"}
+    assert dl.main(["--verify", "--root", str(tmp_path)]) == 1
+    with pytest.raises(dl.ChecksumError, match="a.pkl exists but its sha256 is not"):
+        dl.fetch("a.pkl", tmp_path, progress=False)
+    path.unlink()
+    assert dl.verify(tmp_path) == {"a.pkl": "missing"}
+    dl.fetch("a.pkl", tmp_path, progress=False)  # downloaded again and checked against the record
+    assert path.read_bytes() == PAYLOAD
+
+
+def test_manifest_errors_are_clear(tmp_path, capsys):
+    with pytest.raises(ValueError, match="nothing to verify"):
+        dl.verify(tmp_path)
+    assert dl.main(["--verify", "--root", str(tmp_path)]) == 1
+    assert "nothing to verify" in capsys.readouterr().err
+    (tmp_path / dl.MANIFEST).write_text("not a checksum line\n")
+    with pytest.raises(ValueError, match=r"SHA256SUMS:1: expected '<64 hex digits>  <file name>'"):
+        dl.read_manifest(tmp_path)
