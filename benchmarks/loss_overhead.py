@@ -3,13 +3,16 @@
 Times, on a 64x3x64x64 batch on the CPU, the generator loss and its backward pass into x:
   rkl   : fdistill_loss(x, x0_fake, x0_teacher)                   (DMD2's update)
   fdiv  : logits -> ratio -> stage-1 bins -> h -> stage-2 mean -> fdistill_loss(..., weights=h)
-and the weighting alone, calling the three in turn so drifts in machine load hit all alike; prints
-median and minimum times. The weighting is a fixed cost of a few dozen small ops on B numbers
-(independent of the image size), so against the bare loss it shows as a few tenths of a millisecond;
-the issue's target (JS under 3% over reverse KL) is on the whole training iteration, which
+and the weighting alone, timing blocks of calls of the three in turn so drifts in machine load hit all
+alike; prints the median and minimum time per call over the blocks. Issue target: overhead under 5%.
+
+The weighting is a fixed cost of about 30 small ops on B numbers, independent of the image size. On a
+2-core CPU it costs 0.15-0.25 ms alone but adds more when interleaved with the loss's large tensors
+(allocator and cache effects), so the measured overhead on this bare loss is larger than its own time.
+The issue 7 target (JS under 3% over reverse KL) is on the whole training iteration, which
 ``scripts/gpu_check.py`` measures (``--device cpu --tiny`` runs it on a CPU).
 
-    python benchmarks/loss_overhead.py [--div js] [--repeats 200] [--batch 64] [--res 64]
+    python benchmarks/loss_overhead.py [--div js] [--repeats 600] [--block 10] [--batch 64] [--res 64] [--threads N]
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ def _time(fn: Callable[[], None], repeats: int, warmup: int = 10) -> list[float]
 def main(argv: list[str] | None = None) -> dict[str, float]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--div", default="js")
-    ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=600, help="calls of each variant")
+    ap.add_argument("--block", type=int, default=10, help="calls timed together (a shared VM's noise averages out)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--res", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
@@ -72,13 +76,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
         _time(fn, 0)
-    for _ in range(args.repeats):  # one call of each in turn
+    block = max(1, args.block)
+    for _ in range(max(1, args.repeats // block)):  # a block of calls of each in turn
         for k, fn in fns.items():
-            times[k] += _time(fn, 1, warmup=0)
+            t0 = time.perf_counter()
+            for _ in range(block):
+                fn()
+            times[k].append((time.perf_counter() - t0) / block)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     low = {k: min(v) * 1e3 for k, v in times.items()}
     over, over_min = (med["fdiv"] / med["rkl"] - 1) * 100, (low["fdiv"] / low["rkl"] - 1) * 100
-    print(f"batch {shape}, torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats}")
+    print(f"batch {shape}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"{args.repeats} calls each in blocks of {block}")
     print(f"rkl (DMD2) loss+backward     : median {med['rkl']:7.3f} ms, min {low['rkl']:7.3f} ms")
     print(f"{args.div:5s} weighted loss+backward : median {med['fdiv']:7.3f} ms, min {low['fdiv']:7.3f} ms")
     print(f"weighting alone              : median {med['weighting']:7.3f} ms, min {low['weighting']:7.3f} ms")

@@ -42,7 +42,9 @@ def ratio_from_logits(
     l = l.double() if l.dtype == torch.float64 else l.float()
     if l.ndim > 1:
         l = l.flatten(1).mean(1)
-    if logit_clip is not None:
+    # the logit clip only matters where the ratio range does not already lie inside [e^-clip, e^clip]
+    if logit_clip is not None and not (ratio_min is not None and ratio_max is not None
+                                       and -logit_clip <= math.log(ratio_min) and math.log(ratio_max) <= logit_clip):
         l = l.clamp(-logit_clip, logit_clip)
     r = l.exp()
     if ratio_min is not None or ratio_max is not None:
@@ -128,13 +130,17 @@ class RatioNormalizer(nn.Module):
         r = r.detach().float().flatten()
         if r.shape[0] != idx.shape[0]:
             raise ValueError(f"r has {r.shape[0]} entries but sigma has {idx.shape[0]}")
-        # per-bin sums of r and counts in one scatter: stats[0] = sums, stats[1] = counts
-        stats = r.new_zeros(2, self.num_bins).index_add_(1, idx, torch.stack((r, torch.ones_like(r))))
+        # sums in float64 (bincount's accumulator); the update below is kept op for op: the toy results that
+        # notebooks 02-03 quote are seeded and would move with the last bit of the bin state
+        sums = torch.bincount(idx, weights=r, minlength=self.num_bins)
+        counts = torch.bincount(idx, minlength=self.num_bins).to(sums.dtype)
         if _distributed():
+            stats = torch.stack([sums, counts])
             dist.all_reduce(stats)
+            sums, counts = stats[0], stats[1]
         # bins[k] <- rho bins[k] + (1 - rho) mean_k where the batch has samples of bin k
-        mean = stats[0] / stats[1].clamp_min(1)
-        self.bins.copy_(torch.where(stats[1] > 0, torch.lerp(mean, self.bins, self.ema_rate), self.bins))
+        keep = torch.where(counts > 0, self.ema_rate, 1.0)
+        self.bins.mul_(keep).add_((1 - keep) * sums / counts.clamp_min(1))
 
     def forward(self, r: torch.Tensor, sigma: torch.Tensor, update: bool = True) -> torch.Tensor:
         """Return r normalised by its bin's running mean (updating the state first if ``update``)."""
