@@ -130,8 +130,8 @@ class RatioNormalizer(nn.Module):
         r = r.detach().float().flatten()
         if r.shape[0] != idx.shape[0]:
             raise ValueError(f"r has {r.shape[0]} entries but sigma has {idx.shape[0]}")
-        # sums in float64 (bincount's accumulator); the update below is kept op for op: the toy results that
-        # notebooks 02-03 quote are seeded and would move with the last bit of the bin state
+        # float32 sums and update, kept op for op: the seeded toy results that notebooks 02-03 quote move with
+        # the last bit of the bin state (tests/test_losses.py pins it)
         sums = torch.bincount(idx, weights=r, minlength=self.num_bins)
         counts = torch.bincount(idx, minlength=self.num_bins).to(sums.dtype)
         if _distributed():
