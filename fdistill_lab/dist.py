@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 __all__ = ["DistEnv", "init_distributed", "cleanup", "barrier", "is_distributed", "seed_for_rank",
            "GlobalBatchSampler", "rng_state", "set_rng_state", "gather_objects", "broadcast_module",
-           "all_reduce_mean", "any_rank", "require_cuda_or_smoke", "DEVICES"]
+           "all_reduce_mean", "any_rank", "require_cuda_or_smoke", "NEEDS_CUDA", "DEVICES"]
 
 DEVICES = ("auto", "cuda", "cpu")
 SMOKE_ENV = "FDISTILL_SMOKE"
@@ -233,6 +233,9 @@ class GlobalBatchSampler:
             b += 1
 
 
+NEEDS_CUDA = "needs a CUDA GPU"  # in the message of require_cuda_or_smoke; tools recognise the stop by it
+
+
 def require_cuda_or_smoke(smoke: bool) -> None:
     """Stop (RuntimeError) unless a CUDA GPU is available or smoke mode is on (``smoke`` or FDISTILL_SMOKE=1).
 
@@ -241,6 +244,6 @@ def require_cuda_or_smoke(smoke: bool) -> None:
     if smoke is True or env in ("1", "true", "yes") or torch.cuda.is_available():
         return
     raise RuntimeError(
-        "This notebook needs a CUDA GPU for the real ImageNet-64 training (torch.cuda.is_available() is False). "
+        f"This notebook {NEEDS_CUDA} for the real ImageNet-64 training (torch.cuda.is_available() is False). "
         "Run it on a machine with an NVIDIA GPU and a CUDA build of torch, or run the CPU smoke version of the "
         "whole pipeline with `-p smoke True` (tiny network, synthetic data).")

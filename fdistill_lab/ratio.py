@@ -42,9 +42,7 @@ def ratio_from_logits(
     l = l.double() if l.dtype == torch.float64 else l.float()
     if l.ndim > 1:
         l = l.flatten(1).mean(1)
-    # the logit clip only matters where the ratio range does not already lie inside [e^-clip, e^clip]
-    if logit_clip is not None and not (ratio_min is not None and ratio_max is not None
-                                       and -logit_clip <= math.log(ratio_min) and math.log(ratio_max) <= logit_clip):
+    if logit_clip is not None:
         l = l.clamp(-logit_clip, logit_clip)
     r = l.exp()
     if ratio_min is not None or ratio_max is not None:

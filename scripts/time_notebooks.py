@@ -16,6 +16,7 @@ from pathlib import Path
 
 import papermill as pm
 
+from fdistill_lab.dist import NEEDS_CUDA
 from fdistill_lab.handouts import select_notebooks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +31,12 @@ def time_notebook(path: Path, smoke: bool, out_root: Path) -> float:
     pm.execute_notebook(str(path), str(executed), parameters=params, kernel_name="python3", cwd=str(path.parent),
                         progress_bar=False)
     return time.perf_counter() - start
+
+
+def _cell(times: dict[str, float | None], mode: str) -> str:
+    if mode not in times:
+        return "-"
+    return "GPU only" if times[mode] is None else f"{times[mode]:.0f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,16 +56,16 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     times[mode] = time_notebook(path, smoke, Path(tmp))
                 except pm.PapermillExecutionError as err:
-                    if "needs a CUDA GPU" not in str(err.evalue):
+                    if NEEDS_CUDA not in str(err.evalue):
                         raise
                     times[mode] = None  # a GPU-only run on a machine without one: report, go on
-                shown = "needs a CUDA GPU" if times[mode] is None else f"{times[mode]:.1f} s"
+                shown = NEEDS_CUDA if times[mode] is None else f"{times[mode]:.1f} s"
                 print(f"{path.name} {mode}: {shown}", file=sys.stderr)
             rows.append((path.name, times))
     cpus = os.cpu_count()
     print(f"\n| notebook | classroom defaults (s) | smoke (s) |   ({cpus} CPU cores)\n|---|---|---|")
     for name, t in rows:
-        full, smoke = (("GPU only" if t[m] is None else f"{t[m]:.0f}") if m in t else "-" for m in ("full", "smoke"))
+        full, smoke = (_cell(t, m) for m in ("full", "smoke"))
         print(f"| {name} | {full} | {smoke} |")
     return 0
 

@@ -43,7 +43,7 @@ def edm_fixtures(shared_reference: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Run a module on one torch thread: tiny networks are fastest so and do not fight other jobs."""
+    """Run a module on one torch thread: tiny networks run fastest so and do not fight other jobs for cores."""
     import torch
 
     old = torch.get_num_threads()
