@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -21,6 +22,11 @@ EPS = 1e-6
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _fp32_or_fp64(x: torch.Tensor) -> torch.Tensor:
+    """x as float32, or as is when float32 or float64 already (no dispatch for a no-op cast)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def ratio_from_logits(
@@ -38,15 +44,13 @@ def ratio_from_logits(
         raise ValueError("logits must have a batch dimension; got a scalar")
     if ratio_min is not None and ratio_max is not None and not 0 < ratio_min < ratio_max:
         raise ValueError(f"need 0 < ratio_min < ratio_max; got {ratio_min}, {ratio_max}")
-    l = logits.detach()
-    l = l.double() if l.dtype == torch.float64 else l.float()
+    l = _fp32_or_fp64(logits.detach())
     if l.ndim > 1:
         l = l.flatten(1).mean(1)
-    if logit_clip is not None:
-        l = l.clamp(-logit_clip, logit_clip)
-    r = l.exp()
+    # the first op makes a fresh tensor, so the rest may work in place (fewer small ops per step)
+    r = l.clamp(-logit_clip, logit_clip).exp_() if logit_clip is not None else l.exp()
     if ratio_min is not None or ratio_max is not None:
-        r = r.clamp(ratio_min, ratio_max)
+        r.clamp_(ratio_min, ratio_max)
     return r
 
 
@@ -65,7 +69,7 @@ def normalize_weights(h: torch.Tensor, enabled: bool = True, eps: float = EPS) -
     The mean is floored at ``eps`` (FastGen adds eps instead; flooring keeps h = 1, i.e. reverse KL,
     exactly 1 so the update equals DMD2's bit for bit in the weights).
     """
-    h = h.detach().float() if h.dtype != torch.float64 else h.detach()
+    h = _fp32_or_fp64(h.detach())
     if not enabled:
         return h
     return h / global_mean(h).clamp_min(eps)
@@ -118,27 +122,32 @@ class RatioNormalizer(nn.Module):
 
     def bin_index(self, sigma: torch.Tensor) -> torch.Tensor:
         """Bin of each noise level (values outside the range go to the first or last bin)."""
-        s = sigma.detach().flatten().float()
-        return torch.bucketize(s, self.edges.to(s.device), right=True)
+        s = sigma.detach().flatten()
+        s = s if s.dtype == torch.float32 else s.float()
+        edges = self.edges if self.edges.device == s.device else self.edges.to(s.device)
+        return torch.bucketize(s, edges, right=True)
 
     @torch.no_grad()
     def update(self, r: torch.Tensor, sigma: torch.Tensor, idx: torch.Tensor | None = None) -> None:
         """Fold the (global) per-bin batch means of r into the running state."""
         idx = self.bin_index(sigma) if idx is None else idx
-        r = r.detach().float().flatten()
+        r = r.detach().flatten()
+        r = r if r.dtype == torch.float32 else r.float()
         if r.shape[0] != idx.shape[0]:
             raise ValueError(f"r has {r.shape[0]} entries but sigma has {idx.shape[0]}")
-        # float32 sums and update, kept op for op: the seeded toy results that notebooks 02-03 quote move with
-        # the last bit of the bin state (tests/test_losses.py pins it)
-        sums = torch.bincount(idx, weights=r, minlength=self.num_bins)
-        counts = torch.bincount(idx, minlength=self.num_bins).to(sums.dtype)
+        # Float32 throughout, rounded op for op as bins * rho + ((1 - rho) * sum) / count with each bin's sum
+        # taken sequentially in batch order: the seeded toy results that notebooks 02-03 quote move with the
+        # last bit of the bin state (tests/test_losses.py pins it). One index_add_ gives per-bin (sum, count);
+        # unlike bincount it does not sync a GPU with the host and runs under use_deterministic_algorithms.
+        src = torch.stack((r, torch.ones_like(r)), 1)
+        stats = torch.zeros(self.num_bins, 2, device=r.device).index_add_(0, idx, src)
         if _distributed():
-            stats = torch.stack([sums, counts])
             dist.all_reduce(stats)
-            sums, counts = stats[0], stats[1]
-        # bins[k] <- rho bins[k] + (1 - rho) mean_k where the batch has samples of bin k
-        keep = torch.where(counts > 0, self.ema_rate, 1.0)
-        self.bins.mul_(keep).add_((1 - keep) * sums / counts.clamp_min(1))
+        sums, counts = stats.unbind(1)
+        one_minus_rho = float(np.float32(1) - np.float32(self.ema_rate))  # as float32 arithmetic rounds it
+        new = (self.bins * self.ema_rate).add_(sums.mul_(one_minus_rho).div_(counts))
+        # bins without samples in the batch keep their state (their 0 / 0 above is not selected)
+        torch.where(counts > 0, new, self.bins, out=self.bins)
 
     def forward(self, r: torch.Tensor, sigma: torch.Tensor, update: bool = True) -> torch.Tensor:
         """Return r normalised by its bin's running mean (updating the state first if ``update``)."""
@@ -147,4 +156,5 @@ class RatioNormalizer(nn.Module):
         idx = self.bin_index(sigma)
         if update:
             self.update(r, sigma, idx)
-        return r.detach() / self.bins.clamp_min(self.eps)[idx].to(r.dtype)
+        scale = self.bins.clamp_min(self.eps).index_select(0, idx)
+        return r.detach() / (scale if scale.dtype == r.dtype else scale.to(r.dtype))

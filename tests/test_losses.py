@@ -108,6 +108,33 @@ def test_stage1_update_is_exactly_the_float32_reference():
         assert np.array_equal(norm.bins.numpy(), expected)
 
 
+@pytest.mark.parametrize("logit_clip", [10.0, None])
+def test_weighting_ignores_the_input_tensor_and_keeps_the_bins_buffer(logit_clip):
+    """The in-place steps work on fresh tensors only: the caller's logits are untouched and ``bins`` stays the
+    registered buffer (optimisers, DDP broadcasts and checkpoints hold that object)."""
+    w = FDistillWeighting("js", logit_clip=logit_clip, bin_ema=0.5, ratio_max=50.0)
+    buf = w.normalizer.bins
+    logits = torch.tensor([-30.0, 0.5, 2.0, 30.0])
+    before = logits.clone()
+    w(logits, torch.tensor([0.01, 1.0, 10.0, 70.0]))
+    assert torch.equal(logits, before)
+    assert w.normalizer.bins is buf and w.normalizer.bins.data_ptr() == buf.data_ptr()
+    assert not torch.equal(buf, torch.ones_like(buf))
+
+
+@pytest.mark.gpu
+def test_weighting_does_not_sync_the_gpu_with_the_host():
+    """No host sync in a training step's weighting (torch.bincount on CUDA reads its maximum back)."""
+    w = FDistillWeighting("js", bin_ema=0.5).cuda()
+    logits, sigma = torch.randn(64, device="cuda"), torch.rand(64, device="cuda") * 80
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        h, _ = w(logits, sigma)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert h.device.type == "cuda" and torch.isclose(h.mean().cpu(), torch.tensor(1.0))
+
+
 def test_bin_index_edges():
     norm = RatioNormalizer(num_bins=10, sigma_min=0.0 + 1e-3, sigma_max=80.0)
     idx = norm.bin_index(torch.tensor([1e-3, 7.99, 8.01, 79.9, 80.0, 500.0]))
