@@ -36,17 +36,19 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def load_file(path: str | os.PathLike, what: str = "checkpoint", fix: str = "delete it and rerun",
-              required_keys: tuple[str, ...] = ()) -> dict:
+              required_keys: tuple[str, ...] = (), mmap: bool = False) -> dict:
     """Load a dict saved by :func:`atomic_save` (tensors and plain containers only).
 
     Raises ``FileNotFoundError`` if absent and ``CheckpointError`` (naming the file, ``what`` it should
-    be and the ``fix``) if it is corrupted, not a dict, or lacks ``required_keys``.
+    be and the ``fix``) if it is corrupted, not a dict, or lacks ``required_keys``. ``mmap``: map the file
+    instead of reading it into memory (every rank of a resumed multi-GPU run loads the same checkpoint; mapped,
+    they share the page cache instead of each holding a copy).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # truncated zip, random bytes, pickle of forbidden globals, ...
         raise CheckpointError(
             f"cannot read {what} {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "

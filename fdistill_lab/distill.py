@@ -213,6 +213,26 @@ def _frozen(*modules: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def _freeze_unfed_inputs(net: nn.Module) -> None:
+    """Freeze the augment-label mapping of EDM's networks (CIFAR-10's have ``augment_dim`` 9): distillation
+    never passes augment labels, so no gradient reaches it, and DDP stops a run over a parameter that gets
+    none ("Expected to have finished reduction in the prior iteration")."""
+    mapping = getattr(getattr(net, "model", None), "map_augment", None)
+    if mapping is not None:
+        mapping.requires_grad_(False)
+
+
+def _local_grads_unless(last: bool, *wrapped: nn.Module) -> contextlib.ExitStack:
+    """Gradient accumulation under DDP: keep the gradients of all but the last micro-batch local
+    (``no_sync``), so each step all-reduces them once instead of once per micro-batch."""
+    stack = contextlib.ExitStack()
+    if not last:
+        for net in wrapped:
+            if hasattr(net, "no_sync"):
+                stack.enter_context(net.no_sync())
+    return stack
+
+
 def _grad_norm(params: Iterable[nn.Parameter]) -> float:
     norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
     return float(torch.stack(norms).norm()) if norms else 0.0
@@ -247,8 +267,9 @@ class FDistillTrainer:
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.student = (student if student is not None else copy.deepcopy(teacher)).to(self.device).train()
         self.fake_score = (fake_score if fake_score is not None else copy.deepcopy(teacher)).to(self.device).train()
-        self.student.requires_grad_(True)
-        self.fake_score.requires_grad_(True)
+        for net in (self.student, self.fake_score):
+            net.requires_grad_(True)
+            _freeze_unfed_inputs(net)
         self.student_ema = copy.deepcopy(self.student).eval().requires_grad_(False)
         feat_net = self.teacher if cfg.disc_placement == "teacher" else self.fake_score
         with torch.random.fork_rng(devices=[]):  # heads initialised from config.seed, not the global RNG state
@@ -416,10 +437,12 @@ class FDistillTrainer:
         cfg = self.config
         self.opt_student.zero_grad(set_to_none=True)
         logs: list[dict[str, float]] = []
+        chunks = self._micro_batches(images, labels)
         with _frozen(self.fake_score, self.disc):
-            for imgs, labs in self._micro_batches(images, labels):
-                loss, stats = self._generator_loss(labs, imgs.shape[0])
-                (loss / cfg.accum_steps).backward()
+            for i, (imgs, labs) in enumerate(chunks):
+                with _local_grads_unless(i == len(chunks) - 1, self._student_fwd):
+                    loss, stats = self._generator_loss(labs, imgs.shape[0])
+                    (loss / cfg.accum_steps).backward()
                 logs.append(stats)
         params = list(self.student.parameters())
         if cfg.grad_clip is not None:
@@ -436,9 +459,11 @@ class FDistillTrainer:
         self.opt_fake.zero_grad(set_to_none=True)
         self.opt_disc.zero_grad(set_to_none=True)
         logs: list[dict[str, float]] = []
-        for imgs, labs in self._micro_batches(images, labels):
-            loss, stats = self._critic_loss(imgs, labs)
-            (loss / cfg.accum_steps).backward()
+        chunks = self._micro_batches(images, labels)
+        for i, (imgs, labs) in enumerate(chunks):
+            with _local_grads_unless(i == len(chunks) - 1, self._fake_fwd, self._disc_fwd):
+                loss, stats = self._critic_loss(imgs, labs)
+                (loss / cfg.accum_steps).backward()
             logs.append(stats)
         params = list(self.fake_score.parameters()) + list(self.disc.parameters())
         if cfg.critic_grad_clip is not None:
@@ -545,7 +570,8 @@ class FDistillTrainer:
     def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
         """Load a checkpoint written by :meth:`save_checkpoint`; returns its ``extra`` dict."""
         state = load_file(path, "f-distill trainer checkpoint", "delete it to start afresh",
-                          required_keys=("format", "config", "step", "student"))
+                          required_keys=("format", "config", "step", "student"),
+                          mmap=self.device.type == "cuda")  # GPU ranks share one mapped copy in host memory
         self.load_state_dict(state)
         return state.get("extra", {})
 

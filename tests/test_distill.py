@@ -9,7 +9,7 @@ from fdistill_lab import divergences
 from fdistill_lab.checkpoint import CheckpointError
 from fdistill_lab.discriminator import Discriminator, DiscriminatorHead
 from fdistill_lab.distill import DistillConfig, FDistillTrainer, fit
-from fdistill_lab.networks import build_edm, tiny_adm_config
+from fdistill_lab.networks import build_edm, tiny_adm_config, tiny_ddpmpp_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -231,7 +231,14 @@ def test_discriminator_head_shapes():
         disc({"a": feats["a"]})
 
 
-def _ddp_worker(rank: int, world: int, placement: str, port: int, out: str) -> None:
+def _ddpmpp_teacher() -> torch.nn.Module:
+    """CIFAR-10's network type: it has an augment-label mapping that distillation never feeds."""
+    torch.manual_seed(0)
+    return build_edm(**tiny_ddpmpp_config(img_resolution=8, img_channels=1, label_dim=10, model_channels=8,
+                                          attn_resolutions=[]))
+
+
+def _ddp_worker(rank: int, world: int, placement: str, port: int, out: str, net: str = "adm") -> None:
     import os
 
     import torch.distributed as dist
@@ -242,7 +249,8 @@ def _ddp_worker(rank: int, world: int, placement: str, port: int, out: str) -> N
     try:
         torch.set_num_threads(1)
         cfg = DistillConfig(disc_placement=placement, student_update_freq=2, gan_weight_gen=1e-2, r1_gamma=0.1)
-        tr = FDistillTrainer(_teacher(), cfg, wrap=DistributedDataParallel, rng_offset=rank)
+        teacher = _teacher() if net == "adm" else _ddpmpp_teacher()
+        tr = FDistillTrainer(teacher, cfg, wrap=DistributedDataParallel, rng_offset=rank)
         for i in range(4):
             tr.step(*_batch(world * i + rank))
         flat = torch.cat([p.detach().flatten() for m in (tr.student, tr.fake_score, tr.disc) for p in m.parameters()])
@@ -251,8 +259,9 @@ def _ddp_worker(rank: int, world: int, placement: str, port: int, out: str) -> N
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("placement", [pytest.param("teacher", marks=pytest.mark.slow), "fake_score"])
-def test_ddp_wrap_keeps_ranks_in_sync(tmp_path, placement):
+@pytest.mark.parametrize(("placement", "net"), [pytest.param("teacher", "adm", marks=pytest.mark.slow),
+                                                ("fake_score", "adm"), ("teacher", "ddpmpp")])
+def test_ddp_wrap_keeps_ranks_in_sync(tmp_path, placement, net):
     """Two gloo ranks with different data: DDP-wrapped networks and all-reduced ratio bins stay identical
     (one forward per backward for every wrapped network, frozen critics unwrapped in generator steps)."""
     import socket
@@ -262,7 +271,7 @@ def test_ddp_wrap_keeps_ranks_in_sync(tmp_path, placement):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, placement, port, str(tmp_path)), nprocs=2)
+    mp.spawn(_ddp_worker, args=(2, placement, port, str(tmp_path), net), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert torch.equal(r0["params"], r1["params"]) and torch.equal(r0["bins"], r1["bins"])
     assert not torch.equal(r0["bins"], torch.ones_like(r0["bins"]))
