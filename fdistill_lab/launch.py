@@ -4,7 +4,9 @@ The run is the command-line program in a child process, so a notebook run and a 
 same thing, the kernel holds no GPU memory, and rerunning resumes from the output folder. While it runs,
 :func:`follow` turns the run folder into live feedback: a tqdm.auto bar from ``logs/train.jsonl``, each
 new sample grid and FID value as it appears. Interrupting the kernel sends SIGTERM, so the child saves a
-checkpoint before it stops.
+checkpoint before it stops. torchrun forwards that signal to its workers and kills them after
+``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds (30 by default), too short to finish a step, an FID evaluation
+and a 10 GB ImageNet checkpoint, so :func:`follow` gives them :data:`SHUTDOWN_GRACE_S` unless you set it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from .presets import PRESETS, get_preset
 from .train import EXIT_INTERRUPTED
 from .train_io import read_jsonl
 
-__all__ = ["train_command", "follow", "check_inputs", "overrides_from_text", "LaunchError"]
+__all__ = ["train_command", "follow", "check_inputs", "overrides_from_text", "LaunchError", "SHUTDOWN_GRACE_S"]
+
+SHUTDOWN_GRACE_S = 1800  # seconds torchrun lets workers save after SIGTERM (newer torch reads it; older: 30 s)
 
 
 class LaunchError(RuntimeError):
@@ -91,7 +95,8 @@ def follow(cmd: list[str], out: str | Path, total_steps: int, on_sample: Callabl
     seen_samples: set[Path] = set(out.glob("samples/*.png"))
     seen_fid = len(read_jsonl(out / "logs" / "fid.jsonl"))
     with open(log_file, "a") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        child_env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(SHUTDOWN_GRACE_S), **os.environ, **(env or {})}
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env)
         bar = tqdm(total=total_steps, desc="training (child process)")
         try:
             while True:
