@@ -108,10 +108,13 @@ def batch_layout(batch_size: int, per_gpu_batch: int, world_size: int) -> tuple[
     return local, local // micro
 
 
-def _batches(loader: torch.utils.data.DataLoader, conditional: bool
+def _batches(loader: torch.utils.data.DataLoader, conditional: bool, device: torch.device
              ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Batches on ``device`` in [-1, 1]: the (pinned) uint8 batch is copied asynchronously, a quarter of the
+    bytes of its float32 version, and converted there."""
     for images, labels in loader:
-        yield to_model_range(images), (labels if conditional else None)
+        images = images.to(device, non_blocking=True)
+        yield to_model_range(images), (labels.to(device, non_blocking=True) if conditional else None)
 
 
 class _SigtermFlag:
@@ -256,7 +259,7 @@ def _train(preset: str, dcfg: DistillConfig, rcfg: RunConfig, teacher_path: Path
                                          pin_memory=env.device.type == "cuda",
                                          persistent_workers=rcfg.num_workers > 0,
                                          generator=torch.Generator().manual_seed(dcfg.seed))  # not the global RNG
-    batches = _batches(loader, bool(net.label_dim))
+    batches = _batches(loader, bool(net.label_dim), env.device)
     g = torch.Generator().manual_seed(SAMPLE_SEED)
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
     sample_z = torch.randn(rcfg.sample_count, *shape, generator=g)

@@ -153,9 +153,10 @@ class StudentEMAs:
 
 
 def export_student(net: nn.Module, path: Path, info: dict[str, Any]) -> Path:
-    """Save a student's weights with its EDMPrecond constructor keywords (loadable with build_edm)."""
+    """Save a student's weights (on the CPU, so the file loads anywhere) with its EDMPrecond constructor
+    keywords (loadable with build_edm)."""
     from .checkpoint import atomic_save
 
     blob = {"format": "fdistill-student-v1", "config": dict(getattr(net, "init_kwargs", {})),
-            "state_dict": net.state_dict(), "info": info}
+            "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "info": info}
     return atomic_save(blob, path)

@@ -35,8 +35,10 @@ from fdistill_lab.presets import resolve
 from fdistill_lab.smoke_assets import smoke_teacher_config
 from fdistill_lab.train_io import StudentEMAs
 
-# dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
+# dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched in this order against the device
+# name (an SXM H100 reports "NVIDIA H100 80GB HBM3"; the PCIe and NVL boards are slower)
+PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+             "L40S": 362e12, "A10": 125e12, "L4": 121e12}
 
 
 def peak_flops(name: str, override: float | None) -> float | None:
@@ -96,7 +98,7 @@ def fits(trainer: DataParallelTrainer, n: int, device: torch.device) -> bool:
         trainer.critic_step(x, y)
         sync(device)
         return True
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError is newer than torch 2.3
         return False
     finally:
         for opt in (trainer.opt_student, trainer.opt_fake, trainer.opt_disc):

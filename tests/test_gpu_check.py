@@ -37,6 +37,7 @@ def test_gpu_check_code_path_on_cpu(tmp_path, capsys):
     assert fig["batch_per_gpu"] == 4 and fig["iteration_s"] > 0 and fig["flops_per_iteration"] > 0
     assert fig["mfu"] is None  # unknown peak on a CPU
     assert gc.peak_flops("NVIDIA H100 80GB HBM3", None) == 989e12 and gc.peak_flops("x", 100.0) == 1e14
+    assert gc.peak_flops("NVIDIA H100 PCIe", None) == 756e12 and gc.peak_flops("NVIDIA H100 NVL", None) == 835e12
 
 
 def test_gpu_check_refuses_cuda_without_a_gpu(capsys):
