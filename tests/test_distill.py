@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fdistill_lab import divergences
-from fdistill_lab.checkpoint import CheckpointError
+from fdistill_lab.checkpoint import CheckpointError, load_file
 from fdistill_lab.discriminator import Discriminator, DiscriminatorHead
 from fdistill_lab.distill import DistillConfig, FDistillTrainer, fit
 from fdistill_lab.networks import build_edm, tiny_adm_config, tiny_ddpmpp_config
@@ -124,6 +124,32 @@ def test_checkpoint_errors(tmp_path):
     other = FDistillTrainer(_teacher(), DistillConfig(divergence="rkl"))
     with pytest.raises(ValueError, match="another configuration.*divergence"):
         other.load_checkpoint(ckpt)
+
+
+def test_mapped_checkpoint_loading_matches_reading_and_names_bad_files(tmp_path):
+    """GPU resume maps the file (ranks share host memory): same contents, same clear error for a bad file."""
+    tr = FDistillTrainer(_teacher(), DistillConfig())
+    tr.step(*_batch(0))
+    ckpt = tr.save_checkpoint(tmp_path / "ok.pt")
+    read, mapped = load_file(ckpt), load_file(ckpt, mmap=True)
+    for key in ("student", "weighting", "opt_student"):
+        flat_a, flat_b = list(_tensors(read[key])), list(_tensors(mapped[key]))
+        assert flat_a and len(flat_a) == len(flat_b) and all(torch.equal(a, b) for a, b in zip(flat_a, flat_b))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="bad.pt"):
+        load_file(bad, mmap=True)
+
+
+def _tensors(obj):
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
 
 
 def test_ratio_only_mode_still_trains_the_discriminator():
