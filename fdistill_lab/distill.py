@@ -506,16 +506,18 @@ class FDistillTrainer:
     @torch.no_grad()
     def sample(self, n: int | None = None, labels: torch.Tensor | None = None, z: torch.Tensor | None = None,
                use_ema: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One-step samples G(80 z; 80, y). Uses its own ``generator`` (not the training stream)."""
+        """One-step samples G(80 z; 80, y). Uses its own ``generator`` (not the training stream); latents and
+        labels are drawn on its device."""
+        on = generator.device if generator is not None else torch.device("cpu")
         if z is None:
             if n is None:
                 n = labels.shape[0] if labels is not None else None
             if n is None:
                 raise ValueError("pass n, labels or z")
-            z = torch.randn(*self._shape(n), generator=generator)
+            z = torch.randn(*self._shape(n), generator=generator, device=on)
         n = z.shape[0]
         if labels is None and self.label_dim:
-            labels = torch.randint(0, self.label_dim, (n,), generator=generator)
+            labels = torch.randint(0, self.label_dim, (n,), generator=generator, device=on)
         net = self.student_ema if use_ema else self.student
         s = self.config.student_sigma
         z = z.to(self.device)

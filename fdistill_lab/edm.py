@@ -189,7 +189,9 @@ def heun_sampler(
         gamma = gamma_max if s_min <= t_cur <= s_max else 0.0
         t_hat = t_cur + gamma * t_cur
         if gamma > 0:
-            noise = torch.randn(x.shape, generator=generator, dtype=torch.float64, device=x.device)
+            # drawn where the generator lives (a CPU generator gives the same noise for CUDA latents)
+            on = generator.device if generator is not None else x.device
+            noise = torch.randn(x.shape, generator=generator, dtype=torch.float64, device=on).to(x.device)
             x = x + math.sqrt(t_hat**2 - t_cur**2) * s_noise * noise
         slope = (x - d(x, t_hat)) / t_hat
         x_next = x + (t_next - t_hat) * slope

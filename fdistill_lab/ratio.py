@@ -137,8 +137,9 @@ class RatioNormalizer(nn.Module):
             raise ValueError(f"r has {r.shape[0]} entries but sigma has {idx.shape[0]}")
         # Float32 throughout, rounded op for op as bins * rho + ((1 - rho) * sum) / count with each bin's sum
         # taken sequentially in batch order (on the CPU; CUDA adds atomically): the seeded toy results that
-        # notebooks 02-03 quote move with the last bit of the bin state (tests/test_losses.py pins it). One index_add_ gives per-bin (sum, count);
-        # unlike bincount it does not sync a GPU with the host and runs under use_deterministic_algorithms.
+        # notebooks 02-03 quote move with the last bit of the bin state (tests/test_losses.py pins it).
+        # One index_add_ gives per-bin (sum, count); unlike bincount it does not sync a GPU with the host
+        # and runs under use_deterministic_algorithms.
         src = torch.stack((r, torch.ones_like(r)), 1)
         stats = torch.zeros(self.num_bins, 2, device=r.device).index_add_(0, idx, src)
         if _distributed():

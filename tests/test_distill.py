@@ -199,6 +199,13 @@ def test_sample_shapes_and_determinism():
         tr.sample()
 
 
+@pytest.mark.gpu
+def test_sample_draws_on_the_generators_device():
+    tr = FDistillTrainer(_teacher(), DistillConfig(), device="cuda")
+    x = tr.sample(5, generator=torch.Generator(device="cuda").manual_seed(0))
+    assert x.shape == (5, 1, 8, 8) and x.device.type == "cuda"
+
+
 @pytest.mark.parametrize("changes,match", [
     (dict(divergence="nonsense"), "unknown divergence 'nonsense'; valid names"),
     (dict(schedule="ttur"), "schedule must be one of"),

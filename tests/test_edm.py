@@ -87,6 +87,16 @@ def test_heun_sampler_reproduces_mixture(churn):
         assert float(x[comp == k].std(0).mean()) == pytest.approx(float(gm.stds[k, 0]), rel=0.1)
 
 
+@pytest.mark.gpu
+def test_heun_churn_with_a_cpu_generator_on_cuda_latents_matches_the_cpu_run():
+    def denoise(x, s):
+        return x / (1 + s.view(-1, 1) ** 2)
+    z = torch.randn(16, 2, dtype=torch.float64)
+    run = {dev: edm.heun_sampler(denoise, z.to(dev), num_steps=6, s_churn=10.0,
+                                 generator=torch.Generator().manual_seed(1)) for dev in ("cpu", "cuda")}
+    torch.testing.assert_close(run["cuda"].cpu(), run["cpu"])
+
+
 def test_heun_one_step_is_denoiser():
     gm = _two_mode_mixture()
     z = torch.randn(8, 2, dtype=torch.float64)
