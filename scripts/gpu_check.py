@@ -1,4 +1,5 @@
-"""Performance check of f-distill training on one GPU (run by scripts/gpu_check.sh; about 5 minutes on an H100).
+"""Performance check of f-distill training on one GPU (run by scripts/gpu_check.sh; an estimated 5 minutes
+on an H100, not yet measured).
 
 Builds the full-size EDM ImageNet-64 ADM (296M parameters; random weights unless --teacher is given) as
 teacher, student and fake score with the ``imagenet64`` preset (bf16 autocast, discriminator on the teacher's
@@ -217,7 +218,6 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     t_start = time.perf_counter()
     trainer, emas = build(args, device)
@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print("1. largest per-GPU batch (generator + critic step):", flush=True)
     n = args.batch or search_batch(trainer, device, args.start_batch, args.max_batch)
+    if device.type == "cuda":  # as in training; after the search, so cuDNN autotunes only the size that is timed
+        torch.backends.cudnn.benchmark = True
     x, y = batch_of(trainer, n)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
