@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check for issue 7 (one H100; not yet run on one; its two timeouts stop it after 9 minutes): full-size
-# ADM f-distill step time, images/s at the largest per-GPU batch, peak memory, share of each network pass, JS vs reverse-KL overhead, MFU, then the
-# ImageNet-64 notebook's smoke path on the GPU. Figures go to stdout and build/gpu_check/ (JSON, notebook).
+# ADM f-distill step time, images/s at the largest per-GPU batch, peak memory, share of each network pass,
+# JS vs reverse-KL overhead, MFU, then the ImageNet-64 notebook's smoke path on the GPU. Figures go to
+# stdout and build/gpu_check/ (JSON, notebook).
 #   bash scripts/gpu_check.sh [extra gpu_check.py flags, e.g. --teacher downloads/edm/edm-imagenet-64x64-cond-adm.pkl]
 set -euo pipefail
 cd "$(dirname "$0")/.."
