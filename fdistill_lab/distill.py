@@ -273,7 +273,7 @@ class FDistillTrainer:
         self.student_ema = copy.deepcopy(self.student).eval().requires_grad_(False)
         feat_net = self.teacher if cfg.disc_placement == "teacher" else self.fake_score
         with torch.random.fork_rng(devices=[]):  # heads initialised from config.seed, not the global RNG state
-            torch.manual_seed(cfg.seed)
+            torch.default_generator.manual_seed(cfg.seed)  # the CPU stream only: CUDA RNGs are not forked here
             self.disc = Discriminator.for_network(feat_net, cfg.disc_features, cfg.disc_hidden).to(self.device).train()
         self.weighting = FDistillWeighting(
             cfg.divergence, cfg.logit_clip, cfg.ratio_min, cfg.ratio_max, cfg.normalize_ratio,
