@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -50,6 +51,7 @@ GENERATOR_LABELS = ("real", "uniform")
 PRECISIONS = ("fp32", "bf16")
 BIN_SPACINGS = ("linear", "log")
 CHECKPOINT_FORMAT = "fdistill-trainer-v1"
+Scalars = dict[str, torch.Tensor]  # logged 0-d tensors on the training device, read back once per step
 
 
 @dataclass
@@ -233,9 +235,9 @@ def _local_grads_unless(last: bool, *wrapped: nn.Module) -> contextlib.ExitStack
     return stack
 
 
-def _grad_norm(params: Iterable[nn.Parameter]) -> float:
+def _grad_norm(params: Iterable[nn.Parameter], device: torch.device) -> torch.Tensor:
     norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return float(torch.stack(norms).norm()) if norms else 0.0
+    return torch.stack(norms).norm() if norms else torch.zeros((), device=device)
 
 
 class FDistillTrainer:
@@ -351,7 +353,7 @@ class FDistillTrainer:
 
     # ------------------------------------------------------------------ losses
 
-    def _generator_loss(self, real_labels: torch.Tensor | None, n: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def _generator_loss(self, real_labels: torch.Tensor | None, n: int) -> tuple[torch.Tensor, Scalars]:
         """Section 6: x = G(80 z); x_t = x + sigma eps; g = h_norm (x0_fake - x0_teacher) / mean|x - x0_teacher|."""
         cfg = self.config
         labels = self._labels(real_labels, n)
@@ -376,12 +378,11 @@ class FDistillTrainer:
         loss_f = fdistill_loss(x, x0_fake.detach(), x0_teacher.detach(), h, cfg.dmd_normalize)
         loss_gan = gan_generator_loss(logits) if use_gan else torch.zeros((), device=self.device)
         loss = loss_f + cfg.gan_weight_gen * loss_gan
-        stats = {**wstats.summary(), "loss_f": float(loss_f.detach()), "loss_gan_g": float(loss_gan.detach()),
-                 "loss_g": float(loss.detach()), "logit_gen_mean": float(logits.detach().mean())}
+        stats = {**wstats.summary_tensors(), "loss_f": loss_f.detach(), "loss_gan_g": loss_gan.detach(),
+                 "loss_g": loss.detach(), "logit_gen_mean": logits.detach().mean()}
         return loss, stats
 
-    def _critic_loss(self, real: torch.Tensor, real_labels: torch.Tensor | None
-                     ) -> tuple[torch.Tensor, dict[str, float]]:
+    def _critic_loss(self, real: torch.Tensor, real_labels: torch.Tensor | None) -> tuple[torch.Tensor, Scalars]:
         """Sections 7-8: fake-score DSM on detached student samples + discriminator loss (real positive)."""
         cfg = self.config
         n = real.shape[0]
@@ -420,12 +421,11 @@ class FDistillTrainer:
         if r1 is not None:
             loss = loss + 0.5 * cfg.r1_gamma * r1
         lr_, lf_ = logits_real.detach(), logits_fake.detach()
-        stats = {"loss_dsm": float(loss_dsm.detach()), "loss_d": float(loss_d.detach()),
-                 "logit_real_mean": float(lr_.mean()), "logit_fake_mean": float(lf_.mean()),
-                 "disc_acc": float(0.5 * ((lr_ > 0).float().mean() + (lf_ < 0).float().mean()))}
+        stats = {"loss_dsm": loss_dsm.detach(), "loss_d": loss_d.detach(), "logit_real_mean": lr_.mean(),
+                 "logit_fake_mean": lf_.mean(), "disc_acc": 0.5 * ((lr_ > 0).float().mean() + (lf_ < 0).float().mean())}
         if r1 is not None:
-            stats["r1"] = float(r1.detach())
-        stats["loss_critic"] = float(loss.detach())
+            stats["r1"] = r1.detach()
+        stats["loss_critic"] = loss.detach()
         return loss, stats
 
     # ------------------------------------------------------------------ steps
@@ -436,7 +436,7 @@ class FDistillTrainer:
         ``generator_labels="real"``."""
         cfg = self.config
         self.opt_student.zero_grad(set_to_none=True)
-        logs: list[dict[str, float]] = []
+        logs: list[Scalars] = []
         chunks = self._micro_batches(images, labels)
         with _frozen(self.fake_score, self.disc):
             for i, (imgs, labs) in enumerate(chunks):
@@ -446,19 +446,19 @@ class FDistillTrainer:
                 logs.append(stats)
         params = list(self.student.parameters())
         if cfg.grad_clip is not None:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         else:
-            gnorm = _grad_norm(params)
+            gnorm = _grad_norm(params, self.device)
         self.opt_student.step()
         self._update_ema()
-        return {**_mean_logs(logs), "grad_norm_student": gnorm}
+        return _read_logs(logs, grad_norm_student=gnorm)
 
     def critic_step(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
         """One update of the fake score (DSM) and the discriminator heads (GAN D loss) on a real batch."""
         cfg = self.config
         self.opt_fake.zero_grad(set_to_none=True)
         self.opt_disc.zero_grad(set_to_none=True)
-        logs: list[dict[str, float]] = []
+        logs: list[Scalars] = []
         chunks = self._micro_batches(images, labels)
         for i, (imgs, labs) in enumerate(chunks):
             with _local_grads_unless(i == len(chunks) - 1, self._fake_fwd, self._disc_fwd):
@@ -467,12 +467,12 @@ class FDistillTrainer:
             logs.append(stats)
         params = list(self.fake_score.parameters()) + list(self.disc.parameters())
         if cfg.critic_grad_clip is not None:
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.critic_grad_clip))
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.critic_grad_clip)
         else:
-            gnorm = _grad_norm(params)
+            gnorm = _grad_norm(params, self.device)
         self.opt_fake.step()
         self.opt_disc.step()
-        return {**_mean_logs(logs), "grad_norm_critic": gnorm}
+        return _read_logs(logs, grad_norm_critic=gnorm)
 
     def is_generator_iteration(self, i: int | None = None) -> bool:
         """Whether iteration ``i`` (default: the next) updates the student: i % K == 0."""
@@ -578,9 +578,16 @@ class FDistillTrainer:
         return state.get("extra", {})
 
 
-def _mean_logs(logs: list[dict[str, float]]) -> dict[str, float]:
-    keys = logs[0].keys()
-    return {k: sum(d[k] for d in logs) / len(logs) for k in keys}
+def _read_logs(logs: list[Scalars], **extra: torch.Tensor) -> dict[str, float]:
+    """Micro-batch means of the logged scalars, plus ``extra``, as floats read back from the device in one
+    transfer (a float() per value would make the host wait for a GPU a dozen times per iteration)."""
+    keys = list(logs[0])
+    values = [d[k] for d in logs for k in keys] + list(extra.values())
+    dtype = functools.reduce(torch.promote_types, (v.dtype for v in values))
+    flat = torch.stack([v.detach().to(dtype) for v in values]).tolist()
+    n = len(keys)
+    out = {k: sum(flat[j * n + i] for j in range(len(logs))) / len(logs) for i, k in enumerate(keys)}
+    return {**out, **dict(zip(extra, flat[n * len(logs):]))}
 
 
 def fit(

@@ -188,9 +188,14 @@ class WeightStats:
     ratio_normalized: torch.Tensor
     weight: torch.Tensor
 
-    def summary(self) -> dict[str, float]:
+    KEYS = ("ratio_mean", "ratio_min", "ratio_max", "ratio_norm_mean", "weight_std", "weight_max")
+
+    def summary_tensors(self) -> dict[str, torch.Tensor]:
+        """The statistics as 0-d float32 tensors on the batch's device (no device sync)."""
         r, w = self.ratio.float(), self.weight.float()
-        vals = torch.stack([r.mean(), r.min(), r.max(), self.ratio_normalized.float().mean(), w.std(correction=0),
-                            w.max()]).tolist()
-        return dict(zip(("ratio_mean", "ratio_min", "ratio_max", "ratio_norm_mean", "weight_std", "weight_max"),
-                        vals))
+        vals = (r.mean(), r.min(), r.max(), self.ratio_normalized.float().mean(), w.std(correction=0), w.max())
+        return dict(zip(self.KEYS, vals))
+
+    def summary(self) -> dict[str, float]:
+        """The statistics as floats (one device sync)."""
+        return dict(zip(self.KEYS, torch.stack(list(self.summary_tensors().values())).tolist()))
