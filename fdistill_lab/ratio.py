@@ -25,8 +25,8 @@ def _distributed() -> bool:
 
 
 def _fp32_or_fp64(x: torch.Tensor) -> torch.Tensor:
-    """x as float32, or as is when float32 or float64 already (no dispatch for a no-op cast)."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+    """x in float64 if it is float64, else in float32."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def ratio_from_logits(
@@ -122,17 +122,14 @@ class RatioNormalizer(nn.Module):
 
     def bin_index(self, sigma: torch.Tensor) -> torch.Tensor:
         """Bin of each noise level (values outside the range go to the first or last bin)."""
-        s = sigma.detach().flatten()
-        s = s if s.dtype == torch.float32 else s.float()
-        edges = self.edges if self.edges.device == s.device else self.edges.to(s.device)
-        return torch.bucketize(s, edges, right=True)
+        s = sigma.detach().flatten().float()
+        return torch.bucketize(s, self.edges.to(s.device), right=True)
 
     @torch.no_grad()
     def update(self, r: torch.Tensor, sigma: torch.Tensor, idx: torch.Tensor | None = None) -> None:
         """Fold the (global) per-bin batch means of r into the running state."""
         idx = self.bin_index(sigma) if idx is None else idx
-        r = r.detach().flatten()
-        r = r if r.dtype == torch.float32 else r.float()
+        r = r.detach().flatten().float()
         if r.shape[0] != idx.shape[0]:
             raise ValueError(f"r has {r.shape[0]} entries but sigma has {idx.shape[0]}")
         # Float32 throughout, rounded op for op as bins * rho + ((1 - rho) * sum) / count with each bin's sum
@@ -157,5 +154,4 @@ class RatioNormalizer(nn.Module):
         idx = self.bin_index(sigma)
         if update:
             self.update(r, sigma, idx)
-        scale = self.bins.clamp_min(self.eps).index_select(0, idx)
-        return r.detach() / (scale if scale.dtype == r.dtype else scale.to(r.dtype))
+        return r.detach() / self.bins.clamp_min(self.eps).index_select(0, idx).to(r.dtype)

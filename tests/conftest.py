@@ -52,6 +52,23 @@ def one_thread():
     torch.set_num_threads(old)
 
 
+@pytest.fixture
+def load_script():
+    """Import a script of the repository (e.g. ``"scripts/gpu_check.py"``) as a module, to call its main()."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+
+    def load(relpath: str):
+        path = root / relpath
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load
+
+
 # Quiet progress bars in tests and in the notebook kernels they start (kernels inherit the environment).
 os.environ.setdefault("TQDM_DISABLE", "1")
 

@@ -1,20 +1,9 @@
 """The benchmark scripts run end to end on tiny sizes (their figures are measured by hand, not tested)."""
 
-import importlib.util
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_loss_overhead_runs_and_reports_every_figure(capsys):
-    out = _load("loss_overhead").main(["--repeats", "4", "--block", "2", "--batch", "4", "--res", "8"])
+def test_loss_overhead_runs_and_reports_every_figure(capsys, load_script):
+    out = load_script("benchmarks/loss_overhead.py").main(["--repeats", "4", "--block", "2", "--batch", "4",
+                                                           "--res", "8"])
     assert set(out) == {"rkl_ms", "fdiv_ms", "weighting_ms", "weighting_in_loop_ms", "overhead_pct",
                         "overhead_paired_pct"}
     assert all(v > 0 for k, v in out.items() if k.endswith("_ms"))

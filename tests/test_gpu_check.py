@@ -3,33 +3,20 @@ needs a GPU: scripts/gpu_check.sh)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+SCRIPT = "scripts/gpu_check.py"
 
 
 @pytest.mark.timeout(180)
-def test_gpu_check_code_path_on_cpu(tmp_path, capsys):
-    gc = _load()
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert gc.main(["--device", "cpu", "--tiny", "--batch", "4", "--repeats", "1",
-                        "--json", str(tmp_path / "f.json")]) == 0
-    finally:
-        torch.set_num_threads(old)
+@pytest.mark.usefixtures("one_thread")
+def test_gpu_check_code_path_on_cpu(tmp_path, capsys, load_script):
+    gc = load_script(SCRIPT)
+    assert gc.main(["--device", "cpu", "--tiny", "--batch", "4", "--repeats", "1",
+                    "--json", str(tmp_path / "f.json")]) == 0
     out = capsys.readouterr().out
     for text in ("2. batch 4", "teacher fwd+bwd to input", "JS overhead on the iteration", "FLOPs: generator step"):
         assert text in out
@@ -40,8 +27,8 @@ def test_gpu_check_code_path_on_cpu(tmp_path, capsys):
     assert gc.peak_flops("NVIDIA H100 PCIe", None) == 756e12 and gc.peak_flops("NVIDIA H100 NVL", None) == 835e12
 
 
-def test_gpu_check_refuses_cuda_without_a_gpu(capsys):
+def test_gpu_check_refuses_cuda_without_a_gpu(capsys, load_script):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    assert _load().main(["--device", "cuda"]) == 2
+    assert load_script(SCRIPT).main(["--device", "cuda"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err

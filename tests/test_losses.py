@@ -101,7 +101,7 @@ def test_stage1_update_is_exactly_the_float32_reference():
         expected = norm.bins.numpy().copy()
         for k in set(idx):
             total = f32(0)
-            for i in (i for i, j in enumerate(idx) if j == k):  # sequential, as bincount
+            for i in (i for i, j in enumerate(idx) if j == k):  # sequential, in batch order
                 total = f32(total + f32(r[i]))
             expected[k] = f32(f32(expected[k] * rho) + f32(f32(f32(1) - rho) * total) / f32(idx.count(k)))
         norm.update(r, sigma)
