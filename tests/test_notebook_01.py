@@ -37,6 +37,12 @@ def test_smoke_run_records(tmp_path):
     assert std["fkl"] == pytest.approx(math.sqrt(4.25), abs=0.05)
     assert rec["modes_kept_balanced"] == {"rkl": 1, "srkl": 1, "js": 2, "sh": 2, "fkl": 2, "jeffreys": 2}
     assert rec["modes_kept_imbalanced"] == {"rkl": 1, "srkl": 1, "js": 1, "sh": 1, "fkl": 2, "jeffreys": 1}
+    # restarts: only the mode-seeking fits are stuck on the light mode; on one mode D = -log(its weight)
+    assert rec["fit_is_best_imbalanced"] == {"rkl": False, "srkl": False, "js": True, "sh": True, "fkl": True,
+                                             "jeffreys": True}
+    rkl = rec["restart_value_imbalanced"]["rkl"]
+    assert rkl["student (1, 1)"] == pytest.approx(-math.log(0.2), abs=1e-3)
+    assert min(rkl.values()) == pytest.approx(-math.log(0.8), abs=1e-3)
     assert set(rec["summary"]) >= {"gradient_identity_max_abs_error", "rkl_std_balanced", "fkl_std_balanced"}
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "check_h_js: OK" in text and "check_mode_prediction: OK" in text
@@ -60,4 +66,10 @@ def test_classroom_defaults_within_budget(tmp_path):
     """Full-size run (classroom defaults) inside the 3-minute CPU budget, same qualitative results."""
     _, rec = run_notebook(NAME, tmp_path, parameters={"smoke": False}, budget_s=180.0, min_images=7)
     assert rec["modes_kept_imbalanced"] == {"rkl": 1, "srkl": 1, "js": 1, "sh": 1, "fkl": 2, "jeffreys": 1}
+    # restarts: only the mode-seeking fits are stuck on the light mode; on one mode D = -log(its weight)
+    assert rec["fit_is_best_imbalanced"] == {"rkl": False, "srkl": False, "js": True, "sh": True, "fkl": True,
+                                             "jeffreys": True}
+    rkl = rec["restart_value_imbalanced"]["rkl"]
+    assert rkl["student (1, 1)"] == pytest.approx(-math.log(0.2), abs=1e-3)
+    assert min(rkl.values()) == pytest.approx(-math.log(0.8), abs=1e-3)
     assert rec["gradient_identity_max_abs_error"] < 1e-5
