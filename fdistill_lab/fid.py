@@ -48,7 +48,11 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
         raise ValueError(f"incompatible statistics: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
     m = float(np.square(mu1 - mu2).sum())
     root = scipy.linalg.sqrtm(s1 @ s2)
-    return float(np.real(m + np.trace(s1 + s2 - 2 * np.real(root))))
+    value = float(np.real(m + np.trace(s1 + s2 - 2 * np.real(root))))
+    if not np.isfinite(value):
+        raise FloatingPointError(f"FID is {value}: the statistics hold non-finite values (mu finite: "
+                                 f"{bool(np.isfinite(mu1).all())}, {bool(np.isfinite(mu2).all())})")
+    return value
 
 
 class FeatureStats:
@@ -210,23 +214,29 @@ def compute_fid(
         raise ValueError("num_images must be >= 2")
     mu_ref, sigma_ref = load_reference_stats(ref_stats) if isinstance(ref_stats, (str, Path)) else ref_stats
     rank, world_size = _rank_world(rank, world_size)
+    if world_size > 1 and not (dist.is_available() and dist.is_initialized()):  # before any sampling work
+        raise RuntimeError("world_size > 1 needs an initialised torch.distributed process group")
     dim = feature_dim or int(np.asarray(mu_ref).shape[0])
     stats = FeatureStats(dim, device=device)
     batches = torch.arange(num_images, dtype=torch.int64).split(batch_size)
     mine = batches[rank::world_size]
+    bad = torch.zeros((), dtype=torch.int64, device=device)  # images with non-finite pixels
     for k, idx in enumerate(mine):
         labels = (idx % num_classes).to(device) if num_classes else None
         images = generate_fn(labels, (idx + seed).to(device))
         if images.shape[0] != idx.shape[0]:
             raise ValueError(f"generate_fn returned {images.shape[0]} images for a batch of {idx.shape[0]}")
+        bad += (~torch.isfinite(images)).flatten(1).any(1).sum()  # NaN would quantise to arbitrary pixels
         stats.update(detector_features(detector, quantize_images(images, quantize).to(device)))
         if progress and rank == 0 and (k + 1) % max(1, len(mine) // 10) == 0:
             print(f"FID: {min((k + 1) * batch_size * world_size, num_images)}/{num_images} images",
                   file=sys.stderr, flush=True)
     if world_size > 1:
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("world_size > 1 needs an initialised torch.distributed process group")
         stats.all_reduce()
+        dist.all_reduce(bad)
+    if int(bad):  # every rank raises together, none is left waiting in a collective
+        raise FloatingPointError(f"{int(bad)} of {num_images} generated images hold non-finite pixels: the "
+                                 "generator has diverged")
     if stats.n != num_images:
         raise RuntimeError(f"collected {stats.n} feature vectors, expected {num_images}")
     mu, sigma = stats.mean_cov()
@@ -239,7 +249,9 @@ def compute_image_stats(images: Iterable[torch.Tensor], detector: Callable[..., 
                         feature_dim: int = 2048, max_images: int | None = None,
                         device: torch.device | str = "cpu") -> FeatureStats:
     """Statistics of uint8 image batches [B, C, H, W] (e.g. a DataLoader over ``EDMImageDataset``), for
-    writing reference statistics with :func:`save_reference_stats`. Stops after ``max_images``."""
+    writing reference statistics with :func:`save_reference_stats`. Stops after the first ``max_images``
+    in iteration order: on a class-sorted zip read in order those are the first few classes only, so shuffle
+    the loader (or use ``EDMImageDataset(max_size=...)``, a seeded random subset) for a partial reference."""
     stats = FeatureStats(feature_dim, device=device)
     for batch in images:
         if isinstance(batch, (tuple, list)):

@@ -48,6 +48,8 @@ class RunConfig:
     ``ema_beta`` (FastGen keeps three). FID uses ``fid_detector`` (TorchScript Inception) and
     ``fid_ref`` (EDM reference .npz) on ``fid_images`` class-balanced samples of the EMA student.
     ``cpu_threads``: torch threads per process (0: torch's default); tiny CPU runs are fastest on one.
+    ``npz_label_map``: for downsampled-ImageNet npz data only, the devkit's ``map_clsloc.txt`` (npz labels
+    -> EDM's sorted-wnid classes) or ``identity``; a class-conditional teacher refuses npz data without it.
     """
 
     batch_size: int = 512
@@ -68,6 +70,7 @@ class RunConfig:
     fid_seed: int = 0
     num_workers: int = 4
     xflip: bool = False
+    npz_label_map: str = ""
     rng_mode: str = "per_rank"
     tf32: bool = True
     device: str = "auto"

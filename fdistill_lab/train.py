@@ -69,8 +69,12 @@ class TrainResult:
     rank: int = 0
 
 
-def open_dataset(path: str | Path, xflip: bool = False) -> torch.utils.data.Dataset:
-    """EDM-format zip/folder, or downsampled-ImageNet npz file/folder; clear error when missing."""
+def open_dataset(path: str | Path, xflip: bool = False, npz_label_map: str = "") -> torch.utils.data.Dataset:
+    """EDM-format zip/folder, or downsampled-ImageNet npz file/folder; clear error when missing.
+
+    ``npz_label_map`` (npz data only): path of the devkit's ``map_clsloc.txt`` or ``identity``; see
+    :class:`~fdistill_lab.data.imagenet.ImageNetNpzDataset`.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"training data not found: {path}. Build EDM's ImageNet-64 zip with "
@@ -79,7 +83,10 @@ def open_dataset(path: str | Path, xflip: bool = False) -> torch.utils.data.Data
     if path.suffix == ".npz" or (path.is_dir() and any(path.glob("*.npz"))):
         if xflip:
             raise ValueError("xflip is supported for EDM-format zips only")
-        return ImageNetNpzDataset(path)
+        return ImageNetNpzDataset(path, label_map=npz_label_map or None)
+    if npz_label_map:
+        raise ValueError(f"npz_label_map applies to downsampled-ImageNet npz data only; {path} is an EDM-format "
+                         "dataset (its labels are already EDM's)")
     return EDMImageDataset(path, xflip=xflip)
 
 
@@ -88,6 +95,13 @@ def _check_data(ds: Any, teacher: torch.nn.Module) -> None:
     want = (teacher.img_channels, teacher.img_resolution, teacher.img_resolution)
     if shape != want:
         raise ValueError(f"data images are {shape} but the teacher expects {want}")
+    if teacher.label_dim and getattr(ds, "labels_mapped", True) is False:
+        raise ValueError(
+            "the teacher is class-conditional but the npz labels follow the downsampled-ImageNet class order "
+            "(the devkit's map_clsloc.txt: label 1 is n02119789, kit fox), not the sorted-wnid order of EDM's "
+            "teachers (label 0 is n01440764, tench). Pass --set npz_label_map=<path to map_clsloc.txt>, or "
+            "--set npz_label_map=identity if your npz labels are already in sorted-wnid order, or train on "
+            "the EDM zip built from the ImageNet JPEGs (docs/edm_data_and_fid.md)")
     if teacher.label_dim:
         labels = ds.labels
         if len(labels) and (labels.min() < 0 or labels.max() >= teacher.label_dim):
@@ -230,7 +244,7 @@ def _train(preset: str, dcfg: DistillConfig, rcfg: RunConfig, teacher_path: Path
         torch.backends.cudnn.allow_tf32 = rcfg.tf32
         torch.backends.cudnn.benchmark = True
 
-    ds = open_dataset(data_path, rcfg.xflip)
+    ds = open_dataset(data_path, rcfg.xflip, rcfg.npz_label_map)
     net = load_edm(teacher_path, device=env.device)
     _check_data(ds, net)
     detector = load_detector(rcfg.fid_detector, env.device) if rcfg.fid_every else None

@@ -178,9 +178,27 @@ def test_errors(tmp_path, detector_path):
     gray = fid.detector_features(det, torch.full((2, 1, RES, RES), 7, dtype=torch.uint8))
     rgb = fid.detector_features(det, torch.full((2, 3, RES, RES), 7, dtype=torch.uint8))
     assert torch.equal(gray, rgb) and gray.dtype == torch.float64
+    calls = []
+
+    def counting(labels, seeds):
+        calls.append(len(seeds))
+        return _generate(labels, seeds)
+
     with pytest.raises(RuntimeError, match="process group"):
-        fid.compute_fid(_generate, det, (np.zeros(FEAT), np.eye(FEAT)), num_images=8, batch_size=4,
+        fid.compute_fid(counting, det, (np.zeros(FEAT), np.eye(FEAT)), num_images=8, batch_size=4,
                         num_classes=2, rank=0, world_size=2)
+    assert calls == []  # refused before generating anything
+
+    def diverged(labels, seeds):
+        out = _generate(labels, seeds)
+        out[0, 0, 0, 0] = float("nan")
+        return out
+
+    with pytest.raises(FloatingPointError, match="2 of 8 generated images hold non-finite pixels"):
+        fid.compute_fid(diverged, det, (np.zeros(FEAT), np.eye(FEAT)), num_images=8, batch_size=4,
+                        num_classes=2, seed=4)
+    with pytest.raises(FloatingPointError, match="FID is nan"):
+        fid.frechet_distance(np.full(2, np.nan), np.eye(2), np.zeros(2), np.eye(2))
 
 
 def _gloo_worker(rank: int, world: int, init_file: str, det_path: str, ref_path: str, out_dir: str) -> None:

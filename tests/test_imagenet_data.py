@@ -14,7 +14,13 @@ import pytest
 import torch
 
 from fdistill_lab.data import prepare_imagenet
-from fdistill_lab.data.imagenet import DatasetFormatError, EDMImageDataset, ImageNetNpzDataset, to_model_range
+from fdistill_lab.data.imagenet import (
+    DatasetFormatError,
+    EDMImageDataset,
+    ImageNetNpzDataset,
+    read_label_map,
+    to_model_range,
+)
 
 
 def _rand_img(rng: np.random.Generator, h: int, w: int, mode: str) -> PIL.Image.Image:
@@ -55,6 +61,9 @@ def test_prepare_from_folder_matches_edm_preprocessing(tmp_path, imagenet_folder
     rc = prepare_imagenet.main(["--source", str(imagenet_folder), "--dest", str(dest), "--resolution", "16",
                                 "--workers", str(workers), "--quiet"])
     assert rc == 0 and dest.is_file() and not dest.with_name(dest.name + ".part").exists()
+    other = tmp_path / "other.zip"  # a folder's labels are its sorted class folders: no npz label map
+    assert prepare_imagenet.main(["--source", str(imagenet_folder), "--dest", str(other), "--label-map",
+                                  "identity", "--quiet"]) == 2 and not other.exists()
     with zipfile.ZipFile(dest) as zf:
         infos = zf.infolist()
         assert all(i.compress_type == zipfile.ZIP_STORED for i in infos)
@@ -101,6 +110,11 @@ def test_edm_dataset_reader_options(tmp_path):
     sub = EDMImageDataset(zpath, max_size=3, random_seed=7)
     assert len(sub) == 3 and len(set(sub.labels.tolist()) | {0, 1}) == 2
     assert EDMImageDataset(zpath, max_size=3, random_seed=7).labels.tolist() == sub.labels.tolist()
+    with pytest.raises(IndexError):  # out of range, not a wrapped-around flipped copy
+        ds[10]
+    with pytest.raises(IndexError):
+        ds[-1]
+    assert len(list(EDMImageDataset(zpath))) == 5  # plain iteration ends
     nolab = EDMImageDataset(zpath, use_labels=False)
     assert not nolab.has_labels and int(nolab[0][1]) == -1
     # a folder in the same layout reads identically; batches through a DataLoader with workers
@@ -170,6 +184,7 @@ def test_npz_reader_layout_labels_and_conversion(tmp_path):
         assert int(lab) == labels[i] - 1
     with pytest.raises(IndexError):
         ds[9]
+    assert not ds.labels_mapped
     mapped = ImageNetNpzDataset(tmp_path / "npz", label_map=[4, 3, 2, 1, 0], max_cached_files=1)
     assert mapped.labels.tolist() == [4 - (v - 1) for v in labels]
     np.testing.assert_array_equal(mapped[8][0].numpy(), data[8].reshape(3, 8, 8))
@@ -178,11 +193,48 @@ def test_npz_reader_layout_labels_and_conversion(tmp_path):
     assert len(single) == 3
 
     out = tmp_path / "from_npz.zip"
-    assert prepare_imagenet.main(["--source", str(tmp_path / "npz"), "--dest", str(out), "--quiet"]) == 0
+    assert prepare_imagenet.main(["--source", str(tmp_path / "npz"), "--dest", str(out), "--quiet"]) == 2
+    assert not out.exists()  # refused: the labels would not be EDM's
+    assert prepare_imagenet.main(["--source", str(tmp_path / "npz"), "--dest", str(out), "--quiet",
+                                  "--label-map", "identity"]) == 0
     zds = EDMImageDataset(out)
     assert len(zds) == 9
     for i in range(9):
         assert torch.equal(zds[i][0], ds[i][0]) and int(zds[i][1]) == int(ds[i][1])
+    # with the devkit's class list the zip carries EDM's sorted-wnid labels
+    clsloc = tmp_path / "map_clsloc.txt"
+    clsloc.write_text("".join(f"{w} {k} name_{k}\n" for k, w in enumerate(WNIDS_NPZ_ORDER, 1)))
+    out2 = tmp_path / "from_npz_mapped.zip"
+    assert prepare_imagenet.main(["--source", str(tmp_path / "npz"), "--dest", str(out2), "--quiet",
+                                  "--label-map", str(clsloc)]) == 0
+    assert EDMImageDataset(out2).labels.tolist() == [SORTED_RANK[v - 1] for v in labels]
+
+
+# five wnids in a made-up npz order; EDM's label is the rank among them sorted
+WNIDS_NPZ_ORDER = ["n02119789", "n02100735", "n01440764", "n03255030", "n01443537"]
+SORTED_RANK = [sorted(WNIDS_NPZ_ORDER).index(w) for w in WNIDS_NPZ_ORDER]
+
+
+def test_read_label_map_formats_and_errors(tmp_path):
+    assert SORTED_RANK == [3, 2, 0, 4, 1]
+    with_ids = tmp_path / "map_clsloc.txt"  # ids given, lines shuffled: the ids decide
+    lines = [f"{w} {k} some_name" for k, w in enumerate(WNIDS_NPZ_ORDER, 1)]
+    with_ids.write_text("\n".join(lines[::-1]) + "\n\n")
+    assert read_label_map(with_ids).tolist() == SORTED_RANK
+    plain = tmp_path / "wnids.txt"  # one wnid per line, line order = npz order
+    plain.write_text("\n".join(WNIDS_NPZ_ORDER))
+    assert read_label_map(plain).tolist() == SORTED_RANK
+    bad = tmp_path / "bad.txt"
+    for text, msg in [("kit_fox 1\n", "bad.txt:1.*not an ImageNet wnid"),
+                      ("n02119789 1\nn02100735 1\n", "bad.txt:2.*id 1 appears twice"),
+                      ("n02119789 1\nn02100735 3\n", "ids must be 1..2"),
+                      ("n02119789\nn02119789\n", "wnid appears twice"),
+                      ("\n", "no wnids")]:
+        bad.write_text(text)
+        with pytest.raises(DatasetFormatError, match=msg):
+            read_label_map(bad)
+    with pytest.raises(FileNotFoundError, match="map_clsloc.txt"):
+        read_label_map(tmp_path / "missing.txt")
 
 
 def test_npz_errors_name_path_and_format(tmp_path):
@@ -200,6 +252,10 @@ def test_npz_errors_name_path_and_format(tmp_path):
     np.savez(zero_based, data=np.zeros((2, 12), np.uint8), labels=[0, 1])
     with pytest.raises(DatasetFormatError, match="zero.npz.*1-based"):
         ImageNetNpzDataset(zero_based)
+    good = tmp_path / "good.npz"
+    np.savez(good, data=np.zeros((2, 12), np.uint8), labels=[1, 2])
+    with pytest.raises(ValueError, match="max_cached_files must be >= 1"):
+        ImageNetNpzDataset(good, max_cached_files=0)
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not an npz")
     with pytest.raises(DatasetFormatError, match="garbage.npz"):

@@ -294,6 +294,25 @@ def test_cli_errors_and_describe(assets, tmp_path, capsys):
     assert "missing --teacher, --out" in capsys.readouterr().err
 
 
+def test_npz_data_needs_a_label_map_for_a_conditional_teacher(assets, tmp_path):
+    """npz labels are in the devkit's class order: a class-conditional run refuses them unmapped."""
+    import numpy as np
+
+    from fdistill_lab.data.imagenet import EDMImageDataset
+    from fdistill_lab.train import open_dataset
+
+    ds = EDMImageDataset(assets["data"])
+    images = torch.stack([ds[i][0] for i in range(len(ds))]).flatten(1).numpy()
+    npz = tmp_path / "train_data_batch_1.npz"
+    np.savez(npz, data=images, labels=ds.labels + 1)  # 1-based, as the release
+    with pytest.raises(ValueError, match="npz labels follow.*map_clsloc.txt.*npz_label_map"):
+        train("tiny", assets["teacher"], npz, tmp_path / "unmapped", {**NO_FID, "steps": 1}, progress=False)
+    settings = {**NO_FID, "steps": 1, "npz_label_map": "identity"}
+    assert train("tiny", assets["teacher"], npz, tmp_path / "identity", settings, progress=False).checkpoint
+    with pytest.raises(ValueError, match="npz_label_map applies to downsampled-ImageNet npz data only"):
+        open_dataset(assets["data"], npz_label_map="identity")
+
+
 def test_resume_with_another_world_size_or_config_fails_clearly(assets, tmp_path):
     _run(assets, tmp_path, {"steps": 2})
     with pytest.raises(ValueError, match="another configuration.*divergence"):

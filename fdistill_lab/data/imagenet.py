@@ -29,6 +29,7 @@ __all__ = [
     "EDMImageDataset",
     "ImageNetNpzDataset",
     "DatasetFormatError",
+    "read_label_map",
     "to_model_range",
     "EDM_FORMAT",
     "NPZ_FORMAT",
@@ -170,6 +171,8 @@ class EDMImageDataset(Dataset):
         return arr.transpose(2, 0, 1)  # HWC -> CHW
 
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= idx < len(self):  # also ends plain iteration (for x in ds)
+            raise IndexError(f"index {idx} out of range for a dataset of {len(self)} items")
         n = len(self._raw_idx)
         flip = idx >= n
         raw = int(self._raw_idx[idx % n])
@@ -186,6 +189,46 @@ class EDMImageDataset(Dataset):
         state = dict(self.__dict__)
         state["_zip"] = None  # reopened lazily in each worker
         return state
+
+
+_WNID = re.compile(r"n\d{8}")
+
+
+def read_label_map(path: str | Path) -> np.ndarray:
+    """Map from 0-based npz label to EDM's class index, read from a list of ImageNet wnids.
+
+    The downsampled-ImageNet npz release numbers its classes 1..1000 in the order of the ILSVRC devkit's
+    ``map_clsloc.txt`` (label 1 is n02119789, kit fox), while EDM's teachers were trained on labels in
+    sorted-wnid order (label 0 is n01440764, tench: the sorted class folders of ``dataset_tool.py``).
+    ``path`` is a text file with one class per line: a wnid, optionally followed by its 1-based npz id and
+    a name (``map_clsloc.txt`` as shipped); without ids, line k is npz label k. Returns ``m`` with
+    ``m[npz_label - 1]`` = rank of that wnid among all wnids in the file, sorted.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"label map not found: {path}. Expected a text file with one ImageNet wnid per "
+                                "line in npz label order, e.g. the devkit's map_clsloc.txt ('n02119789 1 kit_fox')")
+    wnids: dict[int, str] = {}
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        tokens = line.split()
+        if not tokens:
+            continue
+        if not _WNID.fullmatch(tokens[0]):
+            raise DatasetFormatError(f"{path}:{lineno}: {tokens[0]!r} is not an ImageNet wnid (n + 8 digits)")
+        ident = len(wnids) + 1
+        if len(tokens) > 1 and tokens[1].isdigit():
+            ident = int(tokens[1])
+        if ident in wnids:
+            raise DatasetFormatError(f"{path}:{lineno}: npz id {ident} appears twice")
+        wnids[ident] = tokens[0]
+    if not wnids:
+        raise DatasetFormatError(f"{path}: no wnids found")
+    if sorted(wnids) != list(range(1, len(wnids) + 1)):
+        raise DatasetFormatError(f"{path}: npz ids must be 1..{len(wnids)}, each once")
+    if len(set(wnids.values())) != len(wnids):
+        raise DatasetFormatError(f"{path}: a wnid appears twice")
+    rank = {w: k for k, w in enumerate(sorted(wnids.values()))}
+    return np.array([rank[wnids[i]] for i in range(1, len(wnids) + 1)], dtype=np.int64)
 
 
 def _npz_array_shape(path: Path, key: str) -> tuple[int, ...]:
@@ -209,13 +252,18 @@ class ImageNetNpzDataset(Dataset):
 
     ``path``: one ``.npz`` file or a folder of ``*.npz`` batches (sorted by batch number). Items are
     ``(image uint8 [3, R, R], label int64)`` with labels converted to 0-based. The published labels are
-    1-based ids from the downsampled release; if they do not follow the sorted-wnid order of EDM's
-    ImageNet zip, pass ``label_map`` (array mapping 0-based npz label -> EDM label). Batches are loaded on
-    first use and kept in memory (about 1.2 GB per ImageNet-64 batch file; ``max_cached_files`` limits it).
+    1-based ids in the devkit's ``map_clsloc.txt`` order, not the sorted-wnid order of EDM's ImageNet zip
+    and teachers: pass ``label_map``, either that file's path (see :func:`read_label_map`), an array
+    mapping 0-based npz label -> EDM label, or ``"identity"`` for npz files whose labels already follow
+    EDM's order. ``labels_mapped`` says whether one was given. Batches are loaded
+    on first use and kept in memory (about 1.6 GB per ImageNet-64 batch file; ``max_cached_files`` >= 1
+    limits how many).
     """
 
-    def __init__(self, path: str | Path, label_map: Sequence[int] | np.ndarray | None = None,
+    def __init__(self, path: str | Path, label_map: Sequence[int] | np.ndarray | str | Path | None = None,
                  max_cached_files: int | None = None) -> None:
+        if max_cached_files is not None and max_cached_files < 1:
+            raise ValueError(f"max_cached_files must be >= 1 (or None for no limit); got {max_cached_files}")
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"npz dataset not found: {self.path}. Expected {NPZ_FORMAT}.")
@@ -253,8 +301,11 @@ class ImageNetNpzDataset(Dataset):
         self.resolution = res
         self.image_shape = (3, res, res)
         lab_all = np.concatenate(labels)
+        self.labels_mapped = label_map is not None
+        if isinstance(label_map, str) and label_map == "identity":  # the npz labels already follow EDM's order
+            label_map = None
         if label_map is not None:
-            lm = np.asarray(label_map, dtype=np.int64)
+            lm = read_label_map(label_map) if isinstance(label_map, (str, Path)) else np.asarray(label_map, np.int64)
             if lab_all.size and lab_all.max() >= len(lm):
                 raise ValueError(f"label_map has {len(lm)} entries but labels go up to {lab_all.max()}")
             lab_all = lm[lab_all]

@@ -124,9 +124,17 @@ def prepare_from_folder(source: str | Path, dest: str | Path, resolution: int = 
 
 
 def prepare_from_npz(source: str | Path, dest: str | Path, max_images: int | None = None,
-                     progress: bool = True) -> Path:
-    """Downsampled-ImageNet npz batches -> EDM zip (pixels unchanged, 0-based labels)."""
-    ds = ImageNetNpzDataset(source)
+                     progress: bool = True, label_map: str | Path | None = None) -> Path:
+    """Downsampled-ImageNet npz batches -> EDM zip (pixels unchanged, labels in EDM's sorted-wnid order).
+
+    ``label_map``: the devkit's ``map_clsloc.txt`` (the npz class order) or ``"identity"`` when the npz
+    labels already follow EDM's order; required, since the zip's labels must match EDM's teachers.
+    """
+    if label_map is None:
+        raise ValueError("npz labels follow the devkit's map_clsloc.txt order, not the sorted-wnid order of EDM's "
+                         "teachers: pass --label-map <path to map_clsloc.txt> (or --label-map identity if your "
+                         "npz labels are already in sorted-wnid order)")
+    ds = ImageNetNpzDataset(source, label_map=label_map)
     n = len(ds) if max_images is None else min(max_images, len(ds))
 
     def pngs() -> Iterator[bytes]:
@@ -146,17 +154,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--max-images", type=int, default=None, help="only the first N images (for tests)")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    parser.add_argument("--label-map", default=None,
+                        help="npz sources only: the ImageNet devkit's map_clsloc.txt (npz class order), or "
+                             "'identity' if the npz labels already follow the sorted-wnid order")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     src = Path(args.source)
     is_npz = src.suffix == ".npz" or (src.is_dir() and any(src.glob("*.npz")))
+    if args.label_map and not is_npz:
+        print("error: --label-map applies to npz sources only (a folder's labels come from its sorted class "
+              "folders, as EDM's)", file=sys.stderr)
+        return 2
     try:
         if is_npz:
-            out = prepare_from_npz(src, args.dest, args.max_images, not args.quiet)
+            out = prepare_from_npz(src, args.dest, args.max_images, not args.quiet, args.label_map)
         else:
             out = prepare_from_folder(src, args.dest, args.resolution, args.max_images, args.workers,
                                       not args.quiet)
-    except (FileNotFoundError, DatasetFormatError) as exc:
+    except (FileNotFoundError, ValueError) as exc:  # DatasetFormatError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
