@@ -69,14 +69,43 @@ class ModuleDictRecord:
         self.state = state
 
 
-class _ModuleDictStub:
+class _FrozenClass(type):
+    """Metaclass of the stand-in classes: a pickle's BUILD opcode cannot set attributes on them, so a
+    crafted file cannot change how later loads in the same process behave."""
+
+    def __setattr__(cls, name: str, value: Any) -> None:
+        raise UnsafePickleError(f"refusing to set attribute {name!r} on {cls.__name__} (BUILD on a global)")
+
+    def __delattr__(cls, name: str) -> None:
+        raise UnsafePickleError(f"refusing to delete attribute {name!r} of {cls.__name__}")
+
+
+class _FrozenFunction:
+    """Callable wrapper of an allowlisted function with no attributes a pickle could set (BUILD)."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        object.__setattr__(self, "_fn", fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(*args, **kwargs)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise UnsafePickleError(f"refusing to set attribute {name!r} on {self._fn.__name__} (BUILD on a global)")
+
+    def __delattr__(self, name: str) -> None:
+        raise UnsafePickleError(f"refusing to delete attribute {name!r} of {self._fn.__name__}")
+
+
+class _ModuleDictStub(metaclass=_FrozenClass):
     """Class object handed to NEWOBJ for ``torch.nn.modules.container.ModuleDict``."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> ModuleDictRecord:  # type: ignore[misc]
         return ModuleDictRecord()
 
 
-class _EasyDict(dict):
+class _EasyDict(dict, metaclass=_FrozenClass):
     """Stand-in for ``dnnlib.EasyDict`` (a dict subclass); accepts BUILD with an attribute dict."""
 
 
@@ -97,7 +126,11 @@ def _load_from_bytes(data: Any) -> torch.storage.TypedStorage:
     try:
         storage = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except Exception as exc:  # the weights-only unpickler refuses any unexpected global
-        raise UnsafePickleError(f"refusing tensor storage blob: {exc}") from exc
+        # keep torch's reason, not its advice to retry with weights_only=False (that would run the file)
+        reason = next((ln.strip() for ln in str(exc).splitlines() if ln.strip() and "weights_only" not in ln
+                       and not ln.startswith(("Please file", "Check the documentation"))), type(exc).__name__)
+        raise UnsafePickleError(f"refusing a tensor storage blob that holds more than plain tensor data ({reason}); "
+                                "nothing from it was executed") from exc
     if not isinstance(storage, (torch.storage.TypedStorage, torch.UntypedStorage)):
         raise EDMPickleError(f"tensor storage blob decoded to {type(storage).__name__}, not a storage")
     return storage
@@ -153,18 +186,19 @@ def _numpy_scalar(dtype: Any, data: Any = None) -> int | float | bool:
     return np.frombuffer(bytes(data), dtype=dtype, count=1)[0].item()
 
 
-_NUMPY_SCALAR = ("scalar", _numpy_scalar)
+# functions are wrapped and classes frozen: a BUILD opcode after a global must not mutate shared objects
+# (collections.OrderedDict is a built-in type, immutable already)
 ALLOWED_GLOBALS: dict[tuple[str, str], Callable[..., Any] | type] = {
-    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _FrozenFunction(_reconstruct_persistent_obj),
     ("torch.nn.modules.container", "ModuleDict"): _ModuleDictStub,
     ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch.storage", "_load_from_bytes"): _load_from_bytes,
-    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
-    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
-    ("numpy", "dtype"): _numpy_dtype,
+    ("torch._utils", "_rebuild_parameter"): _FrozenFunction(_rebuild_parameter),
+    ("torch._utils", "_rebuild_parameter_with_state"): _FrozenFunction(_rebuild_parameter),
+    ("torch._utils", "_rebuild_tensor_v2"): _FrozenFunction(_rebuild_tensor_v2),
+    ("torch.storage", "_load_from_bytes"): _FrozenFunction(_load_from_bytes),
+    ("numpy.core.multiarray", "scalar"): _FrozenFunction(_numpy_scalar),
+    ("numpy._core.multiarray", "scalar"): _FrozenFunction(_numpy_scalar),
+    ("numpy", "dtype"): _FrozenFunction(_numpy_dtype),
     ("dnnlib.util", "EasyDict"): _EasyDict,
     ("dnnlib", "EasyDict"): _EasyDict,
 }
@@ -206,8 +240,10 @@ def read_edm_pickle(path: str | Path) -> dict:
         f.seek(0)
         try:
             data = EDMUnpickler(f, str(path)).load()
-        except (UnsafePickleError, EDMPickleError):
-            raise
+        except (UnsafePickleError, EDMPickleError) as exc:
+            if str(exc).startswith(str(path)):
+                raise
+            raise type(exc)(f"{path}: {exc}") from exc
         except Exception as exc:
             raise EDMPickleError(f"{path}: could not read as an EDM network pickle: {exc}") from exc
     if not isinstance(data, dict):

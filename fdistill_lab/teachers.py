@@ -45,7 +45,10 @@ def convert_edm_pickle(path: str | Path) -> tuple[dict[str, Any], dict[str, torc
     """Read an EDM network pickle safely; return (EDMPrecond constructor keywords, state_dict) of ``'ema'``."""
     path = Path(path)
     data = read_edm_pickle(path)
-    ema = data.get("ema")
+    if "ema" not in data:
+        raise EDMPickleError(f"{path}: no key 'ema' (the network of an EDM snapshot); top-level keys: "
+                             f"{sorted(map(str, data))}")
+    ema = data["ema"]
     if not isinstance(ema, PersistentRecord) or ema.class_name != "EDMPrecond":
         found = type(ema).__name__ if not isinstance(ema, PersistentRecord) else ema.class_name
         raise EDMPickleError(f"{path}: key 'ema' must hold an EDMPrecond network, found {found} "

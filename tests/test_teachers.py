@@ -356,3 +356,51 @@ def test_non_numeric_numpy_dtype_is_refused(tmp_path):
     bad.write_bytes(pickle.dumps({"ema": np.dtype("O")}, protocol=4))
     with pytest.raises(UnsafePickleError, match="numeric"):
         teachers.load_edm(bad, use_cache=False)
+
+
+def _build_on_global(module: str, name: str, attr: str, slot_state: bool) -> bytes:
+    """A pickle that loads an allowlisted global and BUILDs attribute ``attr`` onto the global itself."""
+
+    def text(s: str) -> bytes:
+        return pickle.SHORT_BINUNICODE + bytes([len(s)]) + s.encode()
+
+    state = pickle.EMPTY_DICT + text(attr) + pickle.EMPTY_TUPLE + pickle.SETITEM
+    if slot_state:  # (None, {attr: ()}): setattr(global, attr, ())
+        state = pickle.NONE + state + pickle.TUPLE2
+    return b"\x80\x04" + text(module) + text(name) + pickle.STACK_GLOBAL + state + pickle.BUILD + pickle.STOP
+
+
+@pytest.mark.parametrize("slot_state", [True, False])
+@pytest.mark.parametrize("module,name", [("torch._utils", "_rebuild_parameter"), ("dnnlib.util", "EasyDict"),
+                                         ("torch.nn.modules.container", "ModuleDict")])
+def test_build_cannot_mutate_allowlisted_globals(tmp_path, edm_fixtures, module, name, slot_state):
+    """A crafted file must not change the reader for later loads in the same process."""
+    from fdistill_lab import edm_pickle
+
+    bad = tmp_path / "build.pkl"
+    bad.write_bytes(_build_on_global(module, name, "__new__" if name == "ModuleDict" else "__defaults__",
+                                     slot_state))
+    with pytest.raises(EDMPickleError, match="build.pkl: refusing to set attribute" if slot_state else "build.pkl"):
+        edm_pickle.read_edm_pickle(bad)
+    fx = _fixture(edm_fixtures, "adm_tiny.pt")
+    pkl = tmp_path / "good.pkl"
+    _write_edm_pickle(pkl, fx)
+    assert list(teachers.load_edm(pkl, use_cache=False).state_dict()) == list(fx["state_dict"])
+
+
+def test_refusal_messages_name_the_file_and_never_advise_unsafe_loading(tmp_path):
+    blob = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + pickle.dumps(_SystemPayload("true"), protocol=2)
+
+    class _Storage:
+        def __reduce__(self):
+            return (torch.storage._load_from_bytes, (blob,))
+
+    bad = tmp_path / "blob.pkl"
+    bad.write_bytes(pickle.dumps({"ema": _Storage()}, protocol=4))
+    with pytest.raises(UnsafePickleError, match="blob.pkl: refusing a tensor storage blob") as err:
+        teachers.load_edm(bad, use_cache=False)
+    assert "weights_only" not in str(err.value)
+    no_ema = tmp_path / "no_ema.pkl"
+    no_ema.write_bytes(pickle.dumps({"G_ema": 1}, protocol=4))
+    with pytest.raises(EDMPickleError, match="no key 'ema'.*G_ema"):
+        teachers.load_edm(no_ema, use_cache=False)
