@@ -569,9 +569,10 @@ class FDistillTrainer:
             state["extra"] = extra
         return atomic_save(state, path)
 
-    def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
-        """Load a checkpoint written by :meth:`save_checkpoint`; returns its ``extra`` dict."""
-        state = load_file(path, "f-distill trainer checkpoint", "delete it to start afresh",
+    def load_checkpoint(self, path: str | Path, fix: str = "delete it to start afresh") -> dict[str, Any]:
+        """Load a checkpoint written by :meth:`save_checkpoint`; returns its ``extra`` dict. ``fix``: what the
+        error for an unreadable file tells the user to do."""
+        state = load_file(path, "f-distill trainer checkpoint", fix,
                           required_keys=("format", "config", "step", "student"),
                           mmap=self.device.type == "cuda")  # GPU ranks share one mapped copy in host memory
         self.load_state_dict(state)

@@ -47,6 +47,7 @@ from .train_io import (
     export_student,
     latest_checkpoint,
     read_json,
+    resume_hint,
     save_grid_png,
     truncate_jsonl,
     write_json_atomic,
@@ -150,6 +151,13 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._old)
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    """DataLoader worker start: ignore SIGTERM. A cluster's time limit (Slurm, ``scancel``) signals the whole
+    process group; a worker that died of it would fail the step before the main process can checkpoint.
+    The main process shuts its workers down itself when it exits."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _set_lr(trainer: DataParallelTrainer, cfg: DistillConfig, step: int, warmup: int) -> None:
     scale = min(1.0, (step + 1) / warmup) if warmup else 1.0
     for opt, lr in ((trainer.opt_student, cfg.lr_student), (trainer.opt_fake, cfg.lr_fake),
@@ -179,7 +187,7 @@ def _resume(trainer: DataParallelTrainer, emas: StudentEMAs, ckpt_dir: Path, env
     path = latest_checkpoint(ckpt_dir)
     if path is None:
         return {}
-    extra = trainer.load_checkpoint(path)
+    extra = trainer.load_checkpoint(path, fix=resume_hint(ckpt_dir, path))
     if extra.get("world_size") != env.world_size:
         raise ValueError(f"{path} was written by {extra.get('world_size')} processes, this run has "
                          f"{env.world_size}: exact resume needs the same number (or start a new --out)")
@@ -260,8 +268,10 @@ def _train(preset: str, dcfg: DistillConfig, rcfg: RunConfig, teacher_path: Path
     start = trainer.step_count
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        truncate_jsonl(log_path, start)
-        truncate_jsonl(fid_log, start)
+        dropped = truncate_jsonl(log_path, start) + truncate_jsonl(fid_log, start)
+        if dropped:  # rows past the checkpoint (they are logged again), or an earlier run without checkpoints
+            print(f"{out / 'logs'}: dropped {dropped} log rows after step {start}, where this run "
+                  f"{'resumes' if start else 'starts afresh'}", file=sys.stderr)
         write_json_atomic(out / "config.json", {
             "preset": preset, "overrides": {k: str(v) for k, v in overrides.items()}, "distill": dcfg.to_dict(),
             "run": dataclasses.asdict(rcfg), "world_size": env.world_size, "device": str(env.device),
@@ -271,7 +281,7 @@ def _train(preset: str, dcfg: DistillConfig, rcfg: RunConfig, teacher_path: Path
                                        start_batch=start, micro_batch=local // accum)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=rcfg.num_workers,
                                          pin_memory=env.device.type == "cuda",
-                                         persistent_workers=rcfg.num_workers > 0,
+                                         persistent_workers=rcfg.num_workers > 0, worker_init_fn=_ignore_sigterm,
                                          generator=torch.Generator().manual_seed(dcfg.seed))  # not the global RNG
     batches = _batches(loader, bool(net.label_dim), env.device)
     g = torch.Generator().manual_seed(SAMPLE_SEED)

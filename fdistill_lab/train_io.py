@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import os
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -57,13 +58,17 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def truncate_jsonl(path: Path, max_step: int) -> None:
-    """Drop rows with ``step > max_step`` (written after the checkpoint a run resumes from)."""
-    if path.is_file():
-        rows = [r for r in read_jsonl(path) if r.get("step", 0) <= max_step]
+def truncate_jsonl(path: Path, max_step: int) -> int:
+    """Drop rows with ``step > max_step`` (written after the checkpoint a run resumes from); returns how many."""
+    if not path.is_file():
+        return 0
+    rows = read_jsonl(path)
+    kept = [r for r in rows if r.get("step", 0) <= max_step]
+    if len(kept) < len(rows):
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, path)
+    return len(rows) - len(kept)
 
 
 class LogWindow:
@@ -107,6 +112,29 @@ def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
     return ckpt_dir / f"ckpt_{step:07d}.pt"
 
 
+def _checkpoints_by_step(ckpt_dir: Path) -> dict[int, Path]:
+    found = {}
+    for p in ckpt_dir.glob("ckpt_*.pt"):
+        m = re.fullmatch(r"ckpt_(\d+)\.pt", p.name)
+        if m:
+            found[int(m.group(1))] = p
+    return dict(sorted(found.items()))
+
+
+def resume_hint(ckpt_dir: Path, bad: Path) -> str:
+    """What to do when the checkpoint ``latest.json`` names is missing or unreadable: resume from another one
+    (the exact pointer to write), or start afresh."""
+    others = [p for p in _checkpoints_by_step(ckpt_dir).items() if p[1].name != bad.name]
+    pointer = ckpt_dir / CKPT_POINTER
+    if not others:
+        return f"no other checkpoint in {ckpt_dir}; to start afresh, use a new --out folder (or delete {ckpt_dir})"
+    step, path = others[-1]
+    names = ", ".join(p.name for _, p in others)
+    return (f"other checkpoints in {ckpt_dir}: {names}. To resume from the newest of them, write "
+            f"{{\"file\": \"{path.name}\", \"step\": {step}}} into {pointer} and rerun (do not delete "
+            f"{pointer} to start afresh in this folder: the old checkpoints would be overwritten)")
+
+
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     """The checkpoint named by ``latest.json`` (written after the file itself), or None for a fresh run."""
     pointer = ckpt_dir / CKPT_POINTER
@@ -114,17 +142,20 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
         return None
     path = ckpt_dir / read_json(pointer)["file"]
     if not path.is_file():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which is missing; delete {pointer} to start "
-                                "afresh or restore the file")
+        raise FileNotFoundError(f"{pointer} names {path.name}, which is missing; restore the file, or "
+                                f"{resume_hint(ckpt_dir, path)}")
     return path
 
 
 def commit_checkpoint(ckpt_dir: Path, path: Path, step: int, keep: int) -> None:
-    """Point ``latest.json`` at ``path`` and delete all but the newest ``keep`` checkpoints."""
+    """Point ``latest.json`` at ``path``; keep the newest ``keep`` checkpoints up to ``step`` and delete the
+    rest, including any of a later step (left by a run that died before moving the pointer to it)."""
     write_json_atomic(ckpt_dir / CKPT_POINTER, {"file": path.name, "step": step})
-    old = sorted(ckpt_dir.glob("ckpt_*.pt"))[:-keep]
-    for p in old:
-        if p != path:
+    ckpts = _checkpoints_by_step(ckpt_dir)
+    committed = [s for s in ckpts if s <= step]
+    keep_steps = set(committed[-keep:]) | {step}
+    for s, p in ckpts.items():
+        if s not in keep_steps:
             p.unlink(missing_ok=True)
 
 

@@ -5,6 +5,7 @@ presets and overrides with clear errors."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -110,18 +111,26 @@ def test_stop_and_resume_equals_uninterrupted_run(assets, tmp_path, rng_mode):
     assert rows[0] == rows[1] and len(rows[0]) == 7
 
 
-def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_exactly(assets, tmp_path):
+@pytest.mark.parametrize("target,workers", [("process", 0), ("group", 2)])
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes_exactly(assets, tmp_path, target, workers):
+    """SIGTERM to the trainer alone, or (as Slurm's time limit and scancel do) to its whole process group,
+    DataLoader workers included: either way a checkpoint is written and the rerun resumes exactly."""
     steps = 16
     args = [sys.executable, "-m", "fdistill_lab.train", "--preset", "tiny", "--teacher", str(assets["teacher"]),
             "--data", str(assets["data"]), "--out", str(tmp_path / "run"), "--steps", str(steps), "--no-progress",
-            "--set", "fid_every=0", "--set", "sample_every=0", "--set", "ckpt_every=1000"]
+            "--set", "fid_every=0", "--set", "sample_every=0", "--set", "ckpt_every=1000",
+            "--set", f"num_workers={workers}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group, as a batch job's
     log = tmp_path / "run" / "logs" / "train.jsonl"
     deadline = time.time() + 60
     while time.time() < deadline and len(read_jsonl(log)) < 3 and proc.poll() is None:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    if target == "group":
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=60)[0]
     assert proc.returncode == EXIT_INTERRUPTED, output
     stopped = _state(tmp_path / "run")["step"]
@@ -311,6 +320,45 @@ def test_npz_data_needs_a_label_map_for_a_conditional_teacher(assets, tmp_path):
     assert train("tiny", assets["teacher"], npz, tmp_path / "identity", settings, progress=False).checkpoint
     with pytest.raises(ValueError, match="npz_label_map applies to downsampled-ImageNet npz data only"):
         open_dataset(assets["data"], npz_label_map="identity")
+
+
+def test_corrupt_newest_checkpoint_points_to_the_older_one_and_that_resumes(assets, tmp_path, capsys):
+    import json
+
+    from fdistill_lab.checkpoint import CheckpointError
+
+    run = tmp_path / "run"
+    _run(assets, run, {"steps": 6, "ckpt_every": 3, "log_every": 1})
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("ckpt_*.pt")) == ["ckpt_0000003.pt", "ckpt_0000006.pt"]
+    (ckpts / "ckpt_0000006.pt").write_bytes(b"truncated")
+    with pytest.raises(CheckpointError, match="ckpt_0000006.pt.*ckpt_0000003.pt.*latest.json") as err:
+        _run(assets, run, {"steps": 8, "ckpt_every": 3, "log_every": 1})
+    # do what the message says: point latest.json at the older checkpoint, rerun
+    pointer = re.search(r"write (\{.*?\}) into", str(err.value)).group(1)
+    (ckpts / "latest.json").write_text(pointer)
+    assert json.loads(pointer) == {"file": "ckpt_0000003.pt", "step": 3}
+    capsys.readouterr()
+    res = _run(assets, run, {"steps": 8, "ckpt_every": 3, "log_every": 1})
+    assert res.step == 8 and "dropped 3 log rows after step 3, where this run resumes" in capsys.readouterr().err
+    assert [r["step"] for r in read_jsonl(run / "logs" / "train.jsonl")] == list(range(1, 9))
+    (ckpts / "latest.json").unlink()
+    (ckpts / "ckpt_0000008.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="latest.json names ckpt_0000008.pt"):
+        (ckpts / "latest.json").write_text(json.dumps({"file": "ckpt_0000008.pt", "step": 8}))
+        _run(assets, run, {"steps": 9})
+
+
+def test_rotation_keeps_committed_checkpoints_over_an_orphan(tmp_path):
+    """A run that died after writing ckpt 6 but before moving the pointer leaves an orphan; resumed from 3
+    and saving 4 with keep=2, rotation must keep 3 and 4 (not 4 and the orphan)."""
+    from fdistill_lab.train_io import commit_checkpoint, latest_checkpoint
+
+    for step in (3, 6, 4):
+        (tmp_path / f"ckpt_{step:07d}.pt").write_bytes(b"x")
+    commit_checkpoint(tmp_path, tmp_path / "ckpt_0000004.pt", 4, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == ["ckpt_0000003.pt", "ckpt_0000004.pt"]
+    assert latest_checkpoint(tmp_path).name == "ckpt_0000004.pt"
 
 
 def test_resume_with_another_world_size_or_config_fails_clearly(assets, tmp_path):
