@@ -195,9 +195,9 @@ def gradient_variance(run: ToyDistiller, divs: Sequence[str], num_batches: int =
 
     All divergences see the same networks and the same batches (z, sigma, noise): only h differs
     (with the run's clipping and normalisation settings; the stage-1 state is read, not updated).
-    Per divergence: ``trace_var`` = E||g_b - mean g||^2, ``rel_var`` = trace_var / ||mean g||^2 (the
-    noise-to-signal ratio of one mini-batch step), ``weight_var`` = mean over batches of Var(h_norm)
-    (Table 1's variance of the weight) and ``grad_norm`` = ||mean g||.
+    Per divergence: ``trace_var`` = E||g_b - E g||^2, ``rel_var`` = trace_var / ||E g||^2 (the noise-to-signal
+    ratio of one mini-batch step, see :func:`noise_to_signal`), ``weight_var`` = mean over batches of
+    Var(h_norm) (Table 1's variance of the weight) and ``grad_norm`` = ||mean g||.
     """
     if num_batches < 2:
         raise ValueError(f"num_batches must be >= 2; got {num_batches}")
@@ -234,12 +234,27 @@ def gradient_variance(run: ToyDistiller, divs: Sequence[str], num_batches: int =
     out = {}
     for d in names:
         G = torch.stack(grads[d]).double()
-        mean = G.mean(0)
-        trace_var = float(((G - mean) ** 2).sum(1).sum() / (G.shape[0] - 1))
-        norm2 = float(mean.pow(2).sum())
-        out[d] = {"trace_var": trace_var, "rel_var": trace_var / norm2 if norm2 > 0 else math.inf,
-                  "weight_var": sum(wvar[d]) / len(wvar[d]), "grad_norm": math.sqrt(norm2)}
+        trace_var, rel_var = noise_to_signal(G)
+        out[d] = {"trace_var": trace_var, "rel_var": rel_var, "weight_var": sum(wvar[d]) / len(wvar[d]),
+                  "grad_norm": float(G.mean(0).norm())}
     return out
+
+
+def noise_to_signal(grads: torch.Tensor) -> tuple[float, float]:
+    """(trace_var, rel_var) of gradients [B, P], one row per mini-batch.
+
+    trace_var = sum of the unbiased per-coordinate variances, an unbiased estimate of E||g_b - E g||^2.
+    rel_var = trace_var / (||mean g||^2 - trace_var / B): the squared norm of the mean overestimates ||E g||^2
+    by trace_var / B, which capped the plain ratio near B and biased it low; inf when the B batches do not
+    resolve the mean gradient above its noise.
+    """
+    if grads.ndim != 2 or grads.shape[0] < 2:
+        raise ValueError(f"need gradients [B >= 2, P]; got shape {tuple(grads.shape)}")
+    g = grads.double()
+    mean = g.mean(0)
+    trace_var = float(((g - mean) ** 2).sum() / (g.shape[0] - 1))
+    signal = float(mean.pow(2).sum()) - trace_var / g.shape[0]
+    return trace_var, trace_var / signal if signal > 0 else math.inf
 
 
 # ---------------------------------------------------------------------------------------- cost

@@ -56,6 +56,30 @@ def test_gradient_variance_matched_state(short_run):
         toy_analysis.gradient_variance(snap, ["nope"], num_batches=2)
 
 
+def test_noise_to_signal_is_not_capped_by_the_number_of_batches():
+    """Gradients g_b = mu + noise with ||mu||^2 = 1 and E||noise||^2 = 10: the true ratio is 10 for every B.
+    The plain trace_var / ||mean g||^2 reads about B / (1 + B/10) (4.4 at B = 8); the corrected one does not."""
+    g = torch.Generator().manual_seed(0)
+    P = 400
+    mu = torch.zeros(P, dtype=torch.float64)
+    mu[0] = 1.0
+    for B in (8, 48):
+        trace, ratio, plain = [], [], []
+        for _ in range(200):
+            G = mu + torch.randn(B, P, generator=g, dtype=torch.float64) * math.sqrt(10 / P)
+            t, r = toy_analysis.noise_to_signal(G)
+            trace.append(t)
+            ratio.append(r)
+            plain.append(t / float(G.mean(0).pow(2).sum()))
+        assert sum(trace) / len(trace) == pytest.approx(10, rel=0.02)
+        assert sorted(ratio)[100] == pytest.approx(10, rel=0.15)  # median over 200 draws
+        assert sum(plain) / len(plain) == pytest.approx(B / (1 + B / 10), rel=0.15)  # the plain ratio's bias
+    noise_only = torch.randn(8, P, generator=g, dtype=torch.float64)
+    assert toy_analysis.noise_to_signal(noise_only)[1] > 50  # no signal: very large or inf
+    with pytest.raises(ValueError, match="B >= 2"):
+        toy_analysis.noise_to_signal(torch.zeros(1, 3))
+
+
 def test_ratio_calibration_against_a_constant_discriminator(short_run):
     snap = toy_analysis.snapshot(short_run["run"])
 
