@@ -112,6 +112,8 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[fl
     if k < 1 or k >= min(len(real), len(fake)):
         raise ValueError(f"need 1 <= k < number of samples; got k={k} with {len(real)} real, {len(fake)} fake")
     r, f = torch.from_numpy(real), torch.from_numpy(fake)
+    if not (bool(torch.isfinite(r).all()) and bool(torch.isfinite(f).all())):
+        raise ValueError("features contain NaN or inf (a diverged generator?)")
     rad_r, rad_f = _knn_radii(r, k), _knn_radii(f, k)
     precision = (torch.cdist(f, r) <= rad_r[None, :]).any(1).double().mean()
     recall = (torch.cdist(r, f) <= rad_f[None, :]).any(1).double().mean()
@@ -126,6 +128,8 @@ def class_statistics(pred: torch.Tensor, target: torch.Tensor | None = None, num
     predictions; freq_error: total-variation distance between predicted and expected class frequencies
     (expected = ``target``'s histogram, or uniform); label_agreement: mean(pred == target).
     """
+    if pred.numel() == 0:
+        raise ValueError("pred holds no predictions")
     counts = torch.bincount(pred.flatten().long(), minlength=num_classes).double()
     freq = counts / counts.sum()
     if target is not None:

@@ -81,6 +81,10 @@ def test_precision_recall_extremes():
     assert p == 1.0 and r < 0.1
     with pytest.raises(ValueError, match="1 <= k"):
         M.precision_recall(real[:3], real[:3], k=3)
+    broken = real.copy()
+    broken[5, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        M.precision_recall(real, broken)
 
 
 def test_class_statistics():
@@ -91,6 +95,8 @@ def test_class_statistics():
     assert collapsed["coverage"] == pytest.approx(0.1) and collapsed["freq_error"] == pytest.approx(0.9)
     assert collapsed["label_agreement"] == pytest.approx(0.1)
     assert "label_agreement" not in M.class_statistics(target)
+    with pytest.raises(ValueError, match="no predictions"):
+        M.class_statistics(target[:0])
 
 
 def test_classifier_learns_digits_and_speed_helper(digits):

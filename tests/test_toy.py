@@ -158,6 +158,8 @@ def test_off_mode_samples_lower_precision(teacher):
     assert m["modes_covered"] == 8
     with pytest.raises(ValueError, match="cover_fraction"):
         mode_metrics(x, teacher, cover_fraction=0)
+    nowhere = mode_metrics(junk, teacher)  # no sample on any mode: the worst mass error, not 0.5
+    assert nowhere["precision"] == 0.0 and nowhere["modes_covered"] == 0 and nowhere["mass_tv"] == 1.0
 
 
 def test_recall_and_kde_helpers():
@@ -166,6 +168,10 @@ def test_recall_and_kde_helpers():
     assert recall(s, t, 0.2) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="radius"):
         recall(s, t, 0.0)
+    with pytest.raises(ValueError, match="NaN"):
+        recall(torch.tensor([[0.0, float("nan")]]), t, 0.2)
+    with pytest.raises(ValueError, match="non-empty"):
+        recall(s[:0], t, 0.2)
     y = torch.randn(7, 2, dtype=torch.float64)
     torch.testing.assert_close(kde_log_prob(s, y, [0.3])[0], student_kde(s, 0.3).log_prob(y))
     with pytest.raises(ValueError, match="at least 4"):

@@ -5,7 +5,8 @@ Definitions (documented in notebook 02):
   within ``radius_std`` (default 3) stds of it; otherwise it is *off-mode*.
 - precision: fraction of student samples that belong to some mode (teacher samples: about 0.989 in 2-D).
 - mode_mass[k]: share of the on-mode samples that belong to mode k (sums to 1); mass_error[k] =
-  mode_mass[k] - w_k; mass_tv = 0.5 sum_k |mass_error[k]| (total variation between mode masses).
+  mode_mass[k] - w_k; mass_tv = 0.5 sum_k |mass_error[k]| (total variation between mode masses; 1, its
+  maximum, when no sample is on a mode).
 - mode k is *covered* if it gets at least ``cover_fraction`` (default 0.25) of its expected share w_k.
 - recall: fraction of fresh teacher samples with a student sample within ``recall_radius_std`` (default 1)
   mode stds.
@@ -63,7 +64,7 @@ def mode_metrics(samples: torch.Tensor, teacher: GaussianMixture, radius_std: fl
         "precision": on / idx.shape[0],
         "mode_mass": mass.tolist(),
         "mass_error": err.tolist(),
-        "mass_tv": 0.5 * float(err.abs().sum()),
+        "mass_tv": 0.5 * float(err.abs().sum()) if on > 0 else 1.0,  # no mode mass at all: the worst case
         "covered": covered.tolist(),
         "modes_covered": int(covered.sum()),
     }
@@ -74,6 +75,11 @@ def recall(samples: torch.Tensor, teacher_samples: torch.Tensor, radius: float) 
     if radius <= 0:
         raise ValueError(f"radius must be > 0; got {radius}")
     s, t = torch.as_tensor(samples).double(), torch.as_tensor(teacher_samples).double()
+    if s.ndim != 2 or t.ndim != 2 or s.shape[1] != t.shape[1] or not len(s) or not len(t):
+        raise ValueError(f"need non-empty samples [N, D] and teacher samples [M, D]; got {tuple(s.shape)}, "
+                         f"{tuple(t.shape)}")
+    if not (bool(torch.isfinite(s).all()) and bool(torch.isfinite(t).all())):
+        raise ValueError("samples contain NaN or inf")
     hit = torch.cat([torch.cdist(chunk, s).min(1).values <= radius for chunk in t.split(1024)])
     return float(hit.double().mean())
 
