@@ -99,9 +99,10 @@ def download(url: str, dest: str | Path, sha256: str | None = None, *, timeout: 
              chunk_size: int = 1 << 20, resume: bool = True, progress: bool = True) -> Path:
     """Download ``url`` to ``dest`` unless it already exists (and matches ``sha256`` when given).
 
-    Data is written to ``dest.part``; an existing ``.part`` is resumed with an HTTP Range request (a server
-    that ignores Range makes it restart). On completion the size is checked against the server's length,
-    the sha256 against ``sha256`` (if given), and the file is renamed atomically to ``dest``.
+    Data is written to ``dest.part``; an existing ``.part`` is resumed with an HTTP Range request, guarded by
+    If-Range with the ETag (or Last-Modified) of the first response, so a file replaced on the server restarts
+    instead of being spliced (as does a server that ignores Range). On completion the size is checked against
+    the server's length, the sha256 against ``sha256`` (if given), and the file is renamed atomically to ``dest``.
     """
     dest = Path(dest)
     if dest.is_file():
@@ -110,10 +111,13 @@ def download(url: str, dest: str | Path, sha256: str | None = None, *, timeout: 
         raise ChecksumError(f"{dest} exists but its sha256 is not {sha256}; delete it to download again")
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    validator_file = dest.with_name(dest.name + ".part.validator")  # the ETag / Last-Modified of the .part
     offset = part.stat().st_size if (resume and part.is_file()) else 0
     headers = {"User-Agent": "fdistill_lab-downloader"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
+        if validator_file.is_file():  # a file changed on the server since then comes back whole (200), not spliced
+            headers["If-Range"] = validator_file.read_text().strip()
     req = urllib.request.Request(url, headers=headers)
     try:
         resp = urllib.request.urlopen(req, timeout=timeout)
@@ -140,11 +144,16 @@ def download(url: str, dest: str | Path, sha256: str | None = None, *, timeout: 
                                     f"({resp.headers.get('Content-Range')!r}, expected {offset})")
             total = _total_from_content_range(resp.headers.get("Content-Range"))
             mode = "ab"
-        else:  # full content (also when the server ignored Range)
+        else:  # full content (also when the server ignored Range, or the file changed: If-Range)
             offset = 0
             length = resp.headers.get("Content-Length")
             total = int(length) if length is not None else None
             mode = "wb"
+            validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
+            if validator and not validator.startswith("W/"):  # weak ETags cannot validate byte ranges
+                validator_file.write_text(validator)
+            else:
+                validator_file.unlink(missing_ok=True)
         done = offset
         last_report = -1
         try:
@@ -170,6 +179,7 @@ def download(url: str, dest: str | Path, sha256: str | None = None, *, timeout: 
 
 
 def _finish(part: Path, dest: Path, sha256: str | None, url: str) -> Path:
+    part.with_name(part.name + ".validator").unlink(missing_ok=True)
     if sha256 is not None:
         got = sha256_file(part)
         if got != sha256.lower():

@@ -27,13 +27,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         cls = type(self)
-        cls.log.append({"path": self.path, "range": self.headers.get("Range")})
+        cls.log.append({"path": self.path, "range": self.headers.get("Range"),
+                        "if_range": self.headers.get("If-Range")})
         data = cls.files.get(self.path)
         if data is None:
             self.send_error(404, "Not Found")
             return
         start = 0
         rng = self.headers.get("Range")
+        etag = f'"{hashlib.sha256(data).hexdigest()[:16]}"'
+        if_range = self.headers.get("If-Range")
+        if if_range is not None and if_range != etag:  # the file changed: send it whole (RFC 9110 If-Range)
+            rng = None
         if rng and cls.honour_range:
             start = int(rng.split("=")[1].split("-")[0])
             if start >= len(data):
@@ -48,6 +53,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
         body = data[start:]
         self.send_header("Content-Length", str(len(body)))
+        self.send_header("ETag", etag)
         self.end_headers()
         if cls.cut_after is not None:
             self.wfile.write(body[:cls.cut_after])
@@ -99,6 +105,21 @@ def test_resume_after_cut_connection(tmp_path, server):
     dl.download(f"{base}/f.bin", dest, SHA, progress=False)
     assert dest.read_bytes() == PAYLOAD and not part.exists()
     assert handler.log[-1]["range"] == f"bytes={have}-"
+
+
+def test_resume_of_a_file_changed_on_the_server_restarts_instead_of_splicing(tmp_path, server):
+    handler, base = server
+    dest = tmp_path / "f.bin"
+    handler.cut_after = 100_000
+    with pytest.raises(dl.DownloadError, match="resume"):
+        dl.download(f"{base}/f.bin", dest, progress=False, chunk_size=4096)
+    assert dest.with_name("f.bin.part.validator").is_file()
+    new = bytes(reversed(PAYLOAD))
+    handler.files = {"/f.bin": new}  # a new upload under the same URL
+    dl.download(f"{base}/f.bin", dest, progress=False)
+    assert dest.read_bytes() == new  # not the old prefix + the new tail
+    assert handler.log[-1]["if_range"] is not None
+    assert not dest.with_name("f.bin.part.validator").exists()
 
 
 def test_server_ignoring_range_restarts_cleanly(tmp_path, server):
