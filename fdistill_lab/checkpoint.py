@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .records import fsync_dir
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read or does not hold what was expected."""
@@ -29,24 +31,11 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)  # the rename itself survives a power loss
+        fsync_dir(path.parent)  # the rename itself survives a power loss
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # platforms that cannot open a folder (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_file(path: str | os.PathLike, what: str = "checkpoint", fix: str = "delete it and rerun",

@@ -1,16 +1,17 @@
 """Record a notebook's key numbers in ``<output_dir>/results.json`` (a tiny scrapbook replacement).
 
 ``record(output_dir, name, value)`` merges one entry atomically (write a temporary file in the same
-folder, then ``os.replace``) and displays it; ``read_records(output_dir)`` returns the dict. Tests
+folder, fsync, ``os.replace``, fsync the folder) and displays it; ``read_records(output_dir)`` returns the dict. Tests
 and later notebooks read these numbers (notebook_conventions.md section 7).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -60,22 +61,43 @@ def read_records(output_dir: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """JSON to ``path`` via a temporary file in the same folder, fsync and ``os.replace``: readers see the
-    old or the new file, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Flush ``folder``'s entries (a rename into it) to disk; a no-op only where folders cannot be synced."""
+    if os.name == "nt":  # Windows cannot open a folder as a file
+        return
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.write("\n")
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):  # file systems without folder fsync
+            raise
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder, fsync, ``os.replace`` and a fsync of
+    the folder: readers see the old or the new file, never a partial one, and the new one survives a crash.
+    The file's mode follows the umask like any newly created file (``0o666 & ~umask``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # not mkstemp, whose 0o600 would stick
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """JSON to ``path`` atomically and durably (see ``write_text_atomic``)."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _display(name: str, value: Any) -> None:

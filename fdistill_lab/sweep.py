@@ -9,8 +9,10 @@ it across sessions and grids; the slug of the varied ones is for people) and the
 its ``results.json`` (written atomically by ``fdistill_lab.records.record``) is readable and the status
 file ``sweep_status.json``, written last, says ``done``. Finished runs are skipped, so a sweep can be
 interrupted and resumed; unfinished folders are wiped and rerun. A failing run is kept with its error
-(``status failed`` plus ``error.txt``) and does not stop the sweep. ``collect(out)`` gathers the
-parameters, status and scalar records of every run into ``<out>/sweep.csv``.
+(``status failed`` plus ``error.txt``) and does not stop the sweep. A run whose worker process dies (e.g.
+killed by the out-of-memory killer) fails the same way; the runs that this death interrupts in other workers
+rerun in a fresh process pool. ``collect(out)`` gathers the parameters, status and scalar records of every
+run into ``<out>/sweep.csv``.
 """
 
 from __future__ import annotations
@@ -22,24 +24,27 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from multiprocessing import get_context
+from multiprocessing import active_children, get_context
 from pathlib import Path
 from typing import Any
 
 from .notebook import SUPPORTED_TYPES, check_value
-from .records import RESULTS_FILE, read_records, write_json_atomic
+from .records import RESULTS_FILE, read_records, write_json_atomic, write_text_atomic
 
 RUNS_DIR = "runs"
 PARAMS_FILE = "params.json"
 STATUS_FILE = "sweep_status.json"
 ERROR_FILE = "error.txt"
 EXECUTED_FILE = "executed.ipynb"
+WORKER_FILE = ".worker.pid"
 TABLE_FILE = "sweep.csv"
 MAX_LIST_LEN = 16  # longer lists (histories) stay out of the table; read them with read_records(run_dir)
 RESERVED = ("output_dir",)
@@ -178,6 +183,7 @@ def execute_run(notebook: str, run_dir: str, params: dict[str, Any], cwd: str, k
     if run.exists():
         shutil.rmtree(run)  # leftovers of an interrupted or failed attempt
     run.mkdir(parents=True)
+    (run / WORKER_FILE).write_text(str(os.getpid()))  # which process ran it, should that process die
     write_json_atomic(run / PARAMS_FILE, params)
     t0 = time.perf_counter()
     error = None
@@ -249,36 +255,101 @@ def run_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence[Any]] | S
 
 
 LOCK_FILE = ".sweep.lock"
+MUTEX_FILE = ".sweep.lock.mutex"  # flock'ed while a lock is taken or given back; never deleted
+_HELD: set[str] = set()  # lock files this process holds (its threads share one pid)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def _lock_pid(path: Path) -> int | None:
+    """The pid written in a lock file; None if the file is missing, empty or not an integer."""
+    try:
+        return int(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def _running_pid(out: Path) -> int | None:
     """Process id of a live sweep holding ``out``'s lock, else None (a stale lock is ignored)."""
-    try:
-        pid = int((out / LOCK_FILE).read_text().strip())
-    except (FileNotFoundError, ValueError):
+    path = out / LOCK_FILE
+    pid = _lock_pid(path)
+    if pid is None:
         return None
     if pid == os.getpid():
-        return None
+        return pid if str(path.resolve()) in _HELD else None  # else a dead process's pid, reused by us
+    return pid if _pid_alive(pid) else None
+
+
+@contextmanager
+def _mutex(out: Path) -> Iterator[None]:
+    """Serialise lock checks, takeovers and releases on ``out`` (so none sees a half-written lock file)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid
-    return pid
+        import fcntl
+    except ImportError:
+        raise RuntimeError(f"sweeps need fcntl.flock to lock their folder (Linux, macOS); {sys.platform} "
+                           "lacks it") from None
+    fd = os.open(out / MUTEX_FILE, os.O_CREAT | os.O_RDWR, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _refuse(out: Path, pid: int) -> RuntimeError:
+    return RuntimeError(f"another sweep (process {pid}) is running in {out}; wait for it or stop it first "
+                        f"(if no sweep is running there, the lock is stale: delete {out / LOCK_FILE})")
+
+
+def _acquire_lock(out: Path) -> None:
+    """Create ``out``'s lock file holding this pid, taking over a stale one; RuntimeError if a live sweep holds it."""
+    path = out / LOCK_FILE
+    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY
+    with _mutex(out):
+        try:
+            fd = os.open(path, flags, 0o666)
+        except FileExistsError:
+            pid = _running_pid(out)
+            if pid is not None:
+                raise _refuse(out, pid) from None
+            path.unlink(missing_ok=True)  # stale: its process is gone (or it holds no valid pid)
+            try:
+                fd = os.open(path, flags, 0o666)
+            except FileExistsError:
+                raise RuntimeError(f"another process created {path} while this sweep replaced a stale lock there; "
+                                   "wait for that sweep or stop it first") from None
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        _HELD.add(str(path.resolve()))
+
+
+def _release_lock(out: Path) -> None:
+    """Delete ``out``'s lock file if it still holds this process's pid."""
+    path = out / LOCK_FILE
+    with _mutex(out):
+        _HELD.discard(str(path.resolve()))
+        if _lock_pid(path) == os.getpid():
+            path.unlink()
 
 
 @contextmanager
 def _lock(out: Path) -> Iterator[None]:
     """One sweep per folder at a time: two would wipe each other's unfinished runs."""
-    pid = _running_pid(out)
-    if pid is not None:
-        raise RuntimeError(f"another sweep (process {pid}) is running in {out}; wait for it or stop it first")
-    (out / LOCK_FILE).write_text(str(os.getpid()))
+    _acquire_lock(out)
     try:
         yield
     finally:
-        (out / LOCK_FILE).unlink(missing_ok=True)
+        _release_lock(out)
 
 
 def _execute_planned(notebook: Path, planned: list[tuple[dict[str, Any], Path]], out: Path, jobs: int,
@@ -305,18 +376,9 @@ def _execute_planned(notebook: Path, planned: list[tuple[dict[str, Any], Path]],
                 rows[a[1]] = (a[2], execute_run(*a))
                 bar.update()
         else:
-            with ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=get_context("spawn")) as pool:
-                pending: dict[Future, tuple] = {pool.submit(execute_run, *a): a for a in args}
-                try:
-                    while pending:
-                        finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                        for fut in finished:
-                            a = pending.pop(fut)
-                            rows[a[1]] = (a[2], fut.result())
-                            bar.update()
-                except BaseException:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise
+            while args:  # a fresh pool for the runs a dead worker process took down with it
+                broken, workers = _pool_round(args, jobs, rows, bar)
+                args = _after_break(broken, workers, rows, bar, verbose)
     finally:
         bar.close()
     failed = [(d, s["error"]) for d, (_, s) in rows.items() if s["status"] == "failed"]
@@ -328,6 +390,97 @@ def _execute_planned(notebook: Path, planned: list[tuple[dict[str, Any], Path]],
     table = _table([(d, *rows[str(d)]) for _, d in planned])
     table.attrs.update(skipped=skipped, ran=len(todo), failed=len(failed))
     return table
+
+
+def _pool_round(args: list[tuple], jobs: int, rows: dict, bar) -> tuple[list[tuple], dict[int, Any]]:
+    """Run ``args`` in one process pool, filling ``rows``; return the runs lost when a worker process died
+    (the pool is then broken) and the pool's processes by pid."""
+    for a in args:
+        (Path(a[1]) / WORKER_FILE).unlink(missing_ok=True)  # present afterwards = started in this pool
+    before = set(active_children())
+    workers: dict[int, Any] = {}
+    broken: list[tuple] = []
+    with ProcessPoolExecutor(max_workers=min(jobs, len(args)), mp_context=get_context("spawn")) as pool:
+        try:
+            pending: dict[Future, tuple] = {}
+            for i, a in enumerate(args):
+                try:
+                    pending[pool.submit(execute_run, *a)] = a
+                except BrokenProcessPool:
+                    broken.extend(args[i:])
+                    break
+            while pending:
+                workers.update((p.pid, p) for p in active_children() if p not in before)
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    a = pending.pop(fut)
+                    try:
+                        rows[a[1]] = (a[2], fut.result())
+                        bar.update()
+                    except BrokenProcessPool:
+                        broken.append(a)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return broken, workers
+
+
+def _after_break(broken: list[tuple], workers: dict[int, Any], rows: dict, bar, verbose: bool) -> list[tuple]:
+    """Sort the runs of a broken pool: finished ones go to ``rows``; those whose own worker died are marked
+    failed; those interrupted (their worker terminated by the pool: SIGTERM) or not started are returned to
+    rerun. If no dead worker can be matched to a run, every started run is marked failed (every queued one
+    if none started), so each broken pool retires at least one run."""
+    if not broken:
+        return []
+    started, dead = [], {}
+    for a in broken:
+        run = Path(a[1])
+        try:
+            pid = int((run / WORKER_FILE).read_text())
+        except (FileNotFoundError, ValueError):
+            continue  # never started in that pool
+        status = run_status(run)
+        if status["status"] in ("done", "failed"):  # finished just before the pool broke
+            rows[a[1]] = (a[2], status)
+            bar.update()
+            continue
+        started.append(a)
+        proc = workers.get(pid)
+        if proc is None or proc.exitcode != -signal.SIGTERM:
+            dead[a[1]] = proc.exitcode if proc is not None else None
+    if not dead:
+        dead = dict.fromkeys(a[1] for a in (started or [a for a in broken if a[1] not in rows]))
+    for a in broken:
+        if a[1] in dead:
+            rows[a[1]] = (a[2], _mark_died(Path(a[1]), a[2], dead[a[1]]))
+            bar.update()
+    rerun = [a for a in broken if a[1] not in rows]
+    if verbose:
+        print(f"a worker process died: {len(dead)} run(s) marked failed, {len(rerun)} to rerun in a fresh pool")
+    return rerun
+
+
+def _mark_died(run: Path, params: dict[str, Any], exitcode: int | None) -> dict[str, Any]:
+    """Write the failed status (and error.txt) of a run whose worker process died with ``exitcode``."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            how = f"killed by {signal.Signals(-exitcode).name}, out of memory?"
+        except ValueError:  # a signal number without a name
+            how = f"killed by signal {-exitcode}, out of memory?"
+    elif exitcode is not None:
+        how = f"exit code {exitcode}"
+    else:
+        how = "killed, out of memory?"
+    error = f"worker process died ({how}); rerun the sweep to retry"
+    marker = run / WORKER_FILE
+    seconds = round(time.time() - marker.stat().st_mtime, 3) if marker.exists() else None
+    run.mkdir(parents=True, exist_ok=True)
+    if not (run / PARAMS_FILE).exists():
+        write_json_atomic(run / PARAMS_FILE, params)
+    (run / ERROR_FILE).write_text(error + "\n")
+    status = {"status": "failed", "seconds": seconds, "error": error, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_json_atomic(run / STATUS_FILE, status)
+    return status
 
 
 def plan(notebook: str | os.PathLike, grid: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]],
@@ -402,10 +555,11 @@ def start_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence[Any]] |
     """
     _, planned = plan(notebook, grid, out_dir, kwargs.get("base_params"), kwargs.get("smoke"))
     out = Path(out_dir)
-    pid = _running_pid(out)
-    if pid is not None:
-        raise RuntimeError(f"another sweep (process {pid}) is running in {out}; wait for it or stop it first")
     (out / RUNS_DIR).mkdir(parents=True, exist_ok=True)
+    with _mutex(out):
+        pid = _running_pid(out)
+    if pid is not None:
+        raise _refuse(out, pid)
     kwargs = {**kwargs, "progress": False}
     proc = get_context("spawn").Process(target=_background, args=(str(out / "sweep.log"), (notebook, grid, out_dir),
                                                                  kwargs), daemon=False)
@@ -463,9 +617,7 @@ def collect(out_dir: str | os.PathLike, write: bool = True):
         entries.append((run_dir, params, run_status(run_dir)))
     table = _table(entries)
     if write:
-        tmp = out / f".{TABLE_FILE}.tmp"
-        table.to_csv(tmp, index=False)
-        os.replace(tmp, out / TABLE_FILE)
+        write_text_atomic(out / TABLE_FILE, table.to_csv(index=False))
     return table
 
 
@@ -479,6 +631,9 @@ def _parse_assignments(items: Sequence[str], declared: Mapping[str, str], multi:
         key = key.strip()
         if key not in declared:
             raise SystemExit(f"{flag} {key!r}: unknown parameter; the notebook declares: {', '.join(sorted(declared))}")
+        if key in out:
+            once = f"give all its values in one {flag} {key}=V1,V2,..." if multi else f"give one {flag} {key}=VALUE"
+            raise SystemExit(f"{flag} {key!r} is given more than once; {once}")
         kind = declared[key]
         texts = [t for t in raw.split(",")] if multi else [raw]
         try:

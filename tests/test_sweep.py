@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -11,6 +14,7 @@ import pandas as pd
 import pytest
 
 from fdistill_lab import sweep
+from fdistill_lab.records import read_records
 
 pytestmark = pytest.mark.notebooks  # starts real kernels (about 15 papermill runs of a two-cell notebook)
 
@@ -148,6 +152,15 @@ def test_command_line(tiny, tmp_path, capsys):
         sweep.main([str(tiny), "--grid", "fail=maybe", "--out", str(out)])
 
 
+def test_command_line_refuses_repeated_keys(tiny, tmp_path):
+    out = tmp_path / "cli"
+    with pytest.raises(SystemExit, match="--grid 'a' is given more than once; give all its values in one --grid a="):
+        sweep.main([str(tiny), "--grid", "a=0,1", "--grid", "a=2", "--out", str(out)])
+    with pytest.raises(SystemExit, match="--param 'b' is given more than once; give one --param b=VALUE"):
+        sweep.main([str(tiny), "--grid", "a=0", "--param", "b=x", "--param", "b=y", "--out", str(out)])
+    assert not out.exists()
+
+
 def test_parse_value():
     assert sweep.parse_value("3", "int") == 3 and sweep.parse_value("1e-3", "float") == 1e-3
     assert sweep.parse_value("True", "bool") is True and sweep.parse_value("false", "bool") is False
@@ -175,3 +188,94 @@ def test_one_sweep_per_folder(tiny, tmp_path):
         sweep.start_sweep(tiny, {"a": [1]}, out)
     (out / sweep.LOCK_FILE).write_text("999999999")  # stale: no such process
     assert sweep._running_pid(out) is None
+
+
+def _race_for_lock(out: str, start, attempted, won) -> None:
+    start.wait()
+    try:
+        sweep._acquire_lock(Path(out))
+    except RuntimeError:
+        attempted.wait()
+        return
+    won.put(os.getpid())
+    attempted.wait()  # hold the lock until every racer has tried
+    sweep._release_lock(Path(out))
+
+
+def test_lock_admits_one_of_many_simultaneous_sweeps(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    racers = 3
+    for i in range(20):
+        out = tmp_path / f"race{i}"
+        out.mkdir()
+        start, attempted, won = ctx.Barrier(racers, timeout=30), ctx.Barrier(racers, timeout=30), ctx.Queue()
+        procs = [ctx.Process(target=_race_for_lock, args=(str(out), start, attempted, won)) for _ in range(racers)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert [p.exitcode for p in procs] == [0] * racers
+        winners = []
+        while not won.empty():
+            winners.append(won.get())
+        assert len(winners) == 1, f"trial {i}: {len(winners)} sweeps got the lock"
+        assert not (out / sweep.LOCK_FILE).exists()
+
+
+def test_stale_lock_is_taken_over_and_live_one_kept(tmp_path):
+    lock = tmp_path / sweep.LOCK_FILE
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    for stale in (dead.stdout.strip(), "999999999", "0", "-5", "", "junk", str(os.getpid())):
+        lock.write_text(stale)
+        with sweep._lock(tmp_path):
+            assert lock.read_text() == str(os.getpid())
+            with pytest.raises(RuntimeError, match=f"process {os.getpid()}"):  # this very process holds it
+                sweep._acquire_lock(tmp_path)
+        assert not lock.exists()
+
+    lock.write_text(str(os.getppid()))  # a live process
+    with pytest.raises(RuntimeError, match=f"process {os.getppid()}.*delete .*{sweep.LOCK_FILE}"):
+        sweep._acquire_lock(tmp_path)
+    assert lock.read_text() == str(os.getppid())
+    lock.unlink()
+
+    with sweep._lock(tmp_path):
+        lock.write_text(str(os.getppid()))  # someone else's lock now: leaving must not delete it
+    assert lock.read_text() == str(os.getppid())
+
+
+DYING = '''import os, signal, time
+from pathlib import Path
+from fdistill_lab.records import record
+log = Path(output_dir).parent.parent / "starts.log"
+with open(log, "a") as fh:
+    fh.write(f"{a}\\n")
+if die:  # once the other worker is busy too, die like a worker taken by the out-of-memory killer
+    while len(log.read_text().split()) < 2:
+        time.sleep(0.05)
+    os.kill(os.getppid(), signal.SIGKILL)
+if a == 1 and log.read_text().split().count("1") == 1:
+    time.sleep(60)  # its first attempt is still running when the other worker dies
+record(output_dir, "a", a)'''
+
+
+def test_dead_worker_fails_its_run_only(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('a: int = 0  # a\ndie: bool = False  # d\noutput_dir: str = "o"  # o')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(DYING)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path = tmp_path / "dying.ipynb"
+    nbformat.write(nb, path)
+    out = tmp_path / "out"
+    table = sweep.run_sweep(path, [{"a": 0, "die": True}, {"a": 1}, {"a": 2}], out, jobs=2, progress=False)
+    assert table.attrs == {"skipped": 0, "ran": 3, "failed": 1}
+    assert list(table.status) == ["failed", "done", "done"] and list(table["a"]) == [0, 1, 2]
+    assert table.error[0] == "worker process died (killed by SIGKILL, out of memory?); rerun the sweep to retry"
+    assert "worker process died" in (Path(table.run_dir[0]) / sweep.ERROR_FILE).read_text()
+    assert read_records(table.run_dir[1]) == {"a": 1} and read_records(table.run_dir[2]) == {"a": 2}
+    assert sorted((out / "starts.log").read_text().split()) == ["0", "1", "1", "2"]  # the interrupted run reran
+    csv = pd.read_csv(out / sweep.TABLE_FILE)
+    assert sorted(zip(csv.a, csv.status)) == [(0, "failed"), (1, "done"), (2, "done")]
+    assert not (out / sweep.LOCK_FILE).exists()
