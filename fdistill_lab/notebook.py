@@ -111,8 +111,8 @@ def _smoke_from_env() -> bool | None:
         return None
     if raw.strip().lower() in ("1", "true", "yes"):
         return True
-    if raw.strip().lower() in ("0", "false", "no"):
-        return False
+    if raw.strip().lower() in ("0", "false", "no"):  # no forcing: the notebook's own smoke parameter decides
+        return None
     raise ValueError(f"{SMOKE_ENV} must be 1 or 0; got {raw!r}")
 
 

@@ -53,6 +53,6 @@ def mode_seeking_widget(div: str = "js", separation: float = 4.0, weight: float 
         div=w.Dropdown(options=list(PAPER_NAMES), value=div, description="divergence"),
         separation=w.FloatSlider(value=separation, min=1.0, max=6.0, step=0.5, description="mode separation",
                                  continuous_update=False, style=style),
-        weight=w.FloatSlider(value=weight, min=0.5, max=0.9, step=0.05, description="weight of left mode",
+        weight=w.FloatSlider(value=weight, min=0.5, max=max(0.95, weight), step=0.05, description="weight of left mode",
                              continuous_update=False, style=style),
     )

@@ -94,6 +94,28 @@ def test_strip_source_stubs_and_validates_markers():
         student.strip_source("### BEGIN SOLUTION\nx = 1")
     with pytest.raises(ValueError, match="without a matching BEGIN"):
         student.strip_source("x = 1\n### END SOLUTION")
+    # nbgrader's rule: the marker text anywhere in the line, whatever the comment prefix
+    for begin, end in [("#### BEGIN SOLUTION", "#### END SOLUTION"), ("###BEGIN SOLUTION", "# END SOLUTION")]:
+        stubbed = student.strip_source(f"{begin}\nsecret = 42\n{end}\n")
+        assert stubbed == "# YOUR CODE HERE\nraise NotImplementedError()\n"
+
+
+def test_student_notebook_refuses_unmarked_solutions_and_stubs_markdown():
+    tagged = nbformat.v4.new_code_cell("answer = 42")
+    tagged.metadata["tags"] = ["solution"]
+    with pytest.raises(ValueError, match="tagged 'solution' but has no BEGIN SOLUTION"):
+        student.student_notebook(nbformat.v4.new_notebook(cells=[tagged]))
+    md = nbformat.v4.new_markdown_cell("Why?\n<!-- BEGIN SOLUTION -->\nBecause h = 1.\n<!-- END SOLUTION -->")
+    out = student.student_notebook(nbformat.v4.new_notebook(cells=[md]))
+    assert out.cells[0].source == "Why?\nYOUR ANSWER HERE" and "Because" not in out.cells[0].source
+
+
+def test_student_copies_never_overwrite_the_sources(tmp_path):
+    src = tmp_path / "nbs"
+    src.mkdir()
+    (src / NB01.name).write_bytes(NB01.read_bytes())
+    assert student.main([str(src), str(src)]) == 2
+    assert (src / NB01.name).read_bytes() == NB01.read_bytes()  # solutions intact
 
 
 def test_student_copies_written(tmp_path):

@@ -23,11 +23,38 @@ def test_handouts_smoke_notebook_01(tmp_path, capsys):
     prepare_environment()
     assert handouts.main(["--smoke", "--only", "01_f_divergences", "--build", str(tmp_path)]) == 0
     assert "01_f_divergences: executed in" in capsys.readouterr().out
-    assert (tmp_path / "executed" / "01_f_divergences.ipynb").is_file()
-    assert read_records(tmp_path / "outputs" / "01_f_divergences")["gradient_identity_max_abs_error"] < 1e-5
-    instructor = (tmp_path / "html" / "instructor" / "01_f_divergences.html").read_text()
-    pupil = (tmp_path / "html" / "student" / "01_f_divergences.html").read_text()
+    root = tmp_path / "handouts" / "smoke"  # apart from full builds and from the test harness' build/executed
+    assert (root / "executed" / "01_f_divergences.ipynb").is_file()
+    assert read_records(root / "outputs" / "01_f_divergences")["gradient_identity_max_abs_error"] < 1e-5
+    instructor = (root / "html" / "instructor" / "01_f_divergences.html").read_text()
+    pupil = (root / "html" / "student" / "01_f_divergences.html").read_text()
     assert instructor.count("BEGIN SOLUTION") == 2 and "BEGIN SOLUTION" not in pupil
     assert pupil.count("YOUR CODE HERE") == 2 and "NotImplementedError" in pupil
     for html in (instructor, pupil):
         assert html.count("data:image/png;base64") >= 7
+
+
+@pytest.mark.notebooks
+@pytest.mark.timeout(240)
+def test_a_failing_notebook_is_rendered_and_the_next_one_still_runs(tmp_path, capsys):
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    prepare_environment()
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    for name, body in [("01_bad", "raise RuntimeError('boom')"), ("02_good", "print('fine')")]:
+        params = new_code_cell('smoke = False\noutput_dir = "out"')
+        params.metadata["tags"] = ["parameters"]
+        nb = new_notebook(cells=[params, new_code_cell(body)])
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, nbs / f"{name}.ipynb")
+    stale = tmp_path / "build" / "handouts" / "full" / "outputs" / "02_good" / "stale.txt"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("from an earlier build")
+    assert handouts.main(["--notebooks", str(nbs), "--build", str(tmp_path / "build")]) == 1
+    out, err = capsys.readouterr()
+    assert "01_bad: FAILED (RuntimeError: boom)" in out and "02_good: executed" in out and "01_bad" in err
+    html = tmp_path / "build" / "handouts" / "full" / "html" / "instructor"
+    assert "boom" in (html / "01_bad.html").read_text() and "fine" in (html / "02_good.html").read_text()
+    assert not stale.exists()  # every notebook starts from a fresh output folder

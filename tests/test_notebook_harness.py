@@ -78,6 +78,9 @@ def test_smoke_env_and_seeding(tmp_path, monkeypatch):
     assert cfg.smoke and ns["smoke"] is True and cfg.pick(full=100, smoke=2) == 2
     setup_notebook(_ns(tmp_path, seed=7), quiet=True)
     assert torch.equal(a, torch.rand(3))
+    monkeypatch.setenv("FDISTILL_SMOKE", "0")  # does not force smoke off: an explicit -p smoke True wins
+    assert setup_notebook(_ns(tmp_path, smoke=True), quiet=True).smoke
+    assert not setup_notebook(_ns(tmp_path), quiet=True).smoke
     monkeypatch.setenv("FDISTILL_SMOKE", "maybe")
     with pytest.raises(ValueError, match="FDISTILL_SMOKE must be 1 or 0"):
         setup_notebook(_ns(tmp_path), quiet=True)

@@ -16,6 +16,8 @@ def test_static_fit_and_control():
     assert fit.divergence == "rkl" and len(fit.mean) == 21
     control = widgets.mode_seeking_widget("jensen-shannon", 4.0, 0.8, steps=5)
     assert control.children[0].value == "js" and control.children[2].value == 0.8
+    heavy = widgets.mode_seeking_widget("js", 4.0, 0.97, steps=5)  # the notebook accepts weights up to < 1
+    assert heavy.children[2].value == 0.97  # shown as given, not clamped to the slider's range
 
 
 def test_bad_divergence_and_missing_ipywidgets(monkeypatch, capsys):
