@@ -34,7 +34,9 @@ def modes_kept_by_divergence(separation: float = 4.0, weight: float = 0.8, std: 
 
 
 def fallback(student_fn: Callable[..., Any], reference_fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Call ``student_fn``; if it raises NotImplementedError, say so once and use ``reference_fn`` from then on."""
+    """Call ``student_fn``; if it raises the exercise stub's bare ``NotImplementedError()``, say so once and use
+    ``reference_fn`` from then on. A NotImplementedError with a message (e.g. torch's, for an unsupported
+    dtype inside the student's code) is the student's bug to see, not a missing exercise: it propagates."""
     state = {"use_reference": False}
 
     @functools.wraps(student_fn)
@@ -42,7 +44,9 @@ def fallback(student_fn: Callable[..., Any], reference_fn: Callable[..., Any]) -
         if not state["use_reference"]:
             try:
                 return student_fn(*args, **kwargs)
-            except NotImplementedError:
+            except NotImplementedError as exc:
+                if exc.args:
+                    raise
                 state["use_reference"] = True
                 name = getattr(reference_fn, "__qualname__", repr(reference_fn))
                 print(f"{getattr(student_fn, '__name__', 'exercise')} is not implemented yet: "

@@ -84,6 +84,14 @@ def test_fallback_uses_reference_only_when_not_implemented(capsys):
     with pytest.raises(ZeroDivisionError):
         reference.fallback(broken, reference.h_js)(torch.tensor([1.0]))
 
+    def unsupported(r):  # a library's NotImplementedError inside the student's code is not the stub
+        raise NotImplementedError("op not implemented for 'ComplexHalf'")
+
+    h = reference.fallback(unsupported, reference.h_js)
+    with pytest.raises(NotImplementedError, match="ComplexHalf"):
+        h(torch.tensor([1.0]))
+    assert not h.uses_reference()
+
 
 def test_strip_source_stubs_and_validates_markers():
     src = "def f(x):\n    y = 1\n    ### BEGIN SOLUTION\n    return x + y\n    ### END SOLUTION\n"
