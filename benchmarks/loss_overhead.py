@@ -11,6 +11,10 @@ The weighting is a fixed cost of about 20 small ops on B numbers, independent of
 2-core CPU one call takes 0.11-0.15 ms when repeated alone but 0.31-0.36 ms right after a loss (whose
 ~30 MB of traffic leaves the caches cold for the next small ops), so the overhead on this bare 3-4 ms loss
 is that larger figure: +11% to +21% (medians of three runs).
+glibc's allocator adds noise of its own: the loss frees and re-allocates 3 MB buffers, and depending on where
+small tensors land, those come back as fresh pages (thousands of page faults a call). Then even one extra tiny
+op reads as +10%; with the allocator pinned (MALLOC_MMAP_THRESHOLD_=1000000000
+MALLOC_TRIM_THRESHOLD_=1000000000000 in the environment) it is +0.7% and the weighting steadily +15-20%.
 The issue 7 target (JS under 3% over reverse KL) is on the whole training iteration, which
 ``scripts/gpu_check.py`` measures (``--device cpu --tiny`` runs it on a CPU).
 
