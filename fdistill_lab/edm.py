@@ -21,24 +21,28 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _check_sigma(sigma: torch.Tensor, name: str = "sigma") -> None:
-    if torch.is_tensor(sigma) and sigma.numel() and bool((sigma <= 0).any()):
-        raise ValueError(f"{name} must be > 0 everywhere; got min {float(sigma.min()):.3g}")
-    if not torch.is_tensor(sigma) and sigma <= 0:
-        raise ValueError(f"{name} must be > 0; got {sigma}")
+    """ValueError unless every sigma is finite and > 0 (NaN and inf included)."""
+    if torch.is_tensor(sigma) and sigma.numel() and not bool(((sigma > 0) & sigma.isfinite()).all()):
+        raise ValueError(f"{name} must be finite and > 0 everywhere; got values in [{float(sigma.min()):.3g}, "
+                         f"{float(sigma.max()):.3g}]" + (" and NaN" if bool(sigma.isnan().any()) else ""))
+    if not torch.is_tensor(sigma) and not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"{name} must be finite and > 0; got {sigma}")
 
 
 def as_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
-    """Broadcast a scalar or per-sample sigma [B] to x's shape [B, 1, ..., 1] (same dtype/device as x)."""
+    """A scalar or per-sample sigma ([B], or [B, 1, ..., 1]) as [B, 1, ..., 1] for x [B, ...] (x's dtype/device).
+
+    Any other shape is a ValueError: a [B, 1] sigma with 4-D images would otherwise broadcast along the
+    image width instead of the batch.
+    """
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     if sigma.ndim == 0:
         sigma = sigma.expand(x.shape[0])
-    if sigma.ndim == 1:
-        if sigma.shape[0] != x.shape[0]:
-            raise ValueError(f"sigma has {sigma.shape[0]} entries but x has batch size {x.shape[0]}")
-        sigma = sigma.reshape(-1, *([1] * (x.ndim - 1)))
-    elif sigma.shape[0] != x.shape[0]:
-        raise ValueError(f"sigma shape {tuple(sigma.shape)} does not match x shape {tuple(x.shape)}")
-    return sigma
+    per_sample = sigma.ndim <= x.ndim and sigma.shape[0] == x.shape[0] and all(n == 1 for n in sigma.shape[1:])
+    if not per_sample:
+        raise ValueError(f"sigma must be a scalar or one value per sample ([{x.shape[0]}] or [{x.shape[0]}, 1, ...]) "
+                         f"for x of shape {tuple(x.shape)}; got shape {tuple(sigma.shape)}")
+    return sigma.reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def precond(
@@ -74,6 +78,7 @@ def x0_to_score(x0: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor | float) 
 def score_to_x0(score: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
     """x0-prediction from a score: x + sigma^2 * score."""
     s = as_sigma(sigma, x)
+    _check_sigma(s)
     return x + s**2 * score
 
 
@@ -86,7 +91,9 @@ def x0_to_eps(x0: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor | float) ->
 
 def eps_to_x0(eps: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
     """x0-prediction from a noise prediction: x - sigma * eps."""
-    return x - as_sigma(sigma, x) * eps
+    s = as_sigma(sigma, x)
+    _check_sigma(s)
+    return x - s * eps
 
 
 # ---------------------------------------------------------------------------- noise levels
@@ -170,7 +177,8 @@ def heun_sampler(
 
     ``denoise(x, sigma)`` returns the x0-prediction for a batch x with per-sample sigma [B].
     ``latents`` are unit-variance noise; they are scaled by sigma_max here. Uses 2 * num_steps - 1
-    network evaluations. Computation runs in float64 for the step sizes, in the latents' dtype otherwise.
+    network evaluations. Steps are taken in float64; the denoiser gets the latents' dtype (float32 for float16 or
+    bfloat16 latents), and the result comes back in the latents' dtype.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1; got {num_steps}")
@@ -179,10 +187,12 @@ def heun_sampler(
     x = latents.to(torch.float64) * t[0]
     b = latents.shape[0]
     gamma_max = min(s_churn / num_steps, math.sqrt(2) - 1)
+    # the denoiser sees at least float32 (as in EDM): sigma_min = 0.002 is 0.0019989 in bfloat16
+    work = torch.float32 if latents.dtype in (torch.float16, torch.bfloat16) else latents.dtype
 
     def d(x_: torch.Tensor, s: float) -> torch.Tensor:
-        sig = torch.full((b,), s, dtype=latents.dtype, device=latents.device)
-        return denoise(x_.to(latents.dtype), sig).to(torch.float64)
+        sig = torch.full((b,), s, dtype=work, device=latents.device)
+        return denoise(x_.to(work), sig).to(torch.float64)
 
     for i in range(num_steps):
         t_cur, t_next = float(t[i]), float(t[i + 1])

@@ -20,8 +20,11 @@ def test_precond_formulas():
         assert float(c_noise[i]) == pytest.approx(math.log(s) / 4, rel=1e-12)
     # unit-variance training targets: c_skip^2 sd^2 + c_out^2 = ... the effective target has unit var
     assert float(c_skip[0]) == pytest.approx(1.0, abs=2e-5)  # D(x) ~ x at tiny sigma
-    with pytest.raises(ValueError, match="sigma must be > 0"):
+    with pytest.raises(ValueError, match="sigma must be finite and > 0"):
         edm.precond(torch.tensor([0.5, 0.0]))
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite and > 0"):
+            edm.precond(torch.tensor([0.5, bad]))
 
 
 def test_conversions_roundtrip():
@@ -34,10 +37,20 @@ def test_conversions_roundtrip():
     eps = edm.x0_to_eps(x0, x, sigma)
     torch.testing.assert_close(edm.eps_to_x0(eps, x, sigma), x0, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s, -eps / sigma.reshape(-1, 1, 1, 1), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="batch size"):
+    with pytest.raises(ValueError, match="one value per sample"):
         edm.x0_to_score(x0, x, sigma[:3])
     with pytest.raises(ValueError, match="> 0"):
         edm.x0_to_score(x0, x, torch.zeros(5))
+    torch.testing.assert_close(edm.x0_to_eps(x0, x, sigma[:, None, None, None]), eps)  # [B, 1, 1, 1] is fine
+    # [B, 1] with 4-D images (B == H here) used to broadcast over the height; it is one value per sample
+    wide, wide0 = torch.randn(5, 3, 5, 4, generator=g), torch.randn(5, 3, 5, 4, generator=g)
+    torch.testing.assert_close(edm.x0_to_eps(wide0, wide, sigma[:, None]), edm.x0_to_eps(wide0, wide, sigma))
+    for bad in (sigma[:, None].expand(5, 3), torch.rand(5, 3, 5, 4) + 0.1):  # anything else is refused
+        with pytest.raises(ValueError, match="one value per sample"):
+            edm.x0_to_eps(wide0, wide, bad)
+    for fn in (edm.score_to_x0, edm.eps_to_x0):  # the inverse directions check sigma too
+        with pytest.raises(ValueError, match="> 0"):
+            fn(x0, x, -sigma)
 
 
 def test_loss_weight():
@@ -95,6 +108,19 @@ def test_heun_churn_with_a_cpu_generator_on_cuda_latents_matches_the_cpu_run():
     run = {dev: edm.heun_sampler(denoise, z.to(dev), num_steps=6, s_churn=10.0,
                                  generator=torch.Generator().manual_seed(1)) for dev in ("cpu", "cuda")}
     torch.testing.assert_close(run["cuda"].cpu(), run["cpu"])
+
+
+def test_heun_feeds_the_denoiser_at_least_float32():
+    seen = []
+
+    def denoise(x, s):
+        seen.append((x.dtype, s.dtype, float(s[0])))
+        return torch.zeros_like(x)
+
+    out = edm.heun_sampler(denoise, torch.randn(2, 3, dtype=torch.bfloat16), num_steps=3)
+    assert out.dtype == torch.bfloat16
+    assert {d[:2] for d in seen} == {(torch.float32, torch.float32)}
+    assert min(d[2] for d in seen) == pytest.approx(edm.SIGMA_MIN, rel=1e-6)  # not bfloat16's 0.0019989
 
 
 def test_heun_one_step_is_denoiser():

@@ -185,7 +185,11 @@ def test_gradient_flows_to_x_and_scalar_sigma_and_int_labels(cfg_fn):
     onehot = torch.nn.functional.one_hot(labels, 10).float()
     with torch.no_grad():
         ref = net(x, torch.full((3,), 1.5), onehot)
+        int_onehot = net(x, torch.full((3,), 1.5), onehot.long())  # integer one-hot rows, not 30 indices
+        with pytest.raises(ValueError, match="2 labels for a batch of 3"):
+            net(x, 1.5, labels[:2])
     torch.testing.assert_close(out.detach(), ref, atol=0, rtol=0)
+    torch.testing.assert_close(int_onehot, ref, atol=0, rtol=0)
 
 
 def test_autocast_bf16_runs_and_keeps_dtype():

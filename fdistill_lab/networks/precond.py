@@ -102,9 +102,15 @@ class EDMPrecond(nn.Module):
             return None
         if class_labels is None:
             return torch.zeros([1, self.label_dim], dtype=like.dtype, device=like.device)
-        if not torch.is_floating_point(class_labels):  # integer class indices -> one-hot
-            return F.one_hot(class_labels.reshape(-1).long(), self.label_dim).to(like.dtype)
-        return class_labels.to(like.dtype).reshape(-1, self.label_dim)
+        if torch.is_floating_point(class_labels) or (class_labels.ndim == 2 and class_labels.shape[1] == self.label_dim
+                                                     and self.label_dim > 1):  # one-hot rows (float or integer)
+            labels = class_labels.to(like.dtype).reshape(-1, self.label_dim)
+        else:  # integer class indices -> one-hot
+            labels = F.one_hot(class_labels.reshape(-1).long(), self.label_dim).to(like.dtype)
+        if labels.shape[0] not in (1, batch):
+            raise ValueError(f"class_labels give {labels.shape[0]} labels for a batch of {batch} (expected one-hot "
+                             f"[B, {self.label_dim}] or indices [B])")
+        return labels
 
     def forward(
         self,
