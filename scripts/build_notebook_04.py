@@ -31,9 +31,9 @@ same one the ImageNet-64 run uses.
 3. measure what a one-step student keeps and loses, per divergence: class coverage, class-frequency error,
    a Fréchet distance and precision/recall in the feature space of a digit classifier, and speed.
 
-**Budget** (2-core CPU, one thread): classroom defaults (`div="js"`) about 2.5 min without a cached teacher
-(3 min measured while other jobs shared the machine; 1.5 min with the cache); `-p div all` (reverse KL, JS,
-forward KL) about 3.5 min (6 min on the shared machine); smoke (`-p smoke True`) under a minute. The teacher
+**Budget** (2-core CPU, 2 threads): classroom defaults (`div="js"`) 106 s measured on the idle machine with
+the teacher trained from scratch (3 min while other jobs shared it; about 1 min with the cache); `-p div all`
+(reverse KL, JS, forward KL) 2.4 min (6-9 min on the shared machine); smoke (`-p smoke True`) 24 s. The teacher
 is cached in `output_dir` by a hash of its configuration and data (`-p retrain_teacher True` retrains).
 Command line: `papermill notebooks/04_digits.ipynb out.ipynb -p div all`."""
 
@@ -105,7 +105,7 @@ BATCH = cfg.pick(full=batch_size, smoke=min(batch_size, 32))
 N_EVAL = cfg.pick(full=eval_samples, smoke=200)
 CLF_STEPS = cfg.pick(full=400, smoke=60)
 BENCH_N = 256  # the same in smoke mode: small batches measure call overhead, not the sampler
-BENCH_REPEATS = cfg.pick(full=3, smoke=2)  # teacher; the one-step student (50 ms a call) gets 5x as many
+BENCH_REPEATS = cfg.pick(full=3, smoke=2)  # teacher; the one-step student (about 26 ms a call) gets 5x as many
 print(f"divergences {DIVS} | {STEPS} iterations each, batch {BATCH} | teacher {TEACHER_STEPS} steps | "
       f"{N_EVAL} evaluation samples")'''
 
@@ -320,17 +320,18 @@ record(cfg.output_dir, "discriminator_late", disc)'''
 
 TEXT_MD = r"""## 9. What the measurements show
 
-The numbers printed above are this run's. On the project's 2-core CPU (one thread, `-p div all`, seed 0,
-teacher trained from scratch) we measured: teacher FD 8.4, recall 0.89 (real training digits: FD 8.0,
+The numbers printed above are this run's. On the project's 2-core CPU (2 threads, `-p div all`, seed 0,
+teacher trained from scratch) we measured: teacher FD 8.4, recall 0.90 (real training digits: FD 8.0,
 recall 0.85, the floor set by the sample sizes); after 300 iterations (100 generator steps) the one-step
-students reached reverse KL FD 29.3 / recall 0.43, JS 26.5 / 0.46, forward KL 24.9 / 0.51, with precision
-0.89-0.91 and label agreement 0.92-0.93; speed-up 42× (5,483 against 132 images/s). With the same teacher,
+students reached reverse KL FD 29.4 / recall 0.43, JS 26.5 / 0.46, forward KL 24.9 / 0.53, with precision
+0.90-0.92 and label agreement 0.92-0.93; speed-up 50× (9,895 against 198 images/s on the idle machine, 36× on a
+busy one: the ratio moves with the load). With the same teacher,
 seeds 1 and 2 gave FD 44.0 / 39.0 / 34.9 and 24.4 / 24.3 / 24.6 (reverse KL / JS / forward KL).
 
 * **Speed.** The one-step student is 30-50× faster than the 18-step Heun sampler (35 evaluations), as the
   evaluation count predicts; the sampler loop itself costs little.
 * **Quality at this budget.** The students draw clean digits of the requested class, but they are **not**
-  as good as the teacher: FD 3-5× the teacher's and recall 0.23-0.51 against 0.89. They lose diversity
+  as good as the teacher: FD 3-5× the teacher's and recall 0.23-0.53 against 0.90. They lose diversity
   within each class. The student starts as the teacher evaluated once at $\sigma = 80$, which gives the
   class-mean digit (high precision, recall 0); a few hundred CPU iterations only partly spread it out. This
   is about 1/1000 of the paper's training on a tiny network: it does not test the paper's FID claims.
