@@ -21,10 +21,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,10 +228,48 @@ def train(preset: str, teacher: str | Path, data: str | Path, out: str | Path, o
     dcfg, rcfg = resolve(preset, overrides)
     env = fdist.init_distributed(rcfg.device)
     try:
-        return _train(preset, dcfg, rcfg, Path(teacher), Path(data), Path(out), env, overrides or {}, progress,
-                      stop_at, callback)
+        with _run_folder_lock(Path(out), env):
+            return _train(preset, dcfg, rcfg, Path(teacher), Path(data), Path(out), env, overrides or {}, progress,
+                          stop_at, callback)
     finally:
         fdist.cleanup()
+
+
+RUN_LOCK = ".train.lock"
+
+
+@contextmanager
+def _run_folder_lock(out: Path, env: fdist.DistEnv) -> Iterator[None]:
+    """One training job per run folder: a second one on the same ``out`` (say a requeued job overlapping the
+    old one) would write the same checkpoint files. Rank 0 holds an flock on ``<out>/.train.lock`` (released
+    by the system however the process ends, so it never goes stale); every rank stops if it is taken.
+    Without fcntl (Windows) the folder is not locked."""
+    fd, holder = None, None
+    if env.is_main:
+        try:
+            import fcntl
+        except ImportError:
+            fcntl = None
+        if fcntl is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(out / RUN_LOCK, os.O_CREAT | os.O_RDWR, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = (out / RUN_LOCK).read_text().strip() or "unknown"
+                os.close(fd)
+                fd = None
+            else:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+    if fdist.any_rank(holder is not None, env.device):
+        raise RuntimeError(f"another training job{f' (process {holder})' if holder else ''} is using {out}; "
+                           "wait for it to exit (it checkpoints on SIGTERM) or train into another --out")
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _train(preset: str, dcfg: DistillConfig, rcfg: RunConfig, teacher_path: Path, data_path: Path, out: Path,

@@ -10,6 +10,7 @@ Layout of ``<out>``::
     samples/step_0002000.png sample grids of the EMA student (fixed latents and labels)
     checkpoints/ckpt_0002000.pt, checkpoints/latest.json   full state for exact resume (atomic)
     student_best.pt, student_final.pt                      EMA student weights + network config
+    .train.lock              flock'ed by the running job (a second job on the folder is refused)
 """
 
 from __future__ import annotations

@@ -349,6 +349,21 @@ def test_corrupt_newest_checkpoint_points_to_the_older_one_and_that_resumes(asse
         _run(assets, run, {"steps": 9})
 
 
+def test_a_second_job_on_the_same_run_folder_is_refused(assets, tmp_path):
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".train.lock", "w") as other:  # another job holds the folder
+        other.write("4242\n")
+        other.flush()
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(RuntimeError, match="another training job \\(process 4242\\) is using"):
+            _run(assets, run, {"steps": 1})
+        assert not (run / "checkpoints").exists()
+    assert _run(assets, run, {"steps": 1}).step == 1  # free again once that job ended
+
+
 def test_rotation_keeps_committed_checkpoints_over_an_orphan(tmp_path):
     """A run that died after writing ckpt 6 but before moving the pointer leaves an orphan; resumed from 3
     and saving 4 with keep=2, rotation must keep 3 and 4 (not 4 and the orphan)."""
