@@ -184,6 +184,8 @@ def test_summarize():
     assert out["a"] == {"mean": 2.0, "std": pytest.approx(math.sqrt(2))}
     assert out["b"]["std"] == 0.0
     assert summarize(runs[:1], keys=("a",))["a"]["std"] == 0.0
+    diverged = summarize([{"a": 1.0}, {"a": math.inf}], keys=("a",))["a"]
+    assert diverged["mean"] == math.inf and math.isnan(diverged["std"])  # not a reassuring 0
     with pytest.raises(ValueError):
         summarize([])
 

@@ -135,12 +135,13 @@ def evaluate_samples(samples: torch.Tensor, teacher: GaussianMixture, n_teacher:
 
 
 def summarize(runs: list[dict], keys=("modes_covered", "precision", "recall", "mass_tv", "fkl", "rkl")) -> dict:
-    """Mean and sample std over runs (seeds) of the scalar metrics ``keys``; std is 0 for one run."""
+    """Mean and sample std over runs (seeds) of the scalar metrics ``keys``; std is 0 for one run and NaN when a
+    run's value is not finite (an infinite KL estimate, say), rather than a reassuring 0."""
     if not runs:
         raise ValueError("runs must not be empty")
     out = {}
     for k in keys:
         v = torch.tensor([float(r[k]) for r in runs], dtype=torch.float64)
         std = float(v.std()) if len(v) > 1 else 0.0
-        out[k] = {"mean": float(v.mean()), "std": std if math.isfinite(std) else 0.0}
+        out[k] = {"mean": float(v.mean()), "std": std}
     return out
