@@ -13,6 +13,13 @@ interrupted and resumed; unfinished folders are wiped and rerun. A failing run i
 killed by the out-of-memory killer) fails the same way; the runs that this death interrupts in other workers
 rerun in a fresh process pool. ``collect(out)`` gathers the parameters, status and scalar records of every
 run into ``<out>/sweep.csv``.
+
+Each run's status file also records ``notebook_sha256``, the ``notebook_hash`` of the notebook it ran: sha256
+over the sources of its code cells only, so editing markdown or stripping outputs is not a change, while
+editing code or a parameter default is. A resumed sweep keeps finished runs made with another version of the
+notebook (or before hashes were recorded) but warns about them (``NotebookChangedWarning``);
+``--rerun-changed`` (``rerun_changed=True``) reruns exactly those. The table's ``notebook_hash`` column (short
+form) shows which version made each run.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import signal
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -48,6 +56,13 @@ WORKER_FILE = ".worker.pid"
 TABLE_FILE = "sweep.csv"
 MAX_LIST_LEN = 16  # longer lists (histories) stay out of the table; read them with read_records(run_dir)
 RESERVED = ("output_dir",)
+HASH_KEY = "notebook_sha256"  # in the status file: notebook_hash() of the notebook the run executed
+HASH_COLUMN = "notebook_hash"  # in the table: its first SHORT_HASH hex digits ("" if not recorded)
+SHORT_HASH = 10
+
+
+class NotebookChangedWarning(UserWarning):
+    """A resumed sweep keeps finished runs made with another version of the notebook's code."""
 
 
 # ---------------------------------------------------------------------------------------- grid and names
@@ -100,6 +115,22 @@ def run_name(params: Mapping[str, Any], varying: Sequence[str] | None = None, ma
 
 
 # ---------------------------------------------------------------------------------------- notebook parameters
+def notebook_hash(notebook: str | os.PathLike) -> str:
+    """sha256 (hex) of the notebook's code-cell sources, in order (as a JSON list).
+
+    Markdown and raw cells, outputs, execution counts and metadata do not count, so editing prose or
+    stripping outputs keeps the hash; any edit to code, parameter defaults included, changes it.
+    """
+    import nbformat
+
+    path = Path(notebook)
+    if not path.is_file():
+        raise FileNotFoundError(f"notebook {str(path)!r} not found")
+    nb = nbformat.read(path, as_version=4)
+    sources = [cell.source for cell in nb.cells if cell.cell_type == "code"]
+    return hashlib.sha256(json.dumps(sources).encode()).hexdigest()
+
+
 def declared_parameters(notebook: str | os.PathLike) -> dict[str, str]:
     """``{name: type name}`` of the notebook's ``parameters`` cell (papermill's inspection)."""
     import papermill as pm
@@ -176,7 +207,10 @@ def _environment(env: Mapping[str, str]) -> Iterator[None]:
 
 def execute_run(notebook: str, run_dir: str, params: dict[str, Any], cwd: str, kernel_name: str,
                 timeout_s: float | None, env: dict[str, str]) -> dict[str, Any]:
-    """Execute one run in a fresh folder; write the status file last. Never raises for notebook errors."""
+    """Execute one run in a fresh folder; write the status file (with the notebook's code hash) last.
+
+    Never raises for notebook errors. The hash is taken as the run starts, so it names the code that ran.
+    """
     import papermill as pm
 
     run = Path(run_dir)
@@ -186,8 +220,9 @@ def execute_run(notebook: str, run_dir: str, params: dict[str, Any], cwd: str, k
     (run / WORKER_FILE).write_text(str(os.getpid()))  # which process ran it, should that process die
     write_json_atomic(run / PARAMS_FILE, params)
     t0 = time.perf_counter()
-    error = None
+    error, code_hash = None, None
     try:
+        code_hash = notebook_hash(notebook)
         with _environment(env):
             pm.execute_notebook(notebook, str(run / EXECUTED_FILE), parameters={**params, "output_dir": str(run)},
                                 kernel_name=kernel_name, cwd=cwd, progress_bar=False, log_output=False,
@@ -201,7 +236,7 @@ def execute_run(notebook: str, run_dir: str, params: dict[str, Any], cwd: str, k
         (run / ERROR_FILE).write_text(f"{error}\n\n{traceback.format_exc()}")
     seconds = time.perf_counter() - t0
     status = {"status": "failed" if error else "done", "seconds": round(seconds, 3), "error": error or "",
-              "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), HASH_KEY: code_hash}
     if error and not (run / ERROR_FILE).exists():
         (run / ERROR_FILE).write_text(error + "\n")
     write_json_atomic(run / STATUS_FILE, status)
@@ -226,14 +261,16 @@ def run_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence[Any]] | S
               jobs: int | None = None, base_params: Mapping[str, Any] | None = None, smoke: bool | None = None,
               retry_failed: bool = True, timeout_s: float | None = 600, kernel_name: str = "python3",
               cwd: str | os.PathLike | None = None, threads_per_run: int | None = None, progress: bool = True,
-              verbose: bool = True):
+              verbose: bool = True, rerun_changed: bool = False):
     """Run ``notebook`` for every point of ``grid`` (merged over ``base_params``); return this grid's table.
 
     ``grid`` is ``{name: [values]}`` (cartesian product, see ``expand_grid``) or an explicit list of
     parameter dicts (e.g. a one-factor-at-a-time design); duplicate points run once.
 
     ``jobs`` parallel processes (default: one per core); ``smoke`` sets the notebook's ``smoke``
-    parameter; finished runs are skipped, failed ones rerun if ``retry_failed``. Each run's kernel
+    parameter; finished runs are skipped, failed ones rerun if ``retry_failed``. Finished runs made with
+    another version of the notebook's code (see ``notebook_hash``) are kept with a ``NotebookChangedWarning``,
+    or rerun if ``rerun_changed``. Each run's kernel
     gets ``FDISTILL_THREADS`` = ``threads_per_run`` (default cores // jobs), ``TQDM_DISABLE=1`` and
     this fdistill_lab's folder first on ``PYTHONPATH``;
     ``cwd`` defaults to the notebook's folder; ``timeout_s`` limits each cell. Also writes
@@ -251,7 +288,7 @@ def run_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence[Any]] | S
 
     with _lock(out):
         return _execute_planned(notebook, planned, out, jobs, env, run_cwd, kernel_name, timeout_s, retry_failed,
-                                progress, verbose)
+                                progress, verbose, rerun_changed)
 
 
 LOCK_FILE = ".sweep.lock"
@@ -354,20 +391,33 @@ def _lock(out: Path) -> Iterator[None]:
 
 def _execute_planned(notebook: Path, planned: list[tuple[dict[str, Any], Path]], out: Path, jobs: int,
                      env: dict[str, str], run_cwd: str, kernel_name: str, timeout_s: float | None,
-                     retry_failed: bool, progress: bool, verbose: bool):
+                     retry_failed: bool, progress: bool, verbose: bool, rerun_changed: bool = False):
     from tqdm.auto import tqdm
 
-    todo, rows, skipped = [], {}, 0
+    current = notebook_hash(notebook)
+    todo, rows, skipped, changed = [], {}, 0, []
     for params, run_dir in planned:
         status = run_status(run_dir)
+        if status["status"] == "done" and status.get(HASH_KEY) != current:
+            changed.append(run_dir)
+            if rerun_changed:
+                todo.append((params, run_dir))
+                continue
         if status["status"] == "done" or (status["status"] == "failed" and not retry_failed):
             skipped += 1
             rows[str(run_dir)] = (params, status)
         else:
             todo.append((params, run_dir))
     if verbose:
+        note = f"; {len(changed)} made with another notebook version, {'rerun' if rerun_changed else 'kept'}"
         print(f"sweep {notebook.name}: {len(planned)} runs, {skipped} already finished or kept, "
-              f"{len(todo)} to run with {min(jobs, max(1, len(todo)))} process(es) -> {out}")
+              f"{len(todo)} to run with {min(jobs, max(1, len(todo)))} process(es) -> {out}{note if changed else ''}")
+    if changed and not rerun_changed:
+        warnings.warn(f"{len(changed)} finished run(s) of this sweep in {out} were made with another version of "
+                      f"{notebook.name} (their code-cell hash is not the current {current[:SHORT_HASH]}, or they "
+                      f"predate recorded hashes); their results are kept next to new ones. To rerun them, pass "
+                      f"rerun_changed=True (command line: --rerun-changed); the {HASH_COLUMN} column of the table "
+                      f"shows which version made each run", NotebookChangedWarning, stacklevel=3)
     args = [(str(notebook), str(d), p, run_cwd, kernel_name, timeout_s, env) for p, d in todo]
     bar = tqdm(total=len(todo), desc="sweep runs", **({} if progress else {"disable": True}))
     try:
@@ -589,7 +639,8 @@ def _table(entries: list[tuple[Path, dict[str, Any], dict[str, Any]]]):
     rows = []
     for run_dir, params, status in entries:
         row: dict[str, Any] = {"run": run_dir.name, **params, "status": status["status"],
-                               "seconds": status.get("seconds"), "error": status.get("error", "")}
+                               "seconds": status.get("seconds"), "error": status.get("error", ""),
+                               HASH_COLUMN: (status.get(HASH_KEY) or "")[:SHORT_HASH]}
         if status["status"] == "done":
             for k, v in flatten(read_records(run_dir)).items():
                 row[f"result.{k}" if k in row else k] = v
@@ -599,9 +650,10 @@ def _table(entries: list[tuple[Path, dict[str, Any], dict[str, Any]]]):
 
 
 def collect(out_dir: str | os.PathLike, write: bool = True):
-    """Table of every run folder under ``<out_dir>/runs`` (parameters, status, seconds, error, records).
+    """Table of every run folder under ``<out_dir>/runs``: parameters, status, seconds, error, notebook_hash, records.
 
-    Parameters come from each run's params.json; records only from finished runs. Written to
+    Parameters come from each run's params.json; records only from finished runs; ``notebook_hash`` is the
+    short code hash of the notebook version that made the run ("" if not recorded). Written to
     ``<out_dir>/sweep.csv`` when ``write``.
     """
     out = Path(out_dir)
@@ -655,6 +707,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=None, help="parallel processes (default: one per core)")
     parser.add_argument("--smoke", action="store_true", help="run the notebook with smoke=True")
     parser.add_argument("--keep-failed", action="store_true", help="do not rerun failed runs on resume")
+    parser.add_argument("--rerun-changed", action="store_true",
+                        help="rerun finished runs made with another version of the notebook's code cells")
     parser.add_argument("--timeout", type=float, default=600, help="per-cell time limit in seconds")
     args = parser.parse_args(argv)
     if not args.grid:
@@ -665,7 +719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         table = run_sweep(args.notebook, grid, args.out, jobs=args.jobs, base_params=base,
                           smoke=True if args.smoke else None, retry_failed=not args.keep_failed,
-                          timeout_s=args.timeout)
+                          timeout_s=args.timeout, rerun_changed=args.rerun_changed)
     except (ValueError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import nbformat
@@ -35,16 +36,25 @@ record(output_dir, "double", 2 * a)
 record(output_dir, "info", {"label": b, "smoke": smoke, "history": list(range(40))})'''
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
+def write_tiny(path: Path, params: str = PARAMS, body: str = BODY, markdown: str | None = None,
+               outputs: bool = False) -> Path:
+    """Write the tiny notebook (optionally after a markdown cell, and with a stale output in its body cell)."""
     nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell(PARAMS)
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell(BODY)]
+    cell = nbformat.v4.new_code_cell(params)
+    cell.metadata["tags"] = ["parameters"]
+    code = nbformat.v4.new_code_cell(body)
+    if outputs:
+        code.execution_count = 7
+        code.outputs = [nbformat.v4.new_output("stream", name="stdout", text="old output\n")]
+    nb.cells = ([nbformat.v4.new_markdown_cell(markdown)] if markdown is not None else []) + [cell, code]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    path = tmp_path_factory.mktemp("nb") / "tiny.ipynb"
     nbformat.write(nb, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return write_tiny(tmp_path_factory.mktemp("nb") / "tiny.ipynb")
 
 
 def calls(out: Path) -> list[str]:
@@ -124,6 +134,66 @@ def test_sweep_resume_failures_and_table(tiny, tmp_path):
     assert sorted(csv.loc[csv.status == "done", "double"]) == [2, 4, 6]
     assert json.loads((first / sweep.PARAMS_FILE).read_text()) == {"a": 1, "b": "q", "fail": False, "smoke": True}
 
+
+
+def test_changed_notebook_is_kept_with_a_warning_or_rerun_on_request(tmp_path):
+    nb, out = write_tiny(tmp_path / "nb.ipynb"), tmp_path / "sw"
+    old = sweep.notebook_hash(nb)[:sweep.SHORT_HASH]
+    first = sweep.run_sweep(nb, {"a": [1, 2]}, out, jobs=1, progress=False)
+    assert list(first[sweep.HASH_COLUMN]) == [old, old]
+
+    # after a code edit, a resumed sweep keeps the old results by default, loudly
+    write_tiny(nb, body=BODY + '\nrecord(output_dir, "version", 2)')
+    new = sweep.notebook_hash(nb)[:sweep.SHORT_HASH]
+    assert new != old
+    changed = r"2 finished run\(s\) of this sweep .* another version of nb\.ipynb.*rerun_changed=True.*--rerun-changed"
+    with pytest.warns(sweep.NotebookChangedWarning, match=changed):
+        second = sweep.run_sweep(nb, {"a": [1, 2, 3]}, out, jobs=1, progress=False)
+    assert second.attrs == {"skipped": 2, "ran": 1, "failed": 0} and calls(out) == ["1,x", "2,x", "3,x"]
+    assert list(second[sweep.HASH_COLUMN]) == [old, old, new]
+    assert list(second["version"].fillna(0)) == [0, 0, 2]
+    assert sorted(sweep.collect(out)[sweep.HASH_COLUMN]) == sorted([old, old, new])
+    assert sorted(pd.read_csv(out / sweep.TABLE_FILE)[sweep.HASH_COLUMN]) == sorted([old, old, new])
+
+    # a run finished before hashes were recorded counts as changed too
+    status_file = Path(second.run_dir[2]) / sweep.STATUS_FILE
+    status = json.loads(status_file.read_text())
+    status_file.write_text(json.dumps({k: v for k, v in status.items() if k != sweep.HASH_KEY}))
+    with pytest.warns(sweep.NotebookChangedWarning, match=r"^1 finished run\(s\)"):
+        legacy = sweep.run_sweep(nb, {"a": [3]}, out, jobs=1, progress=False)
+    assert legacy.attrs["ran"] == 0 and list(legacy[sweep.HASH_COLUMN]) == [""]
+    status_file.write_text(json.dumps(status))
+
+    # rerun_changed reruns exactly the runs of the grid made with another version, without warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sweep.NotebookChangedWarning)
+        third = sweep.run_sweep(nb, {"a": [1, 2, 3]}, out, jobs=1, progress=False, rerun_changed=True)
+    assert third.attrs == {"skipped": 1, "ran": 2, "failed": 0}
+    assert calls(out) == ["1,x", "2,x", "3,x", "1,x", "2,x"]
+    assert list(third[sweep.HASH_COLUMN]) == [new] * 3 and list(third["version"]) == [2] * 3
+
+    # a changed parameter default is a code change; the command line warns, or reruns with --rerun-changed
+    write_tiny(nb, params=PARAMS.replace('b: str = "x"', 'b: str = "y"'), body=BODY)
+    cli = [str(nb), "--grid", "a=1", "--out", str(out), "--jobs", "1"]
+    with pytest.warns(sweep.NotebookChangedWarning, match=r"^1 finished run\(s\)"):
+        assert sweep.main(cli) == 0
+    assert len(calls(out)) == 5
+    assert sweep.main([*cli, "--rerun-changed"]) == 0
+    assert calls(out)[5:] == ["1,y"]
+
+
+def test_markdown_and_outputs_do_not_change_the_notebook_hash(tmp_path):
+    nb, out = write_tiny(tmp_path / "nb.ipynb"), tmp_path / "sw"
+    before = sweep.notebook_hash(nb)
+    sweep.run_sweep(nb, {"a": [1]}, out, jobs=1, progress=False)
+    write_tiny(nb, markdown="# Notes\nedited prose", outputs=True)  # also new cell ids and a stale output
+    assert sweep.notebook_hash(nb) == before
+    assert sweep.notebook_hash(write_tiny(tmp_path / "edited.ipynb", body=BODY + "\n")) != before
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sweep.NotebookChangedWarning)
+        again = sweep.run_sweep(nb, {"a": [1]}, out, jobs=1, progress=False, rerun_changed=True)
+    assert again.attrs == {"skipped": 1, "ran": 0, "failed": 0} and calls(out) == ["1,x"]
+    assert list(again[sweep.HASH_COLUMN]) == [before[:sweep.SHORT_HASH]]
 
 def test_notebook_without_results_counts_as_failed(tmp_path):
     nb = nbformat.v4.new_notebook()
