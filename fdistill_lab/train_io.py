@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -46,16 +47,19 @@ def append_jsonl(path: Path, row: dict[str, Any]) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """All rows of a JSONL log ([] if the file does not exist; a torn last line is skipped)."""
+    """All rows of a JSONL log ([] if the file does not exist). A torn last line (a crash mid-write) is skipped
+    quietly; an unreadable line before it is skipped with a warning naming the file and line."""
     path = Path(path)
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines, 1):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            continue
+            if i < len(lines) and line.strip():
+                warnings.warn(f"{path}:{i}: skipping an unreadable log line (the file is damaged)", stacklevel=2)
     return rows
 
 

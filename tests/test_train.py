@@ -364,6 +364,15 @@ def test_a_second_job_on_the_same_run_folder_is_refused(assets, tmp_path):
     assert _run(assets, run, {"steps": 1}).step == 1  # free again once that job ended
 
 
+def test_read_jsonl_skips_a_torn_last_line_quietly_and_warns_about_damage(tmp_path):
+    log = tmp_path / "train.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"ste')
+    assert [r["step"] for r in read_jsonl(log)] == [1, 2]  # a crash mid-write: expected, no warning
+    log.write_text('{"step": 1}\ngarbage\n{"step": 3}\n')
+    with pytest.warns(UserWarning, match="train.jsonl:2: skipping an unreadable log line"):
+        assert [r["step"] for r in read_jsonl(log)] == [1, 3]
+
+
 def test_rotation_keeps_committed_checkpoints_over_an_orphan(tmp_path):
     """A run that died after writing ckpt 6 but before moving the pointer leaves an orphan; resumed from 3
     and saving 4 with keep=2, rotation must keep 3 and 4 (not 4 and the orphan)."""
