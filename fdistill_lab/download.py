@@ -111,7 +111,7 @@ def download(url: str, dest: str | Path, sha256: str | None = None, *, timeout: 
         raise ChecksumError(f"{dest} exists but its sha256 is not {sha256}; delete it to download again")
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    validator_file = dest.with_name(dest.name + ".part.validator")  # the ETag / Last-Modified of the .part
+    validator_file = _validator_path(part)
     offset = part.stat().st_size if (resume and part.is_file()) else 0
     headers = {"User-Agent": "fdistill_lab-downloader"}
     if offset:
@@ -178,8 +178,13 @@ def download(url: str, dest: str | Path, sha256: str | None = None, *, timeout: 
     return _finish(part, dest, sha256, url)
 
 
+def _validator_path(part: Path) -> Path:
+    """Where the ETag (or Last-Modified) of the response that started ``part`` is kept, for If-Range."""
+    return part.with_name(part.name + ".validator")
+
+
 def _finish(part: Path, dest: Path, sha256: str | None, url: str) -> Path:
-    part.with_name(part.name + ".validator").unlink(missing_ok=True)
+    _validator_path(part).unlink(missing_ok=True)
     if sha256 is not None:
         got = sha256_file(part)
         if got != sha256.lower():

@@ -234,8 +234,13 @@ def execute_run(notebook: str, run_dir: str, params: dict[str, Any], cwd: str, k
         evalue = getattr(err, "evalue", str(err))
         error = f"{ename}: {evalue}".strip()
         (run / ERROR_FILE).write_text(f"{error}\n\n{traceback.format_exc()}")
-    seconds = time.perf_counter() - t0
-    status = {"status": "failed" if error else "done", "seconds": round(seconds, 3), "error": error or "",
+    return _write_status(run, error, round(time.perf_counter() - t0, 3), code_hash)
+
+
+def _write_status(run: Path, error: str | None, seconds: float | None, code_hash: str | None) -> dict[str, Any]:
+    """Write a finished run's status file (last, so it marks the run complete), plus error.txt for a failure
+    unless a fuller one (with the traceback) is there already."""
+    status = {"status": "failed" if error else "done", "seconds": seconds, "error": error or "",
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), HASH_KEY: code_hash}
     if error and not (run / ERROR_FILE).exists():
         (run / ERROR_FILE).write_text(error + "\n")
@@ -521,16 +526,13 @@ def _mark_died(run: Path, params: dict[str, Any], exitcode: int | None) -> dict[
         how = f"exit code {exitcode}"
     else:
         how = "killed, out of memory?"
-    error = f"worker process died ({how}); rerun the sweep to retry"
     marker = run / WORKER_FILE
     seconds = round(time.time() - marker.stat().st_mtime, 3) if marker.exists() else None
     run.mkdir(parents=True, exist_ok=True)
     if not (run / PARAMS_FILE).exists():
         write_json_atomic(run / PARAMS_FILE, params)
-    (run / ERROR_FILE).write_text(error + "\n")
-    status = {"status": "failed", "seconds": seconds, "error": error, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    write_json_atomic(run / STATUS_FILE, status)
-    return status
+    (run / ERROR_FILE).unlink(missing_ok=True)  # the death is the error to report
+    return _write_status(run, f"worker process died ({how}); rerun the sweep to retry", seconds, None)
 
 
 def plan(notebook: str | os.PathLike, grid: Mapping[str, Sequence[Any]] | Sequence[Mapping[str, Any]],

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .image_grid import make_grid
-from .records import write_json_atomic
+from .records import write_json_atomic, write_text_atomic
 
 CKPT_POINTER = "latest.json"
 
@@ -70,9 +70,7 @@ def truncate_jsonl(path: Path, max_step: int) -> int:
     rows = read_jsonl(path)
     kept = [r for r in rows if r.get("step", 0) <= max_step]
     if len(kept) < len(rows):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
     return len(rows) - len(kept)
 
 
