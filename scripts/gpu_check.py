@@ -1,5 +1,4 @@
-"""Performance check of f-distill training on one GPU (run by scripts/gpu_check.sh; an estimated 5 minutes
-on an H100, not yet measured).
+"""Performance check of f-distill training on one GPU (run by scripts/gpu_check.sh).
 
 Builds the full-size EDM ImageNet-64 ADM (296M parameters; random weights unless --teacher is given) as
 teacher, student and fake score with the ``imagenet64`` preset (bf16 autocast, discriminator on the teacher's
@@ -11,7 +10,12 @@ teacher, student and fake score with the ``imagenet64`` preset (bf16 autocast, d
 3. the time of each network pass, measured in isolation at the same batch (teacher forward/backward,
    student, fake score, discriminator, optimiser steps), as shares of their sum;
 4. JS against reverse KL: generator-step time with each weighting, and the overhead on the iteration;
-5. model FLOPs (torch.utils.flop_counter) per iteration and the model FLOPs utilisation (MFU).
+5. model FLOPs (torch.utils.flop_counter) per iteration and the model FLOPs utilisation (MFU);
+6. two A/B timings of the student's forward+backward that are not part of the training step: EDM's float32
+   attention against the fused bf16 kernel the trainer uses, and channels-last memory layout.
+
+A failing stage is reported and the later ones still run; the JSON file is rewritten after every stage.
+``--memory-gib`` caps the memory PyTorch may take (e.g. 79 on an H200 to find the batch of an 80 GB H100).
 
 ``--tiny --device cpu`` runs the same code on a tiny network (for tests on machines without a GPU).
 """
@@ -23,6 +27,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -189,6 +194,48 @@ def pass_times(trainer: DataParallelTrainer, n: int, device: torch.device, repea
     return out
 
 
+def ab_student(trainer: DataParallelTrainer, n: int, device: torch.device, repeats: int) -> dict[str, object]:
+    """Student forward+backward at batch n: as trained, with EDM's float32 attention, and channels-last."""
+    from fdistill_lab.networks import layers
+
+    x, y = batch_of(trainer, n)
+    x, y = x.to(device), (y.to(device) if y is not None else None)
+    sigma = torch.full((n,), 80.0, device=device)
+    net = trainer.student
+
+    def step() -> None:
+        with trainer._autocast():
+            out = net(x * 80, sigma, y)
+        out.float().square().mean().backward()
+
+    def float32_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
+        return fused(qkv.float(), num_heads).to(qkv.dtype)
+
+    out: dict[str, object] = {"batch": n}
+    out["as trained"] = timed(step, device, repeats)
+    fused = layers.attention
+    layers.attention = float32_attention
+    try:
+        out["EDM float32 attention"] = timed(step, device, repeats)
+    except torch.cuda.OutOfMemoryError:
+        out["EDM float32 attention"] = "out of memory"
+    finally:
+        layers.attention = fused
+        net.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    net.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    try:
+        out["channels-last"] = timed(step, device, repeats)
+    except torch.cuda.OutOfMemoryError:
+        out["channels-last"] = "out of memory"
+    finally:
+        net.to(memory_format=torch.contiguous_format)
+        net.zero_grad(set_to_none=True)
+    return out
+
+
 def step_flops(trainer: DataParallelTrainer, n: int) -> tuple[int, int]:
     x, y = batch_of(trainer, n)
     flops = []
@@ -208,23 +255,56 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=1024)
     p.add_argument("--batch", type=int, default=0, help="skip the search and use this per-GPU batch")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--memory-gib", type=float, default=0.0,
+                   help="cap on the GPU memory PyTorch may use (0: all), e.g. 79 to emulate an 80 GB H100")
+    p.add_argument("--ab-batch", type=int, default=64, help="batch of the A/B timings of stage 6 (0: skip them)")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s if the GPU is not known")
-    p.add_argument("--json", default="", help="also write the figures to this JSON file")
+    p.add_argument("--json", default="", help="also write the figures to this JSON file (after every stage)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA GPU (use --device cpu --tiny to test the script)", file=sys.stderr)
         return 2
     device = torch.device(args.device)
+    total = float("nan")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        if args.memory_gib:
+            if not 0 < args.memory_gib <= total:
+                print(f"error: --memory-gib must be in (0, {total:.1f}]; got {args.memory_gib}", file=sys.stderr)
+                return 2
+            torch.cuda.set_per_process_memory_fraction(args.memory_gib / total, device)
+            total = args.memory_gib
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     t_start = time.perf_counter()
+    figures: dict[str, object] = {"device": name, "torch": torch.__version__, "memory_cap_gib": args.memory_gib or None}
+    failed: list[str] = []
+
+    def save() -> None:
+        figures["wall_s"] = time.perf_counter() - t_start
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(figures, indent=2))
+
+    def stage(label: str, fn: Callable[[], None]) -> None:
+        t0 = time.perf_counter()
+        try:
+            fn()
+        except Exception as exc:  # report, and go on with the next stage
+            failed.append(label)
+            figures.setdefault("errors", {})[label] = f"{type(exc).__name__}: {exc}"  # type: ignore[index]
+            print(f"   FAILED: {type(exc).__name__}: {exc}", flush=True)
+            traceback.print_exc()
+        print(f"   ({label}: {time.perf_counter() - t0:.0f} s)", flush=True)
+        save()
+
     trainer, emas = build(args, device)
     k = trainer.config.student_update_freq
-    print(f"device {name}; ADM with {count_parameters(trainer.teacher) / 1e6:.1f}M parameters x3 (teacher, student, "
-          f"fake score) + EMAs {[trainer.config.ema_beta, *emas.betas]}; precision {trainer.config.precision}, "
-          f"divergence {trainer.config.divergence}, K = {k}", flush=True)
+    print(f"device {name}, torch {torch.__version__}; ADM with {count_parameters(trainer.teacher) / 1e6:.1f}M "
+          f"parameters x3 (teacher, student, fake score) + EMAs {[trainer.config.ema_beta, *emas.betas]}; precision "
+          f"{trainer.config.precision}, divergence {trainer.config.divergence}, K = {k}"
+          + (f"; memory capped at {args.memory_gib:g} GiB" if args.memory_gib else ""), flush=True)
 
     print("1. largest per-GPU batch (generator + critic step):", flush=True)
     n = args.batch or search_batch(trainer, device, args.start_batch, args.max_batch)
@@ -236,57 +316,71 @@ def main(argv: list[str] | None = None) -> int:
     t_gen = timed(lambda: (trainer.generator_step(x, y), emas.update(trainer.student)), device, args.repeats)
     t_crit = timed(lambda: trainer.critic_step(x, y), device, args.repeats)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else float("nan")
     t_iter = (t_gen + (k - 1) * t_crit) / k
     print(f"2. batch {n}: generator step {t_gen * 1e3:.0f} ms, critic step {t_crit * 1e3:.0f} ms, iteration "
           f"(1 generator + {k - 1} critic)/{k} = {t_iter * 1e3:.0f} ms, {n / t_iter:.0f} images/s per GPU; "
           f"peak memory {peak:.1f} of {total:.1f} GiB", flush=True)
+    figures.update({"batch_per_gpu": n, "generator_step_s": t_gen, "critic_step_s": t_crit, "iteration_s": t_iter,
+                    "images_per_s": n / t_iter, "peak_memory_gib": peak})
+    save()
+
+    def network_passes() -> None:
+        passes = pass_times(trainer, n, device, args.repeats)
+        weight = {key: (1 if "(generator)" in key or key == "AdamW student" else k - 1) for key in passes}
+        cycle = {key: passes[key] * weight[key] for key in passes}
+        s = sum(cycle.values())
+        for key, v in cycle.items():
+            print(f"   {key:45s} {passes[key] * 1e3:8.1f} ms x{weight[key]}  {100 * v / s:5.1f}%")
+        print(f"   sum {s * 1e3:.0f} ms per cycle vs measured {k * t_iter * 1e3:.0f} ms "
+              "(the rest: EMA, losses, ratio maths, random numbers, launch gaps)", flush=True)
+        figures["passes_s"] = passes
+
+    def js_vs_rkl() -> None:
+        cfg = trainer.config
+        weightings = {d: FDistillWeighting(d, cfg.logit_clip, cfg.ratio_min, cfg.ratio_max, cfg.normalize_ratio,
+                                           cfg.normalize_weight, cfg.num_bins, cfg.bin_ema, cfg.bin_spacing).to(device)
+                      for d in ("js", "rkl")}
+        gen_t: dict[str, list[float]] = {"js": [], "rkl": []}
+        for _ in range(2):
+            for d in ("js", "rkl"):
+                trainer.weighting = weightings[d]
+                gen_t[d].append(timed(lambda: trainer.generator_step(x, y), device, args.repeats))
+        js, rkl = min(gen_t["js"]), min(gen_t["rkl"])
+        overhead = (js - rkl) / (rkl + (k - 1) * t_crit)
+        print(f"   generator step: JS {js * 1e3:.1f} ms, reverse KL {rkl * 1e3:.1f} ms; JS overhead on the iteration "
+              f"{100 * overhead:+.2f}% (target < 3%)", flush=True)
+        figures.update({"js_gen_s": js, "rkl_gen_s": rkl, "js_overhead": overhead})
+
+    def utilisation() -> None:
+        f_gen, f_crit = step_flops(trainer, n)
+        f_iter = (f_gen + (k - 1) * f_crit) / k
+        achieved = f_iter / t_iter
+        pk = peak_flops(name, args.peak_tflops)
+        mfu = achieved / pk if pk else None
+        print(f"   FLOPs: generator step {f_gen / 1e12:.2f} T, critic step {f_crit / 1e12:.2f} T, per iteration "
+              f"{f_iter / 1e12:.2f} T; achieved {achieved / 1e12:.1f} TFLOP/s"
+              + (f"; MFU {100 * mfu:.1f}% of {pk / 1e12:.0f} TFLOP/s bf16 peak (target >= 35%)" if mfu else
+                 "; MFU: unknown GPU peak (pass --peak-tflops)"), flush=True)
+        figures.update({"flops_per_iteration": f_iter, "achieved_tflops": achieved / 1e12, "mfu": mfu})
+
+    def student_ab() -> None:
+        ab = ab_student(trainer, min(args.ab_batch, n), device, args.repeats)
+        print("   " + "; ".join(f"{key} {v * 1e3:.1f} ms" if isinstance(v, float) else f"{key} {v}"
+                                for key, v in ab.items() if key != "batch") + f" (batch {ab['batch']})", flush=True)
+        figures["student_fwd_bwd_ab_s"] = ab
 
     print("3. network passes, isolated at the same batch (share of their sum over one K-cycle):", flush=True)
-    passes = pass_times(trainer, n, device, args.repeats)
-    weight = {key: (1 if "(generator)" in key or key == "AdamW student" else k - 1) for key in passes}
-    cycle = {key: passes[key] * weight[key] for key in passes}
-    s = sum(cycle.values())
-    for key, v in cycle.items():
-        print(f"   {key:45s} {passes[key] * 1e3:8.1f} ms x{weight[key]}  {100 * v / s:5.1f}%")
-    print(f"   sum {s * 1e3:.0f} ms per cycle vs measured {k * t_iter * 1e3:.0f} ms "
-          "(the rest: EMA, losses, ratio maths, random numbers, launch gaps)", flush=True)
-
+    stage("passes", network_passes)
     print("4. JS vs reverse KL (generator step; the discriminator is trained in both):", flush=True)
-    cfg = trainer.config
-    weightings = {d: FDistillWeighting(d, cfg.logit_clip, cfg.ratio_min, cfg.ratio_max, cfg.normalize_ratio,
-                                       cfg.normalize_weight, cfg.num_bins, cfg.bin_ema, cfg.bin_spacing).to(device)
-                  for d in ("js", "rkl")}
-    gen_t: dict[str, list[float]] = {"js": [], "rkl": []}
-    for _ in range(2):
-        for d in ("js", "rkl"):
-            trainer.weighting = weightings[d]
-            gen_t[d].append(timed(lambda: trainer.generator_step(x, y), device, args.repeats))
-    js, rkl = min(gen_t["js"]), min(gen_t["rkl"])
-    overhead = (js - rkl) / (rkl + (k - 1) * t_crit)
-    print(f"   generator step: JS {js * 1e3:.1f} ms, reverse KL {rkl * 1e3:.1f} ms; JS overhead on the iteration "
-          f"{100 * overhead:+.2f}% (target < 3%)", flush=True)
-
+    stage("js_vs_rkl", js_vs_rkl)
     print("5. model FLOPs utilisation:", flush=True)
-    f_gen, f_crit = step_flops(trainer, n)
-    f_iter = (f_gen + (k - 1) * f_crit) / k
-    achieved = f_iter / t_iter
-    pk = peak_flops(name, args.peak_tflops)
-    mfu = achieved / pk if pk else None
-    print(f"   FLOPs: generator step {f_gen / 1e12:.2f} T, critic step {f_crit / 1e12:.2f} T, per iteration "
-          f"{f_iter / 1e12:.2f} T; achieved {achieved / 1e12:.1f} TFLOP/s"
-          + (f"; MFU {100 * mfu:.1f}% of {pk / 1e12:.0f} TFLOP/s bf16 peak (target >= 35%)" if mfu else
-             "; MFU: unknown GPU peak (pass --peak-tflops)"), flush=True)
-    figures = {"device": name, "batch_per_gpu": n, "generator_step_s": t_gen, "critic_step_s": t_crit,
-               "iteration_s": t_iter, "images_per_s": n / t_iter, "peak_memory_gib": peak,
-               "passes_s": passes, "js_gen_s": js, "rkl_gen_s": rkl, "js_overhead": overhead,
-               "flops_per_iteration": f_iter, "achieved_tflops": achieved / 1e12, "mfu": mfu,
-               "wall_s": time.perf_counter() - t_start}
-    print(f"total {figures['wall_s']:.0f} s")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(figures, indent=2))
-    return 0
+    stage("mfu", utilisation)
+    if args.ab_batch:
+        print("6. student forward+backward A/B (not part of the training step):", flush=True)
+        stage("student_ab", student_ab)
+    save()
+    print(f"total {figures['wall_s']:.0f} s" + (f"; failed stages: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -15,13 +15,16 @@ SCRIPT = "scripts/gpu_check.py"
 @pytest.mark.usefixtures("one_thread")
 def test_gpu_check_code_path_on_cpu(tmp_path, capsys, load_script):
     gc = load_script(SCRIPT)
-    assert gc.main(["--device", "cpu", "--tiny", "--batch", "4", "--repeats", "1",
+    assert gc.main(["--device", "cpu", "--tiny", "--batch", "4", "--repeats", "1", "--ab-batch", "2",
                     "--json", str(tmp_path / "f.json")]) == 0
     out = capsys.readouterr().out
-    for text in ("2. batch 4", "teacher fwd+bwd to input", "JS overhead on the iteration", "FLOPs: generator step"):
+    for text in ("2. batch 4", "teacher fwd+bwd to input", "JS overhead on the iteration", "FLOPs: generator step",
+                 "EDM float32 attention", "channels-last"):
         assert text in out
     fig = json.loads((tmp_path / "f.json").read_text())
     assert fig["batch_per_gpu"] == 4 and fig["iteration_s"] > 0 and fig["flops_per_iteration"] > 0
+    assert fig["student_fwd_bwd_ab_s"]["batch"] == 2 and fig["student_fwd_bwd_ab_s"]["channels-last"] > 0
+    assert "errors" not in fig
     assert fig["mfu"] is None  # unknown peak on a CPU
     assert gc.peak_flops("NVIDIA H100 80GB HBM3", None) == 989e12 and gc.peak_flops("x", 100.0) == 1e14
     assert gc.peak_flops("NVIDIA H100 PCIe", None) == 756e12 and gc.peak_flops("NVIDIA H100 NVL", None) == 835e12
@@ -32,3 +35,21 @@ def test_gpu_check_refuses_cuda_without_a_gpu(capsys, load_script):
         pytest.skip("a GPU is present")
     assert load_script(SCRIPT).main(["--device", "cuda"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.usefixtures("one_thread")
+def test_gpu_check_reports_a_failing_stage_and_runs_the_rest(tmp_path, capsys, load_script, monkeypatch):
+    gc = load_script(SCRIPT)
+
+    def broken(*args):
+        raise RuntimeError("flop counter broke")
+
+    monkeypatch.setattr(gc, "step_flops", broken)
+    assert gc.main(["--device", "cpu", "--tiny", "--batch", "2", "--repeats", "1", "--ab-batch", "2",
+                    "--json", str(tmp_path / "f.json")]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: RuntimeError: flop counter broke" in out and "failed stages: mfu" in out
+    fig = json.loads((tmp_path / "f.json").read_text())
+    assert fig["errors"] == {"mfu": "RuntimeError: flop counter broke"}
+    assert fig["js_overhead"] is not None and "student_fwd_bwd_ab_s" in fig  # the stages around it ran

@@ -213,3 +213,27 @@ def test_conditional_net_without_labels_uses_zeros():
         a = net(x, 1.0)
         b = net(x, 1.0, torch.zeros(2, 10))
     torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_attention_matches_float32(dtype, monkeypatch):
+    """bf16/fp16 attention (fused scaled_dot_product_attention) equals EDM's float32 attention computed on the
+    same low-precision q, k, v, forward and backward, to the low precision's rounding."""
+    from fdistill_lab.networks import layers
+    from fdistill_lab.networks.layers import attention
+
+    calls = []
+    sdpa = layers.F.scaled_dot_product_attention
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    torch.manual_seed(0)
+    heads, d, res = 3, 16, 8
+    qkv = torch.randn(2, 3 * heads * d, res, res).to(dtype).requires_grad_(True)
+    ref_in = qkv.detach().float().requires_grad_(True)
+    out, ref = attention(qkv, heads), attention(ref_in, heads)
+    assert calls == [1], "low precision should take the fused kernel"
+    assert out.dtype == dtype and out.shape == ref.shape == (2, heads * d, res, res)
+    torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)
+    g = torch.randn_like(ref)
+    out.float().backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(qkv.grad.float(), ref_in.grad, atol=2e-2, rtol=2e-2)

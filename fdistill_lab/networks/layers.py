@@ -196,13 +196,20 @@ def attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Multi-head self-attention over the pixels of ``qkv`` [B, 3C, H, W].
 
     EDM layout (reference_implementations.md 1.3.1): channels are viewed as [B*heads, C/heads, 3, HW] and
-    split on the size-3 axis, so q, k, v are interleaved per channel inside each head. Logits
-    q.k / sqrt(C/heads) and the softmax are computed in float32 (float64 for float64 input), with
-    autocast disabled. Returns [B, C, H, W].
+    split on the size-3 axis, so q, k, v are interleaved per channel inside each head. For float32/float64
+    input the logits q.k / sqrt(C/heads) and the softmax are computed as EDM does, in float32 (float64 for
+    float64 input) with autocast disabled. For bf16/fp16 input (mixed-precision training) the same
+    attention goes through ``F.scaled_dot_product_attention`` (fused flash kernel on GPUs: float32
+    accumulation and softmax on the bf16/fp16 values, without the [HW, HW] matrices in memory).
+    Returns [B, C, H, W].
     """
     b, c3, h, w = qkv.shape
     c = c3 // 3
     q, k, v = qkv.reshape(b * num_heads, c // num_heads, 3, h * w).unbind(2)
+    if qkv.dtype in (torch.float16, torch.bfloat16):
+        q, k, v = (t.reshape(b, num_heads, c // num_heads, h * w).transpose(2, 3).contiguous() for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(2, 3).reshape(b, c, h, w)
     dt = torch.float64 if qkv.dtype == torch.float64 else torch.float32
     with torch.autocast(qkv.device.type, enabled=False):
         logits = torch.einsum("ncq,nck->nqk", q.to(dt), (k / math.sqrt(k.shape[1])).to(dt))
