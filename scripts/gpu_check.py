@@ -12,7 +12,9 @@ teacher, student and fake score with the ``imagenet64`` preset (bf16 autocast, d
 4. JS against reverse KL: generator-step time with each weighting, and the overhead on the iteration;
 5. model FLOPs (torch.utils.flop_counter) per iteration and the model FLOPs utilisation (MFU);
 6. two A/B timings of the student's forward+backward that are not part of the training step: EDM's float32
-   attention against the fused bf16 kernel the trainer uses, and channels-last memory layout.
+   attention against the fused bf16 kernel the trainer uses, and channels-last memory layout;
+7. with ``--profile N``: the N operators that take the most device time in one generator + one critic step
+   (torch.profiler).
 
 A failing stage is reported and the later ones still run; the JSON file is rewritten after every stage.
 ``--memory-gib`` caps the memory PyTorch may take (e.g. 79 on an H200 to find the batch of an 80 GB H100).
@@ -258,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-gib", type=float, default=0.0,
                    help="cap on the GPU memory PyTorch may use (0: all), e.g. 79 to emulate an 80 GB H100")
     p.add_argument("--ab-batch", type=int, default=64, help="batch of the A/B timings of stage 6 (0: skip them)")
+    p.add_argument("--profile", type=int, default=0, help="print the N costliest operators of one step pair")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s if the GPU is not known")
     p.add_argument("--json", default="", help="also write the figures to this JSON file (after every stage)")
     args = p.parse_args(argv)
@@ -274,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             if not 0 < args.memory_gib <= total:
                 print(f"error: --memory-gib must be in (0, {total:.1f}]; got {args.memory_gib}", file=sys.stderr)
                 return 2
-            torch.cuda.set_per_process_memory_fraction(args.memory_gib / total, device)
+            torch.cuda.set_per_process_memory_fraction(args.memory_gib / total, device.index or 0)
             total = args.memory_gib
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     t_start = time.perf_counter()
@@ -378,6 +381,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.ab_batch:
         print("6. student forward+backward A/B (not part of the training step):", flush=True)
         stage("student_ab", student_ab)
+
+    def profile() -> None:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch_profile(activities=acts) as prof:
+            trainer.generator_step(x, y)
+            trainer.critic_step(x, y)
+            sync(device)
+        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=args.profile, max_name_column_width=60)
+        print(table, flush=True)
+        figures["profile_table"] = table
+
+    if args.profile:
+        print(f"7. the {args.profile} costliest operators of one generator + one critic step:", flush=True)
+        stage("profile", profile)
     save()
     print(f"total {figures['wall_s']:.0f} s" + (f"; failed stages: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

@@ -16,10 +16,10 @@ SCRIPT = "scripts/gpu_check.py"
 def test_gpu_check_code_path_on_cpu(tmp_path, capsys, load_script):
     gc = load_script(SCRIPT)
     assert gc.main(["--device", "cpu", "--tiny", "--batch", "4", "--repeats", "1", "--ab-batch", "2",
-                    "--json", str(tmp_path / "f.json")]) == 0
+                    "--profile", "3", "--json", str(tmp_path / "f.json")]) == 0
     out = capsys.readouterr().out
     for text in ("2. batch 4", "teacher fwd+bwd to input", "JS overhead on the iteration", "FLOPs: generator step",
-                 "EDM float32 attention", "channels-last"):
+                 "EDM float32 attention", "channels-last", "Self CPU time total"):
         assert text in out
     fig = json.loads((tmp_path / "f.json").read_text())
     assert fig["batch_per_gpu"] == 4 and fig["iteration_s"] > 0 and fig["flops_per_iteration"] > 0

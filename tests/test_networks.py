@@ -237,3 +237,33 @@ def test_low_precision_attention_matches_float32(dtype, monkeypatch):
     out.float().backward(g)
     ref.backward(g)
     torch.testing.assert_close(qkv.grad.float(), ref_in.grad, atol=2e-2, rtol=2e-2)
+
+
+def test_bf16_autocast_keeps_activations_in_bf16():
+    """Under bf16 autocast (the trainer's mixed precision) every layer's output stays bf16, as in EDM's fp16
+    mode: a float32 GroupNorm output or bias add would silently promote the rest of the network to float32
+    (twice the activation memory). The result stays close to the float32 network."""
+    from collections import Counter
+
+    from fdistill_lab.networks import layers
+
+    torch.manual_seed(0)
+    net = build_edm(**tiny_adm_config(img_resolution=16, channel_mult=[1, 2], attn_resolutions=[8]))
+    with torch.no_grad():
+        for p in net.parameters():  # EDM zero-initialises some layers; random weights exercise every path
+            p.normal_(0, 0.05)
+    x, sigma, y = torch.randn(3, 3, 16, 16), torch.tensor([0.3, 2.0, 40.0]), torch.tensor([1, 4, 7])
+    seen: Counter = Counter()
+    kinds = (layers.UNetBlock, layers.GroupNorm, layers.Conv2d)
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.update([(type(m).__name__, o.dtype)]))
+             for m in net.modules() if isinstance(m, kinds)]
+    ref = net(x, sigma, y)
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x, sigma, y)
+    for h in hooks:
+        h.remove()
+    assert {dt for _, dt in seen} == {torch.bfloat16}, seen
+    assert {name for name, _ in seen} == {"UNetBlock", "GroupNorm", "Conv2d"}
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=0.02 * ref.abs().max().item(), rtol=0)

@@ -119,7 +119,6 @@ class Conv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = _cast(self.weight, x)
-        b = _cast(self.bias, x)
         f = _cast(self.resample_filter, x)
         w_pad = w.shape[-1] // 2 if w is not None else 0
         f_pad = (f.shape[-1] - 1) // 2 if f is not None else 0
@@ -139,8 +138,8 @@ class Conv2d(nn.Module):
                              padding=f_pad)
             if w is not None:
                 x = F.conv2d(x, w, padding=w_pad)
-        if b is not None:
-            x = x + b.reshape(1, -1, 1, 1)
+        if self.bias is not None:  # in the output's dtype: bf16/fp16 under autocast, as in EDM's fp16 mode
+            x = x + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
         return x
 
 
@@ -157,6 +156,12 @@ class GroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.float16, torch.bfloat16):
+            # as EDM's fp16 mode: normalise the low-precision tensor directly (statistics accumulate in float32
+            # inside the kernel) instead of autocast's float32 copy, which would make every later activation
+            # float32 (twice the memory and traffic)
+            with torch.autocast(x.device.type, enabled=False):
+                return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
         return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
