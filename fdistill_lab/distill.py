@@ -44,6 +44,7 @@ from .losses import (
     gan_generator_loss,
     r1_penalty,
 )
+from .networks import EDMPrecond
 
 SCHEDULES = ("fastgen", "dmd2")
 DISC_PLACEMENTS = ("teacher", "fake_score")
@@ -323,11 +324,14 @@ class FDistillTrainer:
             x = (net or self._student_fwd)(z * s, torch.full((n,), s, device=self.device), labels)
         return x.float()
 
-    def _features(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None
-                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _features(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None,
+                  decoder: str = "grad") -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """(x0, features) of ``net``. ``decoder`` "no_grad" (x0 is only used detached) or "skip" (x0 unused)
+        saves the decoder's memory or work on EDM networks; other networks run whole (same results)."""
+        kwargs = {"decoder": decoder} if decoder != "grad" and isinstance(net, EDMPrecond) else {}
         with self._autocast():
-            x0, feats = net(x, sigma, labels, return_features=True)
-        return x0.float(), feats
+            x0, feats = net(x, sigma, labels, return_features=True, **kwargs)
+        return (x0.float() if x0 is not None else None), feats
 
     def _denoise(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None
                  ) -> torch.Tensor:
@@ -366,13 +370,15 @@ class FDistillTrainer:
             with torch.no_grad():
                 x0_fake = self._denoise(self.fake_score, x_t, sigma, labels)
             with torch.set_grad_enabled(use_gan):
-                x0_teacher, feats = self._features(self.teacher, x_t if use_gan else x_t.detach(), sigma, labels)
+                x0_teacher, feats = self._features(self.teacher, x_t if use_gan else x_t.detach(), sigma, labels,
+                                                   decoder="no_grad")
                 logits = self._logits(feats, self.disc)
         else:
             with torch.no_grad():
                 x0_teacher = self._denoise(self.teacher, x_t, sigma, labels)
             with torch.set_grad_enabled(use_gan):
-                x0_fake, feats = self._features(self.fake_score, x_t if use_gan else x_t.detach(), sigma, labels)
+                x0_fake, feats = self._features(self.fake_score, x_t if use_gan else x_t.detach(), sigma, labels,
+                                                decoder="no_grad")
                 logits = self._logits(feats, self.disc)
         h, wstats = self.weighting(logits.detach(), sigma, update=True)
         loss_f = fdistill_loss(x, x0_fake.detach(), x0_teacher.detach(), h, cfg.dmd_normalize)
@@ -407,7 +413,7 @@ class FDistillTrainer:
         if cfg.disc_placement == "teacher":
             x0_pred = self._denoise(self._fake_fwd, x_t, sigma, labels)
             with torch.set_grad_enabled(use_r1):
-                _, feats = self._features(self.teacher, both_x, both_sigma, both_labels)
+                _, feats = self._features(self.teacher, both_x, both_sigma, both_labels, decoder="skip")
             if not use_r1:
                 feats = {k: v.detach() for k, v in feats.items()}
         else:

@@ -331,3 +331,26 @@ def test_trainer_is_reproducible_from_its_seed_alone():
         fit(tr, _batches(), 3, progress=False)
         runs.append(torch.cat([p.detach().flatten() for p in tr.student.parameters()]))
     assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("placement", ["teacher", "fake_score"])
+def test_steps_skip_decoder_work_that_no_loss_uses(placement):
+    """With the discriminator on the teacher, the critic step runs only the teacher's encoder (its x0 is unused)
+    and the generator step keeps no decoder graph of the network that feeds the discriminator (its x0 enters
+    the loss detached); with the heads on the fake score, the critic needs that network whole."""
+    tr = FDistillTrainer(_teacher(), DistillConfig(disc_placement=placement), device="cpu")
+    seen = []
+    spied = tr.teacher if placement == "teacher" else tr.fake_score
+    forward = spied.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("decoder", "grad") if kwargs.get("return_features") else "x0 only")
+        return forward(*args, **kwargs)
+
+    spied.forward = spy
+    x, y = _batch(0)
+    tr.generator_step(x, y)
+    assert seen == ["no_grad"]
+    seen.clear()
+    tr.critic_step(x, y)
+    assert seen == (["skip"] if placement == "teacher" else ["grad"])

@@ -267,3 +267,58 @@ def test_bf16_autocast_keeps_activations_in_bf16():
     assert {name for name, _ in seen} == {"UNetBlock", "GroupNorm", "Conv2d"}
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref, atol=0.02 * ref.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("cfg", [tiny_adm_config(), tiny_ddpmpp_config()], ids=["adm", "ddpmpp"])
+def test_decoder_modes_give_the_same_features_with_less_work(cfg):
+    """decoder="no_grad": same x0 and features, x0 without a graph while the features keep theirs;
+    decoder="skip": the encoder alone (no decoder block runs), same features."""
+    from fdistill_lab.networks import layers
+
+    torch.manual_seed(0)
+    net = build_edm(**cfg)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.05)
+    r = net.img_resolution
+    x = torch.randn(2, 3, r, r, requires_grad=True)
+    sigma, y = torch.tensor([0.5, 3.0]), (torch.tensor([1, 2]) if net.label_dim else None)
+    calls = []
+    dec_blocks = [m for m in net.model.dec.modules() if isinstance(m, layers.UNetBlock)]
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in dec_blocks]
+    x0, f = net(x, sigma, y, return_features=True)
+    n_full = len(calls)
+    x0_ng, f_ng = net(x, sigma, y, return_features=True, decoder="no_grad")
+    none, f_skip = net(x, sigma, y, return_features=True, decoder="skip")
+    for h in hooks:
+        h.remove()
+    assert n_full == len(dec_blocks) > 0 and len(calls) == 2 * n_full  # "skip" ran no decoder block
+    assert none is None and torch.equal(x0_ng, x0) and not x0_ng.requires_grad and x0.requires_grad
+    for k in f:
+        assert torch.equal(f_ng[k], f[k]) and torch.equal(f_skip[k], f[k]) and f_skip[k].requires_grad
+    with pytest.raises(ValueError, match=r"decoder must be one of \('grad', 'no_grad', 'skip'\); got 'half'"):
+        net(x, sigma, y, return_features=True, decoder="half")
+    with pytest.raises(ValueError, match="needs return_features=True"):
+        net(x, sigma, y, decoder="skip")
+
+
+def test_image_channel_convolutions_are_padded_to_eight_in_low_precision():
+    """3-channel convolutions (the image in/out layers) get zero channels up to 8 in bf16 (GPUs have no
+    tensor-core kernels for 3 channels): the same result (float64 exactly, bf16 to rounding), float32 untouched."""
+    from fdistill_lab.networks import layers
+
+    torch.manual_seed(0)
+    for cin, cout in [(3, 16), (16, 3), (3, 3)]:
+        x, w = torch.randn(2, cin, 6, 6, dtype=torch.float64), torch.randn(cout, cin, 3, 3, dtype=torch.float64)
+        torch.testing.assert_close(layers._conv2d_padded(x, w, 1), torch.nn.functional.conv2d(x, w, padding=1),
+                                   rtol=0, atol=1e-12)
+        conv = layers.Conv2d(cin, cout, kernel=3)
+        xf = torch.randn(2, cin, 6, 6)
+        assert not layers._pad_channels(xf, conv.weight)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layers._pad_channels(xf, conv.weight)
+            out = conv(xf)
+        assert out.shape == (2, cout, 6, 6) and out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), conv(xf), atol=0.05, rtol=0.02)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layers._pad_channels(torch.randn(1, 16, 4, 4), torch.randn(32, 16, 3, 3))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+from .layers import Conv2d, GroupNorm, Linear, PositionalEmbedding, UNetBlock, check_decoder_mode
 
 __all__ = ["DhariwalUNet", "run_encoder"]
 
@@ -109,7 +109,11 @@ class DhariwalUNet(nn.Module):
         class_labels: torch.Tensor | None = None,
         augment_labels: torch.Tensor | None = None,
         features: dict[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+        decoder: str = "grad",
+    ) -> torch.Tensor | None:
+        """``decoder`` (see :data:`DECODER_MODES`): "grad" as usual, "no_grad" runs the decoder without autograd
+        (features keep their graph), "skip" stops after the encoder and returns None (features only)."""
+        check_decoder_mode(decoder)
         emb = self.map_noise(noise_labels)
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels)
@@ -125,8 +129,11 @@ class DhariwalUNet(nn.Module):
         emb = F.silu(emb)
 
         x, skips = run_encoder(self.enc, x, emb, features)
-        for block in self.dec.values():
-            if x.shape[1] != block.in_channels:
-                x = torch.cat([x, skips.pop()], dim=1)
-            x = block(x, emb)
-        return self.out_conv(F.silu(self.out_norm(x)))
+        if decoder == "skip":
+            return None
+        with torch.set_grad_enabled(torch.is_grad_enabled() and decoder == "grad"):
+            for block in self.dec.values():
+                if x.shape[1] != block.in_channels:
+                    x = torch.cat([x, skips.pop()], dim=1)
+                x = block(x, emb)
+            return self.out_conv(F.silu(self.out_norm(x)))

@@ -12,7 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock
+from .layers import (
+    Conv2d,
+    FourierEmbedding,
+    GroupNorm,
+    Linear,
+    PositionalEmbedding,
+    UNetBlock,
+    check_decoder_mode,
+)
 
 __all__ = ["SongUNet"]
 
@@ -122,7 +130,10 @@ class SongUNet(nn.Module):
         class_labels: torch.Tensor | None = None,
         augment_labels: torch.Tensor | None = None,
         features: dict[str, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+        decoder: str = "grad",
+    ) -> torch.Tensor | None:
+        """``decoder``: as in :meth:`DhariwalUNet.forward` ("grad", "no_grad" or "skip")."""
+        check_decoder_mode(decoder)
         emb = self.map_noise(noise_labels)
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(emb.shape)  # [cos, sin] -> [sin, cos]
         if self.map_label is not None:
@@ -155,19 +166,22 @@ class SongUNet(nn.Module):
                 features[name.split("_")[0]] = x
         if features is not None:
             features["bottleneck"] = x
+        if decoder == "skip":
+            return None
 
         aux_out: torch.Tensor | None = None
         tmp_out: torch.Tensor | None = None
-        for name, block in self.dec.items():
-            if "aux_up" in name:
-                aux_out = block(aux_out)
-            elif "aux_norm" in name:
-                tmp_out = block(x)
-            elif "aux_conv" in name:
-                tmp_out = block(F.silu(tmp_out))
-                aux_out = tmp_out if aux_out is None else tmp_out + aux_out
-            else:
-                if x.shape[1] != block.in_channels:
-                    x = torch.cat([x, skips.pop()], dim=1)
-                x = block(x, emb)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and decoder == "grad"):
+            for name, block in self.dec.items():
+                if "aux_up" in name:
+                    aux_out = block(aux_out)
+                elif "aux_norm" in name:
+                    tmp_out = block(x)
+                elif "aux_conv" in name:
+                    tmp_out = block(F.silu(tmp_out))
+                    aux_out = tmp_out if aux_out is None else tmp_out + aux_out
+                else:
+                    if x.shape[1] != block.in_channels:
+                        x = torch.cat([x, skips.pop()], dim=1)
+                    x = block(x, emb)
         return aux_out

@@ -23,7 +23,18 @@ __all__ = [
     "FourierEmbedding",
     "UNetBlock",
     "attention",
+    "DECODER_MODES",
+    "check_decoder_mode",
 ]
+
+# how a U-Net backbone runs its decoder: as usual, without autograd (the caller needs only the encoder features'
+# gradient: no decoder activations kept), or not at all (features only)
+DECODER_MODES = ("grad", "no_grad", "skip")
+
+
+def check_decoder_mode(decoder: str) -> None:
+    if decoder not in DECODER_MODES:
+        raise ValueError(f"decoder must be one of {DECODER_MODES}; got {decoder!r}")
 
 InitSpec = dict  # {'init_mode': str, 'init_weight': float, 'init_bias': float}
 
@@ -137,10 +148,36 @@ class Conv2d(nn.Module):
                 x = F.conv2d(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2,
                              padding=f_pad)
             if w is not None:
-                x = F.conv2d(x, w, padding=w_pad)
+                x = _conv2d_padded(x, w, w_pad) if _pad_channels(x, w) else F.conv2d(x, w, padding=w_pad)
         if self.bias is not None:  # in the output's dtype: bf16/fp16 under autocast, as in EDM's fp16 mode
             x = x + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
         return x
+
+
+def _low_precision(x: torch.Tensor) -> bool:
+    """Whether a convolution of ``x`` runs in bf16/fp16 (low-precision input or autocast on its device)."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return True
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() if x.is_cuda else torch.is_autocast_cpu_enabled()
+
+
+def _pad_channels(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Image-channel convolutions (3 in or out) in low precision have no tensor-core kernels: pad to 8."""
+    return bool((w.shape[0] % 8 or w.shape[1] % 8) and _low_precision(x))
+
+
+def _conv2d_padded(x: torch.Tensor, w: torch.Tensor, padding: int) -> torch.Tensor:
+    """``F.conv2d(x, w, padding=padding)`` with in/out channels zero-padded to multiples of 8 (the zeros add
+    nothing; the output is sliced back)."""
+    cout, cin = w.shape[:2]
+    pin, pout = -cin % 8, -cout % 8
+    if pin:
+        x = F.pad(x, (0, 0, 0, 0, 0, pin))
+    w = F.pad(w, (0, 0, 0, 0, 0, pin, 0, pout))
+    return F.conv2d(x, w, padding=padding)[:, :cout]
 
 
 class GroupNorm(nn.Module):

@@ -18,6 +18,7 @@ from torch import nn
 from ..edm import SIGMA_DATA, as_sigma, precond
 from .adm import DhariwalUNet
 from .ddpmpp import SongUNet
+from .layers import check_decoder_mode
 
 __all__ = [
     "EDMPrecond",
@@ -119,13 +120,20 @@ class EDMPrecond(nn.Module):
         class_labels: torch.Tensor | None = None,
         augment_labels: torch.Tensor | None = None,
         return_features: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        decoder: str = "grad",
+    ) -> torch.Tensor | tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """Denoise ``x`` [B,C,H,W] at noise level ``sigma`` (scalar or [B]).
 
         ``class_labels``: one-hot float [B, label_dim] or integer indices [B]; None gives zeros (EDM).
         Returns x0 in x's dtype, or ``(x0, features)`` with ``features`` = {'bottleneck', '32x32', ...}:
         the outputs of the last encoder block at each resolution (raw backbone activations).
+        ``decoder`` (with ``return_features``) saves work when only the features matter: "no_grad" computes
+        x0 without autograd (the features keep their graph; no decoder activations are stored), "skip" runs
+        the encoder alone and returns ``(None, features)``. The features are the same in every mode.
         """
+        check_decoder_mode(decoder)
+        if decoder != "grad" and not return_features:
+            raise ValueError(f"decoder={decoder!r} needs return_features=True (it only saves work on features)")
         out_dtype = x.dtype
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32
         x = x.to(dt)
@@ -135,8 +143,11 @@ class EDMPrecond(nn.Module):
         aug = augment_labels.to(dt) if augment_labels is not None else None
         features: dict[str, torch.Tensor] | None = {} if return_features else None
         f_x = self.model(c_in * x, c_noise.flatten(), class_labels=labels, augment_labels=aug,
-                         features=features)
-        d_x = (c_skip * x + c_out * f_x.to(dt)).to(out_dtype)
+                         features=features, decoder=decoder)
+        if f_x is None:
+            return None, features
+        with torch.set_grad_enabled(torch.is_grad_enabled() and decoder == "grad"):
+            d_x = (c_skip * x + c_out * f_x.to(dt)).to(out_dtype)
         return (d_x, features) if return_features else d_x
 
     def extra_repr(self) -> str:
