@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check for issue 7 (one H100 or H200; its two timeouts stop it after 9 minutes): full-size
+# GPU check for issue 7 (one H100 or H200; about 3 minutes on an H200, timeouts stop it after 9): full-size
 # ADM f-distill step time, images/s at the largest per-GPU batch, peak memory, share of each network pass,
 # JS vs reverse-KL overhead, MFU, then the ImageNet-64 notebook's smoke path on the GPU. Figures go to
 # stdout and build/gpu_check/ (JSON, notebook).

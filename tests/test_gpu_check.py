@@ -18,7 +18,8 @@ def test_gpu_check_code_path_on_cpu(tmp_path, capsys, load_script):
     assert gc.main(["--device", "cpu", "--tiny", "--batch", "4", "--repeats", "1", "--ab-batch", "2",
                     "--profile", "3", "--json", str(tmp_path / "f.json")]) == 0
     out = capsys.readouterr().out
-    for text in ("2. batch 4", "teacher fwd+bwd to input", "JS overhead on the iteration", "FLOPs: generator step",
+    for text in ("2. batch 4", "teacher fwd+bwd to input", "teacher encoder, no grad (critic, x2)",
+                 "student fwd, no grad (critic)", "JS overhead on the iteration", "FLOPs: generator step",
                  "EDM float32 attention", "channels-last", "Self CPU time total"):
         assert text in out
     fig = json.loads((tmp_path / "f.json").read_text())
