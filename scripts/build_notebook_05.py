@@ -238,7 +238,7 @@ RESULTS_MD = r"""## 4. Reading the numbers
   Expect ±0.05-0.1 FID between seeds. The paper's extra fine-tuning stage at lr 5e-7 is not part of the preset
   (resume with `overrides='lr=5e-7'` in a new `output_dir` seeded from the checkpoint to try it).
 * `scripts/gpu_check.sh` measures throughput and memory on one GPU: on an H200 capped at an H100's 79 GiB,
-  186 images/s at batch 192 and 19.5% MFU (README, GPU section; 36 h for the 380k iterations on 8 such GPUs).
+  210 images/s at batch 160 and 22.1% MFU (README, GPU section; 32 h for the 380k iterations on 8 such GPUs).
 
 **Questions.** (1) With `gpus=8` and `batch_size=512`, how many images does one GPU hold, and what does
 `per_gpu_batch=32` change? (2) Why must every rank see the *global* batch mean of $h$ and the global per-bin
