@@ -7,6 +7,7 @@ Parameter and buffer names/shapes equal EDM's so that released checkpoints load 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -35,6 +36,8 @@ DECODER_MODES = ("grad", "no_grad", "skip")
 def check_decoder_mode(decoder: str) -> None:
     if decoder not in DECODER_MODES:
         raise ValueError(f"decoder must be one of {DECODER_MODES}; got {decoder!r}")
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 InitSpec = dict  # {'init_mode': str, 'init_weight': float, 'init_bias': float}
 
@@ -156,7 +159,7 @@ class Conv2d(nn.Module):
 
 def _low_precision(x: torch.Tensor) -> bool:
     """Whether a convolution of ``x`` runs in bf16/fp16 (low-precision input or autocast on its device)."""
-    if x.dtype in (torch.float16, torch.bfloat16):
+    if x.dtype in LOW_PRECISION:
         return True
     try:
         return torch.is_autocast_enabled(x.device.type)
@@ -193,13 +196,11 @@ class GroupNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype in (torch.float16, torch.bfloat16):
-            # as EDM's fp16 mode: normalise the low-precision tensor directly (statistics accumulate in float32
-            # inside the kernel) instead of autocast's float32 copy, which would make every later activation
-            # float32 (twice the memory and traffic)
-            with torch.autocast(x.device.type, enabled=False):
-                return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
-        return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        # bf16/fp16 input is normalised as it is (statistics accumulate in float32 inside the kernel), as in EDM's
+        # fp16 mode; autocast would make a float32 copy and so every later activation float32 (twice the memory)
+        low = x.dtype in LOW_PRECISION
+        with torch.autocast(x.device.type, enabled=False) if low else contextlib.nullcontext():
+            return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
 class PositionalEmbedding(nn.Module):
@@ -248,7 +249,7 @@ def attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     b, c3, h, w = qkv.shape
     c = c3 // 3
     q, k, v = qkv.reshape(b * num_heads, c // num_heads, 3, h * w).unbind(2)
-    if qkv.dtype in (torch.float16, torch.bfloat16):
+    if qkv.dtype in LOW_PRECISION:
         q, k, v = (t.reshape(b, num_heads, c // num_heads, h * w).transpose(2, 3).contiguous() for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)
         return out.transpose(2, 3).reshape(b, c, h, w)
