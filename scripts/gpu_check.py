@@ -5,9 +5,10 @@ teacher, student and fake score with the ``imagenet64`` preset (bf16 autocast, d
 8x8 bottleneck, extra EMAs), then prints:
 
 1. the largest per-GPU batch that fits (doubling search over one generator and one critic step);
-2. at that batch: generator-step, critic-step and iteration time (FastGen schedule K = 5: 1 generator + 4
-   critic steps), images/s, peak memory;
-3. the time of each network pass, measured in isolation at the same batch (teacher forward/backward,
+2. at that batch and at about 4/5 of it (close to the memory limit a smaller batch can be faster per image):
+   generator-step, critic-step and iteration time (FastGen schedule K = 5: 1 generator + 4 critic steps),
+   images/s, peak memory; the faster of the two is the batch of the later stages;
+3. the time of each network pass, measured in isolation at that batch (teacher forward/backward,
    student, fake score, discriminator, optimiser steps), as shares of their sum;
 4. JS against reverse KL: generator-step time with each weighting, and the overhead on the iteration;
 5. model FLOPs (torch.utils.flop_counter) per iteration and the model FLOPs utilisation (MFU);
@@ -243,6 +244,18 @@ def ab_student(trainer: DataParallelTrainer, n: int, device: torch.device, repea
     return out
 
 
+def time_steps(trainer: DataParallelTrainer, emas: StudentEMAs, n: int, device: torch.device, repeats: int
+               ) -> tuple[float, float, float]:
+    """Generator step (with the extra EMAs) and critic step times at batch n, and the peak memory in GiB."""
+    x, y = batch_of(trainer, n)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t_gen = timed(lambda: (trainer.generator_step(x, y), emas.update(trainer.student)), device, repeats)
+    t_crit = timed(lambda: trainer.critic_step(x, y), device, repeats)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return t_gen, t_crit, peak
+
+
 def step_flops(trainer: DataParallelTrainer, n: int) -> tuple[int, int]:
     x, y = batch_of(trainer, n)
     flops = []
@@ -316,21 +329,29 @@ def main(argv: list[str] | None = None) -> int:
 
     print("1. largest per-GPU batch (generator + critic step):", flush=True)
     n = args.batch or search_batch(trainer, device, args.start_batch, args.max_batch)
-    if device.type == "cuda":  # as in training; after the search, so cuDNN autotunes only the size that is timed
+    if device.type == "cuda":  # as in training; after the search, so cuDNN autotunes only the sizes that are timed
         torch.backends.cudnn.benchmark = True
-    x, y = batch_of(trainer, n)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t_gen = timed(lambda: (trainer.generator_step(x, y), emas.update(trainer.student)), device, args.repeats)
-    t_crit = timed(lambda: trainer.critic_step(x, y), device, args.repeats)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    t_iter = (t_gen + (k - 1) * t_crit) / k
-    print(f"2. batch {n}: generator step {t_gen * 1e3:.0f} ms, critic step {t_crit * 1e3:.0f} ms, iteration "
-          f"(1 generator + {k - 1} critic)/{k} = {t_iter * 1e3:.0f} ms, {n / t_iter:.0f} images/s per GPU; "
-          f"peak memory {peak:.1f} of {total:.1f} GiB", flush=True)
-    figures.update({"batch_per_gpu": n, "generator_step_s": t_gen, "critic_step_s": t_crit, "iteration_s": t_iter,
-                    "images_per_s": n / t_iter, "peak_memory_gib": peak})
+    sizes = [n]
+    smaller = n * 4 // 5 // 8 * 8  # near the memory limit a smaller batch can be faster per image
+    if not args.batch and 0 < smaller < n:
+        sizes.append(smaller)
+    timings = {}
+    for i, b in enumerate(sizes):
+        t_gen, t_crit, peak = time_steps(trainer, emas, b, device, args.repeats)
+        t_iter = (t_gen + (k - 1) * t_crit) / k
+        timings[b] = {"generator_step_s": t_gen, "critic_step_s": t_crit, "iteration_s": t_iter,
+                      "images_per_s": b / t_iter, "peak_memory_gib": peak}
+        print(f"{'2.' if i == 0 else '  '} batch {b}: generator step {t_gen * 1e3:.0f} ms, critic step "
+              f"{t_crit * 1e3:.0f} ms, iteration (1 generator + {k - 1} critic)/{k} = {t_iter * 1e3:.0f} ms, "
+              f"{b / t_iter:.0f} images/s per GPU; peak memory {peak:.1f} of {total:.1f} GiB", flush=True)
+    n = max(timings, key=lambda b: timings[b]["images_per_s"])
+    if len(timings) > 1:
+        print(f"   fastest per image: batch {n} (a good per_gpu_batch); the stages below use it", flush=True)
+    t_gen, t_crit, t_iter = (timings[n][key] for key in ("generator_step_s", "critic_step_s", "iteration_s"))
+    figures.update({"largest_batch": None if args.batch else sizes[0], "batch_per_gpu": n, **timings[n],
+                    "batches": {str(b): v for b, v in timings.items()}})
     save()
+    x, y = batch_of(trainer, n)
 
     def network_passes() -> None:
         passes = pass_times(trainer, n, device, args.repeats)

@@ -54,3 +54,17 @@ def test_gpu_check_reports_a_failing_stage_and_runs_the_rest(tmp_path, capsys, l
     fig = json.loads((tmp_path / "f.json").read_text())
     assert fig["errors"] == {"mfu": "RuntimeError: flop counter broke"}
     assert fig["js_overhead"] is not None and "student_fwd_bwd_ab_s" in fig  # the stages around it ran
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.usefixtures("one_thread")
+def test_gpu_check_searches_the_batch_and_times_a_smaller_one(tmp_path, capsys, load_script):
+    gc = load_script(SCRIPT)
+    assert gc.main(["--device", "cpu", "--tiny", "--start-batch", "4", "--max-batch", "16", "--repeats", "1",
+                    "--ab-batch", "0", "--json", str(tmp_path / "f.json")]) == 0
+    out = capsys.readouterr().out
+    assert "batch 16: fits" in out and "2. batch 16:" in out and "   batch 8: generator step" in out
+    fig = json.loads((tmp_path / "f.json").read_text())
+    assert fig["largest_batch"] == 16 and set(fig["batches"]) == {"16", "8"}
+    best = max(fig["batches"], key=lambda b: fig["batches"][b]["images_per_s"])
+    assert fig["batch_per_gpu"] == int(best) and f"fastest per image: batch {best}" in out
