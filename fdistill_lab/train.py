@@ -49,6 +49,7 @@ from .train_io import (
     export_student,
     latest_checkpoint,
     read_json,
+    reconcile_fid_records,
     resume_hint,
     save_grid_png,
     truncate_jsonl,
@@ -312,6 +313,8 @@ def _train(preset: str, dcfg: DistillConfig, rcfg: RunConfig, teacher_path: Path
         if dropped:  # rows past the checkpoint (they are logged again), or an earlier run without checkpoints
             print(f"{out / 'logs'}: dropped {dropped} log rows after step {start}, where this run "
                   f"{'resumes' if start else 'starts afresh'}", file=sys.stderr)
+        for msg in reconcile_fid_records(out, fid_state, start):
+            print(f"{out}: {msg}", file=sys.stderr)
         write_json_atomic(out / "config.json", {
             "preset": preset, "overrides": {k: str(v) for k, v in overrides.items()}, "distill": dcfg.to_dict(),
             "run": dataclasses.asdict(rcfg), "world_size": env.world_size, "device": str(env.device),

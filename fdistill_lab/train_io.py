@@ -10,6 +10,7 @@ Layout of ``<out>``::
     samples/step_0002000.png sample grids of the EMA student (fixed latents and labels)
     checkpoints/ckpt_0002000.pt, checkpoints/latest.json   full state for exact resume (atomic)
     student_best.pt, student_final.pt                      EMA student weights + network config
+    student_best_step0004000.pt  a best student from past the checkpoint a run resumed from (kept, renamed)
     .train.lock              flock'ed by the running job (a second job on the folder is refused)
 """
 
@@ -122,6 +123,42 @@ def _checkpoints_by_step(ckpt_dir: Path) -> dict[int, Path]:
         if m:
             found[int(m.group(1))] = p
     return dict(sorted(found.items()))
+
+
+def reconcile_fid_records(out: Path, fid_state: dict[str, Any], start: int) -> list[str]:
+    """Make ``metrics.json`` and ``student_best.pt`` agree with the checkpoint a run resumes from at ``start``.
+
+    A run that stopped between an FID evaluation and the next checkpoint left records of steps that the resumed
+    run computes again. ``metrics.json`` is rewritten from the checkpoint's FID state (removed when that has
+    none). A ``student_best.pt`` from such a later step is a real evaluated model: it is kept, renamed to
+    ``student_best_step<S>.pt``, so that ``student_best.pt`` only ever names the resumed run's best. Returns
+    one message per change (nothing when the records already agree).
+    """
+    metrics, best_file = out / "metrics.json", out / "student_best.pt"
+    try:
+        old = read_json(metrics) if metrics.is_file() else {}
+    except (OSError, ValueError):
+        old = None  # damaged: rewrite it
+    if old == fid_state:
+        return []
+    msgs = []
+    old_best = (old or {}).get("best") or {}
+    step = old_best.get("step")
+    if isinstance(step, int) and step > start and best_file.is_file():
+        kept = out / f"student_best_step{step:07d}.pt"
+        os.replace(best_file, kept)
+        msg = (f"{best_file.name} held the EMA student of step {step} (FID {old_best.get('fid')}), later than "
+               f"the checkpoint of step {start} this run resumes from: kept as {kept.name}")
+        if fid_state.get("best"):
+            msg += f" (the checkpoint's best, step {fid_state['best']['step']}, had been overwritten by it)"
+        msgs.append(msg)
+    if fid_state:
+        write_json_atomic(metrics, fid_state)
+        msgs.append(f"{metrics.name} rewritten to the FID records of the checkpoint of step {start}")
+    elif metrics.is_file():
+        metrics.unlink()
+        msgs.append(f"{metrics.name} removed: the checkpoint of step {start} has no FID evaluation yet")
+    return msgs
 
 
 def resume_hint(ckpt_dir: Path, bad: Path) -> str:

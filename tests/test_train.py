@@ -404,3 +404,49 @@ def test_torchrun_two_cpu_processes_equal_one(assets, tmp_path):
     assert res.stdout.count("done at step 4") == 1  # printed by rank 0 only
     _run(assets, tmp_path / "single", over)
     _assert_states_equal(_state(tmp_path / "single"), _state(tmp_path / "tr"), exact=False, atol=1e-6)
+
+
+def test_reconcile_fid_records_matches_the_checkpoint(tmp_path):
+    import json
+
+    from fdistill_lab.train_io import reconcile_fid_records
+
+    ckpt_state = {"last": {"step": 4, "fid": 7.0}, "best": {"step": 2, "fid": 6.0}}
+    (tmp_path / "metrics.json").write_text(json.dumps({"last": {"step": 6, "fid": 5.0},
+                                                       "best": {"step": 6, "fid": 5.0}}))
+    (tmp_path / "student_best.pt").write_bytes(b"step 6 student")
+    msgs = reconcile_fid_records(tmp_path, ckpt_state, 4)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == ckpt_state
+    assert not (tmp_path / "student_best.pt").exists()
+    assert (tmp_path / "student_best_step0000006.pt").read_bytes() == b"step 6 student"  # kept, not deleted
+    assert "student of step 6 (FID 5.0), later than the checkpoint of step 4" in msgs[0]
+    assert "checkpoint's best, step 2, had been overwritten" in msgs[0] and "rewritten" in msgs[1]
+    assert reconcile_fid_records(tmp_path, ckpt_state, 4) == []  # now they agree
+    (tmp_path / "metrics.json").write_text("{damaged")
+    assert reconcile_fid_records(tmp_path, ckpt_state, 4) and json.loads((tmp_path / "metrics.json").read_text())
+    assert "removed" in reconcile_fid_records(tmp_path, {}, 0)[0] and not (tmp_path / "metrics.json").exists()
+    (tmp_path / "student_best.pt").write_bytes(b"step 2 student")  # an earlier best than the checkpoint: stays
+    (tmp_path / "metrics.json").write_text(json.dumps({"best": {"step": 2, "fid": 6.0}}))
+    reconcile_fid_records(tmp_path, ckpt_state, 4)
+    assert (tmp_path / "student_best.pt").read_bytes() == b"step 2 student"
+
+
+def test_resume_after_a_crash_between_fid_and_checkpoint_reconciles_the_records(assets, tmp_path, capsys):
+    import json
+
+    run = tmp_path / "run"
+    over = {"fid_detector": str(assets["detector"]), "fid_ref": str(assets["ref"])}
+    train("tiny", assets["teacher"], assets["data"], run, over, progress=False)  # FID and checkpoints at 3 and 6
+    reference = json.loads((run / "metrics.json").read_text())
+    # the step-6 checkpoint never made it to disk, and step 6 had looked like the best
+    ckpts = run / "checkpoints"
+    (ckpts / "ckpt_0000006.pt").unlink()
+    (ckpts / "latest.json").write_text(json.dumps({"file": "ckpt_0000003.pt", "step": 3}))
+    (run / "metrics.json").write_text(json.dumps({"last": {"step": 6, "fid": 1e-3}, "best": {"step": 6, "fid": 1e-3}}))
+    capsys.readouterr()
+    res = train("tiny", assets["teacher"], assets["data"], run, over, progress=False)
+    err = capsys.readouterr().err
+    assert res.step == 6 and "metrics.json rewritten to the FID records of the checkpoint of step 3" in err
+    assert "kept as student_best_step0000006.pt" in err and (run / "student_best_step0000006.pt").is_file()
+    assert json.loads((run / "metrics.json").read_text()) == reference  # the rerun's own evaluations (CPU: exact)
+    assert [r["step"] for r in read_jsonl(run / "logs" / "fid.jsonl")] == [3, 6]
