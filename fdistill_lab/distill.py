@@ -45,6 +45,7 @@ from .losses import (
     r1_penalty,
 )
 from .networks import EDMPrecond
+from .networks.layers import twice_differentiable_attention
 
 SCHEDULES = ("fastgen", "dmd2")
 DISC_PLACEMENTS = ("teacher", "fake_score")
@@ -410,14 +411,17 @@ class FDistillTrainer:
         # fake and real go through each network in one batched call (one forward per backward: DDP-safe)
         both_x, both_sigma = torch.cat([x_t, x_r]), torch.cat([sigma, sigma_r])
         both_labels = torch.cat([labels, real_labels.to(self.device)]) if labels is not None else None
+        # R1 differentiates the discriminator's input gradient: attention without the fused kernels
+        twice = twice_differentiable_attention() if use_r1 else contextlib.nullcontext()
         if cfg.disc_placement == "teacher":
             x0_pred = self._denoise(self._fake_fwd, x_t, sigma, labels)
-            with torch.set_grad_enabled(use_r1):
+            with torch.set_grad_enabled(use_r1), twice:
                 _, feats = self._features(self.teacher, both_x, both_sigma, both_labels, decoder="skip")
             if not use_r1:
                 feats = {k: v.detach() for k, v in feats.items()}
         else:
-            x0_both, feats = self._features(self._fake_fwd, both_x, both_sigma, both_labels)
+            with twice:
+                x0_both, feats = self._features(self._fake_fwd, both_x, both_sigma, both_labels)
             x0_pred = x0_both[:n]
         loss_dsm = denoising_loss(x0_pred, x_fake, sigma, cfg.fake_score_weighting)
         logits_fake, logits_real = self._logits(feats).split([n, n])

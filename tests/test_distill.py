@@ -179,11 +179,18 @@ def test_fake_score_placement_trains_the_fake_encoder_through_the_gan_loss():
     assert all(g is not None for g in enc_grads)
 
 
+@pytest.mark.parametrize("attention", [False, True], ids=["no-attention", "attention"])
 @pytest.mark.parametrize("placement", ["teacher", "fake_score"])
-def test_r1_bf16_and_accumulation_run(placement):
+def test_r1_bf16_and_accumulation_run(placement, attention):
+    """R1 (a gradient of a gradient) in bf16, also through attention, whose fused kernels have no second
+    derivative (the cifar10 preset: bf16, R1 on, DDPM++ with attention)."""
     cfg = DistillConfig(disc_placement=placement, r1_gamma=1.0, precision="bf16", accum_steps=2,
                         student_update_freq=2, fake_score_weighting="edm")
-    tr = FDistillTrainer(_teacher(), cfg)
+    torch.manual_seed(0)
+    teacher = build_edm(**tiny_adm_config(img_resolution=8, img_channels=1, label_dim=10, model_channels=32,
+                                          attn_resolutions=[4] if attention else []))
+    assert any(getattr(m, "num_heads", 0) for m in teacher.model.enc.modules()) == attention  # before the heads
+    tr = FDistillTrainer(teacher, cfg)
     logs = fit(tr, _batches(), 2, progress=False)
     assert torch.isfinite(torch.tensor(logs[1]["r1"])) and torch.isfinite(torch.tensor(logs[0]["loss_f"]))
     with pytest.raises(ValueError, match="not divisible by accum_steps=2"):

@@ -322,3 +322,5 @@ def test_image_channel_convolutions_are_padded_to_eight_in_low_precision():
         torch.testing.assert_close(out.float(), conv(xf), atol=0.05, rtol=0.02)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not layers._pad_channels(torch.randn(1, 16, 4, 4), torch.randn(32, 16, 3, 3))
+        # autocast leaves float64 alone, and so does the padding (float64 gradients stay bit-identical)
+        assert not layers._pad_channels(torch.randn(1, 3, 4, 4, dtype=torch.float64), torch.randn(8, 3, 3, 3))

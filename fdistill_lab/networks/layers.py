@@ -26,6 +26,7 @@ __all__ = [
     "attention",
     "DECODER_MODES",
     "check_decoder_mode",
+    "twice_differentiable_attention",
 ]
 
 # how a U-Net backbone runs its decoder: as usual, without autograd (the caller needs only the encoder features'
@@ -161,6 +162,8 @@ def _low_precision(x: torch.Tensor) -> bool:
     """Whether a convolution of ``x`` runs in bf16/fp16 (low-precision input or autocast on its device)."""
     if x.dtype in LOW_PRECISION:
         return True
+    if x.dtype != torch.float32:  # autocast leaves float64 alone
+        return False
     try:
         return torch.is_autocast_enabled(x.device.type)
     except TypeError:  # torch < 2.4: no device argument
@@ -233,6 +236,14 @@ class FourierEmbedding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.outer(x, (2 * math.pi * self.freqs).to(x.dtype))
         return torch.cat([x.cos(), x.sin()], dim=1)
+
+
+def twice_differentiable_attention() -> contextlib.AbstractContextManager:
+    """Context for forward passes that will be differentiated twice (the R1 penalty's gradient of a gradient):
+    the fused kernels that bf16/fp16 :func:`attention` uses have no second derivative, the math backend has."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
