@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -361,3 +363,19 @@ def test_steps_skip_decoder_work_that_no_loss_uses(placement):
     seen.clear()
     tr.critic_step(x, y)
     assert seen == (["skip"] if placement == "teacher" else ["grad"])
+
+
+@pytest.mark.parametrize("preset", ["imagenet64", "cifar10", "dmd2"])
+def test_gpu_presets_take_a_bf16_step_on_a_small_network_with_attention(preset):
+    """Each GPU preset's trainer settings (bf16, its discriminator placement and features, R1 or not) run a
+    generator and a critic step on a small teacher with attention in the encoder, as the real runs do."""
+    from fdistill_lab.presets import resolve
+
+    dcfg, _ = resolve(preset, {})
+    torch.manual_seed(0)
+    teacher = build_edm(**tiny_adm_config(img_resolution=32, channel_mult=[1, 2, 2], attn_resolutions=[16, 8]))
+    tr = FDistillTrainer(teacher, dcfg)
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.tensor([3, 7])
+    gen, crit = tr.generator_step(x, y), tr.critic_step(x, y)
+    assert all(math.isfinite(v) for v in (*gen.values(), *crit.values()))
+    assert ("r1" in crit) == (dcfg.r1_gamma > 0)
