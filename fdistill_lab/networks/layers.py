@@ -168,6 +168,8 @@ def _low_precision(x: torch.Tensor) -> bool:
         return torch.is_autocast_enabled(x.device.type)
     except TypeError:  # torch < 2.4: no device argument
         return torch.is_autocast_enabled() if x.is_cuda else torch.is_autocast_cpu_enabled()
+    except RuntimeError:  # a device type autocast does not know (e.g. meta tensors)
+        return False
 
 
 def _pad_channels(x: torch.Tensor, w: torch.Tensor) -> bool:
