@@ -11,18 +11,22 @@ import torch
 SCRIPT = "scripts/gpu_check.py"
 
 
+def _run_tiny(gc, tmp_path, capsys, *flags: str) -> tuple[int, str, dict]:
+    """gpu_check on the tiny network on the CPU: (exit code, stdout, the JSON figures)."""
+    rc = gc.main(["--device", "cpu", "--tiny", "--repeats", "1", *flags, "--json", str(tmp_path / "f.json")])
+    return rc, capsys.readouterr().out, json.loads((tmp_path / "f.json").read_text())
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.usefixtures("one_thread")
 def test_gpu_check_code_path_on_cpu(tmp_path, capsys, load_script):
     gc = load_script(SCRIPT)
-    assert gc.main(["--device", "cpu", "--tiny", "--batch", "4", "--repeats", "1", "--ab-batch", "2",
-                    "--profile", "3", "--json", str(tmp_path / "f.json")]) == 0
-    out = capsys.readouterr().out
+    rc, out, fig = _run_tiny(gc, tmp_path, capsys, "--batch", "4", "--ab-batch", "2", "--profile", "3")
+    assert rc == 0
     for text in ("2. batch 4", "teacher fwd+bwd to input", "teacher encoder, no grad (critic, x2)",
                  "student fwd, no grad (critic)", "JS overhead on the iteration", "FLOPs: generator step",
                  "EDM float32 attention", "channels-last", "Self CPU time total"):
         assert text in out
-    fig = json.loads((tmp_path / "f.json").read_text())
     assert fig["batch_per_gpu"] == 4 and fig["iteration_s"] > 0 and fig["flops_per_iteration"] > 0
     assert fig["student_fwd_bwd_ab_s"]["batch"] == 2 and fig["student_fwd_bwd_ab_s"]["channels-last"] > 0
     assert "errors" not in fig
@@ -47,11 +51,9 @@ def test_gpu_check_reports_a_failing_stage_and_runs_the_rest(tmp_path, capsys, l
         raise RuntimeError("flop counter broke")
 
     monkeypatch.setattr(gc, "step_flops", broken)
-    assert gc.main(["--device", "cpu", "--tiny", "--batch", "2", "--repeats", "1", "--ab-batch", "2",
-                    "--json", str(tmp_path / "f.json")]) == 1
-    out = capsys.readouterr().out
+    rc, out, fig = _run_tiny(gc, tmp_path, capsys, "--batch", "2", "--ab-batch", "2")
+    assert rc == 1
     assert "FAILED: RuntimeError: flop counter broke" in out and "failed stages: mfu" in out
-    fig = json.loads((tmp_path / "f.json").read_text())
     assert fig["errors"] == {"mfu": "RuntimeError: flop counter broke"}
     assert fig["js_overhead"] is not None and "student_fwd_bwd_ab_s" in fig  # the stages around it ran
 
@@ -59,12 +61,10 @@ def test_gpu_check_reports_a_failing_stage_and_runs_the_rest(tmp_path, capsys, l
 @pytest.mark.timeout(180)
 @pytest.mark.usefixtures("one_thread")
 def test_gpu_check_searches_the_batch_and_times_a_smaller_one(tmp_path, capsys, load_script):
-    gc = load_script(SCRIPT)
-    assert gc.main(["--device", "cpu", "--tiny", "--start-batch", "4", "--max-batch", "16", "--repeats", "1",
-                    "--ab-batch", "0", "--json", str(tmp_path / "f.json")]) == 0
-    out = capsys.readouterr().out
+    rc, out, fig = _run_tiny(load_script(SCRIPT), tmp_path, capsys, "--start-batch", "4", "--max-batch", "16",
+                             "--ab-batch", "0")
+    assert rc == 0
     assert "batch 16: fits" in out and "2. batch 16:" in out and "   batch 8: generator step" in out
-    fig = json.loads((tmp_path / "f.json").read_text())
     assert fig["largest_batch"] == 16 and set(fig["batches"]) == {"16", "8"}
     best = max(fig["batches"], key=lambda b: fig["batches"][b]["images_per_s"])
     assert fig["batch_per_gpu"] == int(best) and f"fastest per image: batch {best}" in out
