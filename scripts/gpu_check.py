@@ -2,7 +2,8 @@
 
 Builds the full-size EDM ImageNet-64 ADM (296M parameters; random weights unless --teacher is given) as
 teacher, student and fake score with the ``imagenet64`` preset (bf16 autocast, discriminator on the teacher's
-8x8 bottleneck, extra EMAs), then prints:
+8x8 bottleneck, extra EMAs; ``--preset dmd2`` for DMD2's recipe, ``--preset cifar10`` for the CIFAR-10 DDPM++
+with R1), then prints:
 
 1. the largest per-GPU batch that fits (doubling search over one generator and one critic step);
 2. at that batch and at about 4/5 of it (close to the memory limit a smaller batch can be faster per image):
@@ -38,7 +39,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fdistill_lab.losses import FDistillWeighting
-from fdistill_lab.networks import build_edm, count_parameters, imagenet64_adm_config
+from fdistill_lab.networks import build_edm, cifar10_ddpmpp_config, count_parameters, imagenet64_adm_config
 from fdistill_lab.parallel_trainer import DataParallelTrainer
 from fdistill_lab.presets import resolve
 from fdistill_lab.smoke_assets import smoke_teacher_config
@@ -78,15 +79,25 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: 
     return statistics.median(times)
 
 
+# the network each preset distils (EDM's configurations, dropout off for timing)
+PRESET_NETWORKS = {"imagenet64": imagenet64_adm_config, "dmd2": imagenet64_adm_config,
+                   "cifar10": cifar10_ddpmpp_config}
+
+
+def teacher_config(preset: str, tiny: bool) -> dict:
+    """EDMPrecond keywords of the random-weight teacher: the preset's network, or the smoke network."""
+    return smoke_teacher_config() if tiny else dict(PRESET_NETWORKS[preset](), dropout=0.0)
+
+
 def build(args: argparse.Namespace, device: torch.device) -> tuple[DataParallelTrainer, StudentEMAs]:
-    preset = "tiny" if args.tiny else "imagenet64"
+    preset = "tiny" if args.tiny else args.preset
     dcfg, rcfg = resolve(preset, {"precision": "bf16" if device.type == "cuda" else "fp32"})
     if args.teacher:
         from fdistill_lab.teachers import load_edm
 
         teacher = load_edm(args.teacher, device=device)
     else:
-        cfg = smoke_teacher_config() if args.tiny else dict(imagenet64_adm_config(), dropout=0.0)
+        cfg = teacher_config(args.preset, args.tiny)
         torch.manual_seed(0)
         with torch.device(device):
             teacher = build_edm(**cfg).eval().requires_grad_(False)
@@ -269,7 +280,9 @@ def step_flops(trainer: DataParallelTrainer, n: int) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    p.add_argument("--tiny", action="store_true", help="tiny network (code-path test on CPU)")
+    p.add_argument("--preset", default="imagenet64", choices=sorted(PRESET_NETWORKS),
+                   help="training recipe and its EDM network (default imagenet64)")
+    p.add_argument("--tiny", action="store_true", help="tiny network and preset (code-path test on CPU)")
     p.add_argument("--teacher", default="", help="real EDM teacher pickle instead of random weights")
     p.add_argument("--start-batch", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=1024)
@@ -299,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             total = args.memory_gib
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     t_start = time.perf_counter()
-    figures: dict[str, object] = {"device": name, "torch": torch.__version__, "memory_cap_gib": args.memory_gib or None}
+    figures: dict[str, object] = {"device": name, "torch": torch.__version__, "memory_cap_gib": args.memory_gib or None,
+                                  "preset": "tiny" if args.tiny else args.preset}
     failed: list[str] = []
 
     def save() -> None:
@@ -322,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
 
     trainer, emas = build(args, device)
     k = trainer.config.student_update_freq
-    print(f"device {name}, torch {torch.__version__}; ADM with {count_parameters(trainer.teacher) / 1e6:.1f}M "
+    print(f"device {name}, torch {torch.__version__}; preset {'tiny' if args.tiny else args.preset}, "
+          f"{trainer.teacher.model_type} with {count_parameters(trainer.teacher) / 1e6:.1f}M "
           f"parameters x3 (teacher, student, fake score) + EMAs {[trainer.config.ema_beta, *emas.betas]}; precision "
           f"{trainer.config.precision}, divergence {trainer.config.divergence}, K = {k}"
           + (f"; memory capped at {args.memory_gib:g} GiB" if args.memory_gib else ""), flush=True)

@@ -68,3 +68,16 @@ def test_gpu_check_searches_the_batch_and_times_a_smaller_one(tmp_path, capsys, 
     assert fig["largest_batch"] == 16 and set(fig["batches"]) == {"16", "8"}
     best = max(fig["batches"], key=lambda b: fig["batches"][b]["images_per_s"])
     assert fig["batch_per_gpu"] == int(best) and f"fastest per image: batch {best}" in out
+
+
+def test_gpu_check_presets_pick_their_edm_network(load_script, capsys):
+    from fdistill_lab.networks import cifar10_ddpmpp_config, imagenet64_adm_config
+
+    gc = load_script(SCRIPT)
+    assert gc.teacher_config("cifar10", False) == dict(cifar10_ddpmpp_config(), dropout=0.0)
+    assert gc.teacher_config("dmd2", False) == gc.teacher_config("imagenet64", False) == dict(
+        imagenet64_adm_config(), dropout=0.0)
+    assert gc.teacher_config("cifar10", True) == gc.teacher_config("imagenet64", True)  # --tiny: the smoke net
+    with pytest.raises(SystemExit):
+        gc.main(["--device", "cpu", "--preset", "cifar"])
+    assert "invalid choice: 'cifar'" in capsys.readouterr().err
