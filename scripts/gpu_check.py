@@ -10,7 +10,8 @@ with R1), then prints:
    generator-step, critic-step and iteration time (FastGen schedule K = 5: 1 generator + 4 critic steps),
    images/s, peak memory; the faster of the two is the batch of the later stages;
 3. the time of each network pass, measured in isolation at that batch (teacher forward/backward,
-   student, fake score, discriminator, optimiser steps), as shares of their sum;
+   student, fake score, discriminator, optimiser steps), as shares of their sum; the passes are those of the
+   imagenet64 recipe (heads on the teacher, no R1), so for dmd2 and cifar10 only the step times are exact;
 4. JS against reverse KL: generator-step time with each weighting, and the overhead on the iteration;
 5. model FLOPs (torch.utils.flop_counter) per iteration and the model FLOPs utilisation (MFU);
 6. two A/B timings of the student's forward+backward that are not part of the training step: EDM's float32
