@@ -75,6 +75,24 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def lock_file(path: str | os.PathLike, wait: bool = True) -> int | None:
+    """Open (creating) ``path`` and take an exclusive ``flock`` on it. Returns the file descriptor (closing it
+    releases the lock, as does the end of the process, so the lock never goes stale), or None when ``wait`` is
+    False and another process holds it. ImportError where fcntl is missing (Windows)."""
+    import fcntl
+
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file in the same folder, fsync, ``os.replace`` and a fsync of
     the folder: readers see the old or the new file, never a partial one, and the new one survives a crash.

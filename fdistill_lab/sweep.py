@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from .notebook import SUPPORTED_TYPES, check_value
-from .records import RESULTS_FILE, read_records, write_json_atomic, write_text_atomic
+from .records import RESULTS_FILE, lock_file, read_records, write_json_atomic, write_text_atomic
 
 RUNS_DIR = "runs"
 PARAMS_FILE = "params.json"
@@ -336,13 +336,11 @@ def _running_pid(out: Path) -> int | None:
 def _mutex(out: Path) -> Iterator[None]:
     """Serialise lock checks, takeovers and releases on ``out`` (so none sees a half-written lock file)."""
     try:
-        import fcntl
+        fd = lock_file(out / MUTEX_FILE)
     except ImportError:
         raise RuntimeError(f"sweeps need fcntl.flock to lock their folder (Linux, macOS); {sys.platform} "
                            "lacks it") from None
-    fd = os.open(out / MUTEX_FILE, os.O_CREAT | os.O_RDWR, 0o666)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the flock

@@ -39,6 +39,7 @@ from .distill import DistillConfig
 from .fid import compute_fid, latents_from_seeds, load_detector, load_reference_stats
 from .parallel_trainer import DataParallelTrainer
 from .presets import PRESETS, RunConfig, describe, get_preset, parse_overrides, resolve
+from .records import lock_file
 from .teachers import load_edm
 from .train_io import (
     LogWindow,
@@ -247,19 +248,14 @@ def _run_folder_lock(out: Path, env: fdist.DistEnv) -> Iterator[None]:
     Without fcntl (Windows) the folder is not locked."""
     fd, holder = None, None
     if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
         try:
-            import fcntl
-        except ImportError:
-            fcntl = None
-        if fcntl is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            fd = os.open(out / RUN_LOCK, os.O_CREAT | os.O_RDWR, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            fd = lock_file(out / RUN_LOCK, wait=False)
+        except ImportError:  # no fcntl: the folder is not locked
+            pass
+        else:
+            if fd is None:
                 holder = (out / RUN_LOCK).read_text().strip() or "unknown"
-                os.close(fd)
-                fd = None
             else:
                 os.ftruncate(fd, 0)
                 os.write(fd, f"{os.getpid()}\n".encode())

@@ -231,28 +231,29 @@ def ab_student(trainer: DataParallelTrainer, n: int, device: torch.device, repea
     def float32_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
         return fused(qkv.float(), num_heads).to(qkv.dtype)
 
-    out: dict[str, object] = {"batch": n}
-    out["as trained"] = timed(step, device, repeats)
+    def timed_or_oom() -> float | str:
+        try:
+            return timed(step, device, repeats)
+        except torch.cuda.OutOfMemoryError:
+            return "out of memory"
+        finally:
+            net.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    out: dict[str, object] = {"batch": n, "as trained": timed_or_oom()}
     fused = layers.attention
     layers.attention = float32_attention
     try:
-        out["EDM float32 attention"] = timed(step, device, repeats)
-    except torch.cuda.OutOfMemoryError:
-        out["EDM float32 attention"] = "out of memory"
+        out["EDM float32 attention"] = timed_or_oom()
     finally:
         layers.attention = fused
-        net.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     net.to(memory_format=torch.channels_last)
     x = x.contiguous(memory_format=torch.channels_last)
     try:
-        out["channels-last"] = timed(step, device, repeats)
-    except torch.cuda.OutOfMemoryError:
-        out["channels-last"] = "out of memory"
+        out["channels-last"] = timed_or_oom()
     finally:
         net.to(memory_format=torch.contiguous_format)
-        net.zero_grad(set_to_none=True)
     return out
 
 
