@@ -59,6 +59,10 @@ RESERVED = ("output_dir",)
 HASH_KEY = "notebook_sha256"  # in the status file: notebook_hash() of the notebook the run executed
 HASH_COLUMN = "notebook_hash"  # in the table: its first SHORT_HASH hex digits ("" if not recorded)
 SHORT_HASH = 10
+# kernels started at the same moment by parallel workers can pick the same free TCP port (jupyter_client picks
+# ports before the kernel binds them); the loser dies at start-up with this message and is started again
+KERNEL_DIED = "Kernel died before replying to kernel_info"
+KERNEL_START_TRIES = 3
 
 
 class NotebookChangedWarning(UserWarning):
@@ -224,9 +228,16 @@ def execute_run(notebook: str, run_dir: str, params: dict[str, Any], cwd: str, k
     try:
         code_hash = notebook_hash(notebook)
         with _environment(env):
-            pm.execute_notebook(notebook, str(run / EXECUTED_FILE), parameters={**params, "output_dir": str(run)},
-                                kernel_name=kernel_name, cwd=cwd, progress_bar=False, log_output=False,
-                                execution_timeout=timeout_s)
+            for attempt in range(1, KERNEL_START_TRIES + 1):
+                try:
+                    pm.execute_notebook(notebook, str(run / EXECUTED_FILE),
+                                        parameters={**params, "output_dir": str(run)}, kernel_name=kernel_name,
+                                        cwd=cwd, progress_bar=False, log_output=False, execution_timeout=timeout_s)
+                    break
+                except RuntimeError as err:  # the kernel never started: no cell ran, so trying again is safe
+                    if KERNEL_DIED not in str(err) or attempt == KERNEL_START_TRIES:
+                        raise
+                    time.sleep(0.5 * attempt)
         if not (run / RESULTS_FILE).is_file():
             error = f"the notebook recorded no results ({RESULTS_FILE} missing; use fdistill_lab.records.record)"
     except Exception as err:  # noqa: BLE001 - a failing run is reported, never fatal to the sweep

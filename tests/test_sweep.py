@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from fdistill_lab import sweep
-from fdistill_lab.records import read_records
+from fdistill_lab.records import read_records, record
 
 pytestmark = pytest.mark.notebooks  # starts real kernels (about 15 papermill runs of a two-cell notebook)
 
@@ -349,3 +349,32 @@ def test_dead_worker_fails_its_run_only(tmp_path):
     csv = pd.read_csv(out / sweep.TABLE_FILE)
     assert sorted(zip(csv.a, csv.status)) == [(0, "failed"), (1, "done"), (2, "done")]
     assert not (out / sweep.LOCK_FILE).exists()
+
+
+def test_a_kernel_that_dies_at_start_up_is_started_again(tmp_path, monkeypatch):
+    """Parallel workers can race for one TCP port when their kernels start; the loser dies before running any
+    cell ("Kernel died before replying to kernel_info"). That start is retried; other errors are not."""
+    import papermill as pm
+
+    calls = []
+
+    def flaky(notebook, output, parameters, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError(sweep.KERNEL_DIED)
+        record(parameters["output_dir"], "a", parameters["a"])
+
+    monkeypatch.setattr(pm, "execute_notebook", flaky)
+    nb = tmp_path / "nb.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(), nb)
+    status = sweep.execute_run(str(nb), str(tmp_path / "run"), {"a": 3}, str(tmp_path), "python3", None, {})
+    assert status["status"] == "done" and len(calls) == 2 and read_records(tmp_path / "run") == {"a": 3}
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("something else")
+
+    calls.clear()
+    monkeypatch.setattr(pm, "execute_notebook", broken)
+    status = sweep.execute_run(str(nb), str(tmp_path / "run"), {"a": 3}, str(tmp_path), "python3", None, {})
+    assert status["status"] == "failed" and status["error"] == "RuntimeError: something else" and len(calls) == 1
