@@ -55,7 +55,9 @@ class DiscriminatorHead(nn.Module):
         if feature.ndim != 4 or feature.shape[1] != self.in_channels or feature.shape[-1] != self.resolution:
             raise ValueError(f"expected features [B, {self.in_channels}, {self.resolution}, {self.resolution}]; "
                              f"got {tuple(feature.shape)}")
-        return self.net(feature).flatten(1).mean(1)
+        # NCHW even for channels-last networks: the head is small, and torch 2.13's CPU bf16 convolution of a
+        # channels-last input to a 1x1 output (the last 4x4 -> 1x1 layer) returns wrong numbers
+        return self.net(feature.contiguous()).flatten(1).mean(1)
 
 
 class Discriminator(nn.Module):

@@ -379,3 +379,15 @@ def test_gpu_presets_take_a_bf16_step_on_a_small_network_with_attention(preset):
     gen, crit = tr.generator_step(x, y), tr.critic_step(x, y)
     assert all(math.isfinite(v) for v in (*gen.values(), *crit.values()))
     assert ("r1" in crit) == (dcfg.r1_gamma > 0)
+
+
+def test_discriminator_head_gives_the_same_logits_for_channels_last_features():
+    """Channels-last bf16 features (compile_norms/channels_last runs) give the NCHW logits: the head works in NCHW
+    (torch 2.13's CPU bf16 convolution to a 1x1 output is wrong for channels-last input)."""
+    torch.manual_seed(0)
+    head = DiscriminatorHead(16, 8)
+    f = torch.randn(4, 16, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = head(f)
+        out = head(f.to(memory_format=torch.channels_last))
+    assert torch.equal(out, ref)
