@@ -45,7 +45,7 @@ from .losses import (
     r1_penalty,
 )
 from .networks import EDMPrecond
-from .networks.layers import twice_differentiable_attention
+from .networks.layers import twice_differentiable, use_compiled_norms
 
 SCHEDULES = ("fastgen", "dmd2")
 DISC_PLACEMENTS = ("teacher", "fake_score")
@@ -71,7 +71,9 @@ class DistillConfig:
     grid for the generator, [``fake_min_index``, ``fake_max_index``] for the critic; real GAN images at an
     independent level unless ``real_same_t``. Ratio and weights: see :class:`FDistillWeighting`.
     ``student_sigma``: the student maps ``student_sigma * z`` at that noise level (80, as DMD2).
-    ``accum_steps`` splits each batch into micro-batches (gradient accumulation).
+    ``accum_steps`` splits each batch into micro-batches (gradient accumulation). ``compile_norms`` (speed only, the
+    same maths up to rounding) runs each U-Net GroupNorm with its scale/shift and SiLU as ``torch.compile``d fused
+    kernels (:func:`~fdistill_lab.networks.layers.use_compiled_norms`); the first iterations compile.
     """
 
     divergence: str = "js"
@@ -111,6 +113,7 @@ class DistillConfig:
     student_sigma: float = SIGMA_MAX
     generator_labels: str = "real"
     precision: str = "fp32"
+    compile_norms: bool = False
     accum_steps: int = 1
     seed: int = 0
 
@@ -127,6 +130,10 @@ class DistillConfig:
         _choice("disc_placement", self.disc_placement, DISC_PLACEMENTS)
         _choice("generator_labels", self.generator_labels, GENERATOR_LABELS)
         _choice("precision", self.precision, PRECISIONS)
+        for name in ("compile_norms", "normalize_ratio", "normalize_weight", "real_same_t",
+                     "dmd_normalize"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}")
         _choice("bin_spacing", self.bin_spacing, BIN_SPACINGS)
         _choice("fake_score_weighting", self.fake_score_weighting, FAKE_SCORE_WEIGHTINGS)
         _int_at_least("student_update_freq", self.student_update_freq, 1)
@@ -275,6 +282,8 @@ class FDistillTrainer:
             net.requires_grad_(True)
             _freeze_unfed_inputs(net)
         self.student_ema = copy.deepcopy(self.student).eval().requires_grad_(False)
+        for net in (self.teacher, self.student, self.fake_score, self.student_ema):
+            use_compiled_norms(net, cfg.compile_norms)
         feat_net = self.teacher if cfg.disc_placement == "teacher" else self.fake_score
         with torch.random.fork_rng(devices=[]):  # heads initialised from config.seed, not the global RNG state
             torch.default_generator.manual_seed(cfg.seed)  # the CPU stream only: CUDA RNGs are not forked here
@@ -412,7 +421,7 @@ class FDistillTrainer:
         both_x, both_sigma = torch.cat([x_t, x_r]), torch.cat([sigma, sigma_r])
         both_labels = torch.cat([labels, real_labels.to(self.device)]) if labels is not None else None
         # R1 differentiates the discriminator's input gradient: attention without the fused kernels
-        twice = twice_differentiable_attention() if use_r1 else contextlib.nullcontext()
+        twice = twice_differentiable() if use_r1 else contextlib.nullcontext()
         if cfg.disc_placement == "teacher":
             x0_pred = self._denoise(self._fake_fwd, x_t, sigma, labels)
             with torch.set_grad_enabled(use_r1), twice:

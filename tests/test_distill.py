@@ -233,6 +233,8 @@ def test_sample_draws_on_the_generators_device():
     (dict(fake_score_weighting="lambda"), "fake_score_weighting must be one of"),
     (dict(accum_steps=0), "accum_steps must be an integer >= 1"),
     (dict(betas=(0.9, 1.5)), "betas must be two numbers"),
+    (dict(compile_norms="yes"), "compile_norms must be True or False; got 'yes'"),
+    (dict(normalize_ratio=1), "normalize_ratio must be True or False; got 1"),
 ])
 def test_bad_config_errors(changes, match):
     with pytest.raises(ValueError, match=match):
@@ -379,6 +381,28 @@ def test_gpu_presets_take_a_bf16_step_on_a_small_network_with_attention(preset):
     gen, crit = tr.generator_step(x, y), tr.critic_step(x, y)
     assert all(math.isfinite(v) for v in (*gen.values(), *crit.values()))
     assert ("r1" in crit) == (dcfg.r1_gamma > 0)
+
+
+def test_compile_norms_reaches_every_network_and_keeps_the_numbers(monkeypatch):
+    """compile_norms changes speed, not maths: it reaches every network (teacher, student, fake score, EMA), and a
+    generator and a critic step give the plain trainer's losses, also with R1 in bf16 (whose double backward runs
+    the norms eagerly). torch.compile is a stand-in here (see test_networks)."""
+    from fdistill_lab.networks import layers
+
+    calls = []
+    monkeypatch.setattr(layers, "_get_compiled_norm_act", lambda: lambda *a: calls.append(1) or layers._norm_act(*a))
+    x, y = _batch(0)
+    for extra in ({}, dict(r1_gamma=1.0, precision="bf16")):
+        logs = []
+        for fast in (False, True):
+            tr = FDistillTrainer(_teacher(), DistillConfig(student_update_freq=2, compile_norms=fast, **extra))
+            for net in (tr.teacher, tr.student, tr.fake_score, tr.student_ema):
+                assert all(m.compiled == fast for m in net.modules() if isinstance(m, layers.GroupNorm))
+            calls.clear()
+            logs.append({**tr.generator_step(x, y), **tr.critic_step(x, y)})
+            assert bool(calls) == fast
+        same = [k for k in logs[0] if k != "images_per_s"]  # the stand-in is the eager function: equal numbers
+        assert "loss_f" in same and {k: logs[1][k] for k in same} == {k: logs[0][k] for k in same}
 
 
 def test_discriminator_head_gives_the_same_logits_for_channels_last_features():

@@ -324,3 +324,98 @@ def test_image_channel_convolutions_are_padded_to_eight_in_low_precision():
         assert not layers._pad_channels(torch.randn(1, 16, 4, 4), torch.randn(32, 16, 3, 3))
         # autocast leaves float64 alone, and so does the padding (float64 gradients stay bit-identical)
         assert not layers._pad_channels(torch.randn(1, 3, 4, 4, dtype=torch.float64), torch.randn(8, 3, 3, 3))
+
+
+def _random_net(cfg: dict, seed: int = 0) -> EDMPrecond:
+    torch.manual_seed(seed)
+    net = build_edm(**cfg)
+    with torch.no_grad():
+        for p in net.parameters():  # EDM zero-initialises some layers; random weights exercise every path
+            p.normal_(0, 0.05)
+    return net
+
+
+@pytest.mark.parametrize("cfg", [tiny_adm_config(attn_resolutions=[4]), tiny_ddpmpp_config()], ids=["adm", "ddpmpp"])
+def test_compiled_norms_route_every_norm_and_r1_runs_eagerly(cfg, monkeypatch):
+    """use_compiled_norms sends every GroupNorm (with the block's scale/shift or embedding add, and the SiLU)
+    through the compiled function: same numbers as the eager path (here a stand-in for torch.compile, which
+    takes minutes on a CPU: the real one is checked by the slow and GPU tests). Inside twice_differentiable()
+    (R1) and eager_norms() they run eagerly; use_compiled_norms(net, False) turns them off."""
+    from fdistill_lab.networks import layers
+
+    calls = []
+
+    def spy(*args):
+        calls.append({"add": args[5] is not None, "scale": args[6] is not None, "act": args[8]})
+        return layers._norm_act(*args)
+
+    monkeypatch.setattr(layers, "_get_compiled_norm_act", lambda: spy)
+    net = _random_net(cfg)
+    x = torch.randn(2, 3, net.img_resolution, net.img_resolution)
+    sigma, y = torch.tensor([0.5, 3.0]), (torch.tensor([1, 2]) if net.label_dim else None)
+    ref = net(x, sigma, y)
+    assert not calls
+    n = layers.use_compiled_norms(net)
+    assert n == sum(isinstance(m, layers.GroupNorm) for m in net.modules()) > 0
+    assert torch.equal(net(x, sigma, y), ref)
+    per_call = len(calls)
+    assert per_call >= n - 2  # DDPM++'s aux_norm output heads are not followed by the block pattern
+    assert any(c["scale"] for c in calls) if net.model_type == "DhariwalUNet" else any(c["add"] for c in calls)
+    assert {c["act"] for c in calls} == {True, False}  # the attention norms (and DDPM++'s aux_norm) have no SiLU
+    with layers.twice_differentiable():
+        net(x, sigma, y)
+    with layers.eager_norms():
+        net(x, sigma, y)
+    assert len(calls) == per_call
+    layers.use_compiled_norms(net, False)
+    net(x, sigma, y)
+    assert len(calls) == per_call
+    with pytest.raises(ValueError, match="scale and shift go together"):
+        layers.GroupNorm(8).norm_act(torch.randn(1, 8, 4, 4), scale=torch.ones(1))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_compiled_norms_match_eager_on_cpu():
+    """The real torch.compile (inductor's C++ backend) on a CPU: one block pattern, float32 forward and backward."""
+    from fdistill_lab.networks import layers
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    w, b = torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
+    scale, shift = torch.randn(2, 16, 1, 1), torch.randn(2, 16, 1, 1)
+    args = (w, b, 4, 1e-5, None, scale, shift, True)
+    ref = layers._norm_act(x, *args)
+    g_ref = torch.autograd.grad(ref.square().sum(), (x, w, b))
+    out = layers._get_compiled_norm_act()(x, *args)
+    g = torch.autograd.grad(out.square().sum(), (x, w, b))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for a, r in zip(g, g_ref):
+        torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(600)
+def test_compiled_norms_and_channels_last_match_eager_on_gpu():
+    """Full-size ADM block pattern on the GPU in bf16: compiled norms and channels-last give the eager network's
+    output and input gradient up to bf16 rounding."""
+    from fdistill_lab.networks import layers
+
+    cfg = tiny_adm_config(img_resolution=32, model_channels=64, channel_mult=[1, 2], attn_resolutions=[16])
+    net = _random_net(cfg).cuda()
+    x = torch.randn(8, 3, 32, 32, device="cuda", requires_grad=True)
+    sigma, y = torch.rand(8, device="cuda") * 5 + 0.1, torch.randint(0, 10, (8,), device="cuda")
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = net(x, sigma, y)
+        (g,) = torch.autograd.grad(out.float().square().mean(), x)
+        return out.float(), g
+
+    ref, g_ref = run()
+    layers.use_compiled_norms(net)
+    net.to(memory_format=torch.channels_last)
+    out, g = run()
+    scale, g_scale = ref.abs().max().item(), g_ref.abs().max().item()
+    torch.testing.assert_close(out, ref, atol=0.02 * scale, rtol=0)
+    torch.testing.assert_close(g, g_ref, atol=0.05 * g_scale, rtol=0)

@@ -136,4 +136,4 @@ class DhariwalUNet(nn.Module):
                 if x.shape[1] != block.in_channels:
                     x = torch.cat([x, skips.pop()], dim=1)
                 x = block(x, emb)
-            return self.out_conv(F.silu(self.out_norm(x)))
+            return self.out_conv(self.out_norm.norm_act(x))
