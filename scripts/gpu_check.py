@@ -14,8 +14,8 @@ with R1), then prints:
    imagenet64 recipe (heads on the teacher, no R1), so for dmd2 and cifar10 only the step times are exact;
 4. JS against reverse KL: generator-step time with each weighting, and the overhead on the iteration;
 5. model FLOPs (torch.utils.flop_counter) per iteration and the model FLOPs utilisation (MFU);
-6. two A/B timings of the student's forward+backward that are not part of the training step: EDM's float32
-   attention against the fused bf16 kernel the trainer uses, and channels-last memory layout;
+6. A/B timings of the student's forward+backward, each with one change from the trainer's default: EDM's float32
+   attention (instead of the fused bf16 kernel), channels-last memory layout, compiled norms (``compile_norms``);
 7. with ``--profile N``: the N operators that take the most device time in one generator + one critic step
    (torch.profiler).
 
@@ -41,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fdistill_lab.losses import FDistillWeighting
 from fdistill_lab.networks import build_edm, cifar10_ddpmpp_config, count_parameters, imagenet64_adm_config
+from fdistill_lab.networks.layers import eager_norms
 from fdistill_lab.parallel_trainer import DataParallelTrainer
 from fdistill_lab.presets import resolve
 from fdistill_lab.smoke_assets import smoke_teacher_config
@@ -50,6 +51,9 @@ from fdistill_lab.train_io import StudentEMAs
 # name (an SXM H100 reports "NVIDIA H100 80GB HBM3"; the PCIe and NVL boards are slower)
 PEAK_BF16 = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
              "L40S": 362e12, "A10": 125e12, "L4": 121e12}
+
+
+SKIPPABLE = ("passes", "js_vs_rkl", "mfu", "student_ab")
 
 
 def peak_flops(name: str, override: float | None) -> float | None:
@@ -92,7 +96,8 @@ def teacher_config(preset: str, tiny: bool) -> dict:
 
 def build(args: argparse.Namespace, device: torch.device) -> tuple[DataParallelTrainer, StudentEMAs]:
     preset = "tiny" if args.tiny else args.preset
-    dcfg, rcfg = resolve(preset, {"precision": "bf16" if device.type == "cuda" else "fp32"})
+    dcfg, rcfg = resolve(preset, {"precision": "bf16" if device.type == "cuda" else "fp32",
+                                  "compile_norms": args.compile_norms})
     if args.teacher:
         from fdistill_lab.teachers import load_edm
 
@@ -215,23 +220,32 @@ def pass_times(trainer: DataParallelTrainer, n: int, device: torch.device, repea
 
 
 def ab_student(trainer: DataParallelTrainer, n: int, device: torch.device, repeats: int) -> dict[str, object]:
-    """Student forward+backward at batch n: as trained, with EDM's float32 attention, and channels-last."""
+    """Student forward+backward at batch n as EDM runs it (eager, NCHW) and with one change each: EDM's float32
+    attention instead of the fused kernel, channels-last layout, compiled norms (CUDA only: compiling on a CPU
+    takes minutes; the timing excludes the compilation)."""
     from fdistill_lab.networks import layers
 
-    x, y = batch_of(trainer, n)
-    x, y = x.to(device), (y.to(device) if y is not None else None)
+    x0, y = batch_of(trainer, n)
+    x0, y = x0.to(device), (y.to(device) if y is not None else None)
     sigma = torch.full((n,), 80.0, device=device)
     net = trainer.student
-
-    def step() -> None:
-        with trainer._autocast():
-            out = net(x * 80, sigma, y)
-        out.float().square().mean().backward()
+    fused = layers.attention
 
     def float32_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
         return fused(qkv.float(), num_heads).to(qkv.dtype)
 
-    def timed_or_oom() -> float | str:
+    def run(channels_last: bool = False, compiled: bool = False, attention: Callable = fused) -> float | str:
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        net.to(memory_format=fmt)
+        layers.use_compiled_norms(net, compiled)
+        layers.attention = attention
+        x = x0.contiguous(memory_format=fmt)
+
+        def step() -> None:
+            with trainer._autocast():
+                out = net(x * 80, sigma, y)
+            out.float().square().mean().backward()
+
         try:
             return timed(step, device, repeats)
         except torch.cuda.OutOfMemoryError:
@@ -241,19 +255,17 @@ def ab_student(trainer: DataParallelTrainer, n: int, device: torch.device, repea
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    out: dict[str, object] = {"batch": n, "as trained": timed_or_oom()}
-    fused = layers.attention
-    layers.attention = float32_attention
+    out: dict[str, object] = {"batch": n}
     try:
-        out["EDM float32 attention"] = timed_or_oom()
-    finally:
+        out["eager NCHW"] = run()
+        out["EDM float32 attention"] = run(attention=float32_attention)
+        out["channels-last"] = run(channels_last=True)
+        if device.type == "cuda":
+            out["compiled norms"] = run(compiled=True)
+    finally:  # back to the trainer's settings
         layers.attention = fused
-    net.to(memory_format=torch.channels_last)
-    x = x.contiguous(memory_format=torch.channels_last)
-    try:
-        out["channels-last"] = timed_or_oom()
-    finally:
         net.to(memory_format=torch.contiguous_format)
+        layers.use_compiled_norms(net, trainer.config.compile_norms)
     return out
 
 
@@ -273,7 +285,7 @@ def step_flops(trainer: DataParallelTrainer, n: int) -> tuple[int, int]:
     x, y = batch_of(trainer, n)
     flops = []
     for fn in (trainer.generator_step, trainer.critic_step):
-        with FlopCounterMode(display=False) as fc:
+        with FlopCounterMode(display=False) as fc, eager_norms():  # the same model FLOPs, counted op by op
             fn(x, y)
         flops.append(fc.get_total_flops())
     return flops[0], flops[1]
@@ -292,11 +304,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--memory-gib", type=float, default=0.0,
                    help="cap on the GPU memory PyTorch may use (0: all), e.g. 79 to emulate an 80 GB H100")
+    p.add_argument("--compile-norms", action="store_true", help="train with compile_norms (fused GroupNorm+SiLU)")
+    p.add_argument("--skip", default="", help=f"comma-separated stages to leave out: {', '.join(SKIPPABLE)}")
     p.add_argument("--ab-batch", type=int, default=64, help="batch of the A/B timings of stage 6 (0: skip them)")
     p.add_argument("--profile", type=int, default=0, help="print the N costliest operators of one step pair")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s if the GPU is not known")
     p.add_argument("--json", default="", help="also write the figures to this JSON file (after every stage)")
     args = p.parse_args(argv)
+    skip = {t.strip() for t in args.skip.split(",") if t.strip()}
+    if skip - set(SKIPPABLE):
+        print(f"error: --skip takes stages among {', '.join(SKIPPABLE)}; got {', '.join(sorted(skip))}",
+              file=sys.stderr)
+        return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA GPU (use --device cpu --tiny to test the script)", file=sys.stderr)
         return 2
@@ -315,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     t_start = time.perf_counter()
     figures: dict[str, object] = {"device": name, "torch": torch.__version__, "memory_cap_gib": args.memory_gib or None,
-                                  "preset": "tiny" if args.tiny else args.preset}
+                                  "preset": "tiny" if args.tiny else args.preset,
+                                  "compile_norms": args.compile_norms}
     failed: list[str] = []
 
     def save() -> None:
@@ -325,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.json).write_text(json.dumps(figures, indent=2))
 
     def stage(label: str, fn: Callable[[], None]) -> None:
+        if label in skip:
+            print("   skipped (--skip)", flush=True)
+            return
         t0 = time.perf_counter()
         try:
             fn()
@@ -341,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {name}, torch {torch.__version__}; preset {'tiny' if args.tiny else args.preset}, "
           f"{trainer.teacher.model_type} with {count_parameters(trainer.teacher) / 1e6:.1f}M "
           f"parameters x3 (teacher, student, fake score) + EMAs {[trainer.config.ema_beta, *emas.betas]}; precision "
-          f"{trainer.config.precision}, divergence {trainer.config.divergence}, K = {k}"
+          f"{trainer.config.precision}, divergence {trainer.config.divergence}, K = {k}; compile_norms "
+          f"{trainer.config.compile_norms}"
           + (f"; memory capped at {args.memory_gib:g} GiB" if args.memory_gib else ""), flush=True)
 
     print("1. largest per-GPU batch (generator + critic step):", flush=True)
@@ -422,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     print("5. model FLOPs utilisation:", flush=True)
     stage("mfu", utilisation)
     if args.ab_batch:
-        print("6. student forward+backward A/B (not part of the training step):", flush=True)
+        print("6. student forward+backward A/B (speed settings, one at a time):", flush=True)
         stage("student_ab", student_ab)
 
     def profile() -> None:
