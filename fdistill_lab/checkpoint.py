@@ -1,4 +1,4 @@
-"""Atomic checkpoint files: write to ``<path>.tmp``, flush to disk, then ``os.replace``.
+"""Atomic checkpoint files: write to a temporary file beside ``<path>``, flush to disk, then ``os.replace``.
 
 A crash (or SIGTERM) mid-write therefore never leaves a truncated checkpoint under the real name.
 Loading uses ``torch.load(weights_only=True)``; an unreadable file raises ``CheckpointError`` naming
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .records import fsync_dir
+from .records import atomic_file
 
 
 class CheckpointError(RuntimeError):
@@ -21,21 +21,10 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` ``obj`` to ``path`` atomically (temporary file in the same folder + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)  # the rename itself survives a power loss
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    """``torch.save`` ``obj`` to ``path`` atomically and durably (:func:`~fdistill_lab.records.atomic_file`)."""
+    with atomic_file(path) as fh:
+        torch.save(obj, fh)
+    return Path(path)
 
 
 def load_file(path: str | os.PathLike, what: str = "checkpoint", fix: str = "delete it and rerun",

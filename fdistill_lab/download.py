@@ -29,6 +29,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from .records import lock_file, write_text_atomic
+
 __all__ = ["RemoteFile", "KNOWN_FILES", "GROUPS", "MANIFEST", "DownloadError", "ChecksumError", "download",
            "fetch", "read_manifest", "verify", "sha256_file", "main"]
 
@@ -212,11 +214,19 @@ def read_manifest(root: str | Path) -> dict[str, str]:
 
 
 def _record(root: Path, name: str, digest: str) -> None:
-    sums = read_manifest(root)
-    sums[name] = digest
-    tmp = root / f"{MANIFEST}.tmp"
-    tmp.write_text("".join(f"{d}  {n}\n" for n, d in sorted(sums.items())))
-    os.replace(tmp, root / MANIFEST)
+    """Add ``name``'s sha256 to ``<root>/SHA256SUMS``: under a lock, so that downloads running side by side into
+    one folder each keep their line, and written atomically."""
+    try:
+        fd = lock_file(root / f".{MANIFEST}.lock")
+    except ImportError:  # no fcntl (Windows): unlocked, fine for one download at a time
+        fd = None
+    try:
+        sums = read_manifest(root)
+        sums[name] = digest
+        write_text_atomic(root / MANIFEST, "".join(f"{d}  {n}\n" for n, d in sorted(sums.items())))
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def fetch(name: str, root: str | Path, **kwargs) -> Path:

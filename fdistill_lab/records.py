@@ -7,13 +7,15 @@ and later notebooks read these numbers (notebook_conventions.md section 7).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
 import os
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 RESULTS_FILE = "results.json"
 MIME_TYPE = "application/vnd.fdistill.record+json"
@@ -93,24 +95,35 @@ def lock_file(path: str | os.PathLike, wait: bool = True) -> int | None:
     return fd
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder, fsync, ``os.replace`` and a fsync of
-    the folder: readers see the old or the new file, never a partial one, and the new one survives a crash.
-    The file's mode follows the umask like any newly created file (``0o666 & ~umask``)."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, durable: bool = True) -> Iterator[BinaryIO]:
+    """Write ``path`` atomically: yields a binary file opened on a fresh temporary name in the same folder; when
+    the block ends without error the file is flushed (and fsynced if ``durable``), renamed over ``path`` with
+    ``os.replace`` and the folder fsynced (if ``durable``); on error it is removed. Readers see the old or the new
+    file, never a partial one; concurrent writers never share a temporary file (the last rename wins). The
+    file's mode follows the umask like any newly created file (``0o666 & ~umask``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
     fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # not mkstemp, whose 0o600 would stick
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)  # the rename itself survives a power loss
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, durable: bool = True) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically and, if ``durable``, crash-safely (see :func:`atomic_file`)."""
+    with atomic_file(path, durable) as fh:
+        fh.write(text.encode("utf-8"))
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:

@@ -19,6 +19,7 @@ import torch
 
 from .edm_pickle import EDMPickleError, PersistentRecord, read_edm_pickle, record_init_kwargs, record_state_dict
 from .networks import EDMPrecond, build_edm
+from .records import atomic_file
 
 __all__ = ["load_edm", "convert_edm_pickle", "default_cache_dir", "CACHE_FORMAT"]
 
@@ -131,11 +132,8 @@ def _read_cache(cache: Path, fingerprint: dict[str, Any] | None) -> tuple[Any, A
 
 def _write_cache(cache: Path, config: dict[str, Any], state: dict[str, torch.Tensor],
                  fingerprint: dict[str, Any]) -> None:
-    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"format": CACHE_FORMAT, "source": fingerprint, "config": config, "state_dict": state}, tmp)
-        os.replace(tmp, cache)
+    try:  # a cache: atomic (never half-written) but not fsynced (rebuilt from the pickle if lost)
+        with atomic_file(cache, durable=False) as fh:
+            torch.save({"format": CACHE_FORMAT, "source": fingerprint, "config": config, "state_dict": state}, fh)
     except OSError as exc:
         warnings.warn(f"could not write EDM cache {cache}: {exc}", stacklevel=3)
-        tmp.unlink(missing_ok=True)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .image_grid import make_grid
-from .records import write_json_atomic, write_text_atomic
+from .records import atomic_file, write_json_atomic, write_text_atomic
 
 CKPT_POINTER = "latest.json"
 
@@ -105,10 +105,8 @@ def save_grid_png(images: torch.Tensor, path: Path, nrow: int | None = None) -> 
     import PIL.Image
 
     arr = (make_grid(images, nrow=nrow, padding=1).numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    PIL.Image.fromarray(arr, "L" if arr.ndim == 2 else "RGB").save(tmp)
-    os.replace(tmp, path)
+    with atomic_file(path, durable=False) as fh:  # a preview: never half-written, not fsynced
+        PIL.Image.fromarray(arr, "L" if arr.ndim == 2 else "RGB").save(fh, format="PNG")
     return path
 
 

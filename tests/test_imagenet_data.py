@@ -260,3 +260,14 @@ def test_npz_errors_name_path_and_format(tmp_path):
     garbage.write_bytes(b"not an npz")
     with pytest.raises(DatasetFormatError, match="garbage.npz"):
         ImageNetNpzDataset(garbage)
+
+
+def test_build_zip_leaves_nothing_behind_on_error(tmp_path):
+    """A failed conversion (here fewer images than announced) keeps no partial zip, under any name."""
+    from fdistill_lab.data.prepare_imagenet import build_zip
+
+    with pytest.raises(RuntimeError, match="wrote 1 images, expected 2"):
+        build_zip(tmp_path / "out.zip", iter([b"png"]), [0], total=2, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    build_zip(tmp_path / "out.zip", iter([b"a", b"b"]), [0, 1], total=2, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.zip"]

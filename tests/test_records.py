@@ -68,3 +68,70 @@ def test_folder_fsync_tolerates_only_unsupported(tmp_path, monkeypatch):
     monkeypatch.setattr(records.os, "fsync", fsync(errno.EIO))
     with pytest.raises(OSError, match=os.strerror(errno.EIO)):
         records.fsync_dir(tmp_path)
+
+
+def test_every_writer_goes_through_one_atomic_file(tmp_path, monkeypatch):
+    """Checkpoints, the EDM cache, sample grids and text all write through records.atomic_file: a failure mid-write
+    keeps the old file and leaves no temporary file; two writers open on one path at once never share a temporary
+    (the last rename wins); only the caches and previews skip the fsyncs."""
+    import torch
+
+    from fdistill_lab import teachers, train_io
+    from fdistill_lab.checkpoint import atomic_save, load_file
+
+    ckpt = tmp_path / "ckpt.pt"
+    atomic_save({"step": 1}, ckpt)
+    real_save = torch.save
+
+    def dies_mid_write(obj, fh):
+        fh.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # e.g. Ctrl-C while saving
+
+    monkeypatch.setattr(torch, "save", dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"step": 2}, ckpt)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert load_file(ckpt)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+
+    with records.atomic_file(tmp_path / "x.txt") as a, records.atomic_file(tmp_path / "x.txt") as b:
+        a.write(b"first")
+        b.write(b"second")
+    assert (tmp_path / "x.txt").read_bytes() == b"first"  # a's rename came last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "x.txt"]
+
+    synced = []
+    monkeypatch.setattr(records.os, "fsync", lambda fd: synced.append(fd))
+    teachers._write_cache(tmp_path / "cache.pt", {"a": 1}, {"w": torch.zeros(2)}, {"size": 1})
+    train_io.save_grid_png(torch.zeros(4, 3, 8, 8), tmp_path / "grid.png")
+    assert not synced  # caches and previews: atomic but not fsynced
+    atomic_save({"step": 3}, ckpt)
+    assert len(synced) == 2  # the checkpoint's data and its folder
+    assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert torch.load(tmp_path / "cache.pt", weights_only=True)["config"] == {"a": 1}
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_checksum_manifest_keeps_every_line_of_concurrent_downloads(tmp_path, monkeypatch):
+    """Downloads side by side into one folder each add their sha256 under a lock (read-modify-write of SHA256SUMS;
+    the slowed read below loses lines without it)."""
+    import threading
+    import time
+
+    from fdistill_lab import download
+
+    real_read = download.read_manifest
+
+    def slow_read(root):
+        sums = real_read(root)
+        time.sleep(0.05)
+        return sums
+
+    monkeypatch.setattr(download, "read_manifest", slow_read)
+    names = [f"file{i}.pkl" for i in range(6)]
+    threads = [threading.Thread(target=download._record, args=(tmp_path, n, f"{i:064x}")) for i, n in enumerate(names)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert real_read(tmp_path) == {n: f"{i:064x}" for i, n in enumerate(names)}

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..records import atomic_file
 from .imagenet import IMAGE_EXTS, DatasetFormatError, ImageNetNpzDataset
 
 __all__ = ["center_crop_resize", "find_images", "build_zip", "prepare_from_folder", "prepare_from_npz", "main"]
@@ -90,12 +91,11 @@ def _process(args: tuple[str, int]) -> bytes:
 
 def build_zip(dest: str | Path, pngs: Iterable[bytes], labels: list[int] | None, total: int,
               progress: bool = True) -> Path:
-    """Write EDM's dataset zip (ZIP_STORED) atomically: ``dest.part`` then rename."""
+    """Write EDM's dataset zip (ZIP_STORED) atomically (:func:`~fdistill_lab.records.atomic_file`: an error or an
+    interruption leaves no partial zip behind)."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
     names = []
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+    with atomic_file(dest) as fh, zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as zf:
         for idx, png in enumerate(pngs):
             name = f"{idx // 1000:05d}/img{idx:08d}.png"
             zf.writestr(name, png)
@@ -106,7 +106,6 @@ def build_zip(dest: str | Path, pngs: Iterable[bytes], labels: list[int] | None,
             raise RuntimeError(f"wrote {len(names)} images, expected {total}")
         meta = {"labels": [[n, int(lab)] for n, lab in zip(names, labels)] if labels is not None else None}
         zf.writestr("dataset.json", json.dumps(meta))
-    os.replace(tmp, dest)
     return dest
 
 
