@@ -103,7 +103,12 @@ def gan_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor)
 
 
 def r1_penalty(logits_real: torch.Tensor, x_real: torch.Tensor) -> torch.Tensor:
-    """R1 gradient penalty mean ||d logit / d x_real||^2 (multiply by gamma / 2). x_real needs grad."""
+    """R1 gradient penalty mean ||d logit / d x_real||^2 (multiply by gamma / 2). x_real needs grad.
+
+    Its backward differentiates a gradient: run the forward pass that gives ``logits_real`` inside
+    :func:`fdistill_lab.networks.layers.twice_differentiable` (the trainer does), since the fused bf16 attention
+    kernels and compiled norms have no second derivative.
+    """
     if not x_real.requires_grad:
         raise ValueError("x_real must require grad for the R1 penalty")
     (grad,) = torch.autograd.grad(logits_real.float().sum(), x_real, create_graph=True)
