@@ -205,7 +205,7 @@ def _norm_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_gro
 
 _compiled_norm_act: Callable[..., torch.Tensor] | None = None
 _eager_norms = contextvars.ContextVar("fdistill_eager_norms", default=False)
-# one graph per shape x dtype x which inputs need grad x variant: about 100 for a full ADM training step
+# one graph per shape x dtype x which inputs need grad x variant: a full ADM training step needs many
 COMPILE_RECOMPILE_LIMIT = 512
 
 
