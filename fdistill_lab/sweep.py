@@ -307,21 +307,7 @@ def run_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence[Any]] | S
                                 progress, verbose, rerun_changed)
 
 
-LOCK_FILE = ".sweep.lock"
-MUTEX_FILE = ".sweep.lock.mutex"  # flock'ed while a lock is taken or given back; never deleted
-_HELD: set[str] = set()  # lock files this process holds (its threads share one pid)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
+LOCK_FILE = ".sweep.lock"  # flock'ed by the running sweep (released when its process ends, however it ends)
 
 
 def _lock_pid(path: Path) -> int | None:
@@ -332,75 +318,36 @@ def _lock_pid(path: Path) -> int | None:
         return None
 
 
-def _running_pid(out: Path) -> int | None:
-    """Process id of a live sweep holding ``out``'s lock, else None (a stale lock is ignored)."""
-    path = out / LOCK_FILE
-    pid = _lock_pid(path)
-    if pid is None:
-        return None
-    if pid == os.getpid():
-        return pid if str(path.resolve()) in _HELD else None  # else a dead process's pid, reused by us
-    return pid if _pid_alive(pid) else None
+def _refuse(out: Path, pid: int | None) -> RuntimeError:
+    who = f" (process {pid})" if pid is not None else ""
+    return RuntimeError(f"another sweep{who} is running in {out}; wait for it or stop it first")
 
 
-@contextmanager
-def _mutex(out: Path) -> Iterator[None]:
-    """Serialise lock checks, takeovers and releases on ``out`` (so none sees a half-written lock file)."""
+def _try_lock(out: Path) -> int | None:
+    """flock ``out``'s lock file without waiting and write this pid into it; the descriptor (close it to let go),
+    or None if another sweep holds it, in this process or another."""
     try:
-        fd = lock_file(out / MUTEX_FILE)
+        fd = lock_file(out / LOCK_FILE, wait=False)
     except ImportError:
         raise RuntimeError(f"sweeps need fcntl.flock to lock their folder (Linux, macOS); {sys.platform} "
                            "lacks it") from None
-    try:
-        yield
-    finally:
-        os.close(fd)  # releases the flock
-
-
-def _refuse(out: Path, pid: int) -> RuntimeError:
-    return RuntimeError(f"another sweep (process {pid}) is running in {out}; wait for it or stop it first "
-                        f"(if no sweep is running there, the lock is stale: delete {out / LOCK_FILE})")
-
-
-def _acquire_lock(out: Path) -> None:
-    """Create ``out``'s lock file holding this pid, taking over a stale one; RuntimeError if a live sweep holds it."""
-    path = out / LOCK_FILE
-    flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY
-    with _mutex(out):
-        try:
-            fd = os.open(path, flags, 0o666)
-        except FileExistsError:
-            pid = _running_pid(out)
-            if pid is not None:
-                raise _refuse(out, pid) from None
-            path.unlink(missing_ok=True)  # stale: its process is gone (or it holds no valid pid)
-            try:
-                fd = os.open(path, flags, 0o666)
-            except FileExistsError:
-                raise RuntimeError(f"another process created {path} while this sweep replaced a stale lock there; "
-                                   "wait for that sweep or stop it first") from None
-        with os.fdopen(fd, "w") as fh:
-            fh.write(str(os.getpid()))
-        _HELD.add(str(path.resolve()))
-
-
-def _release_lock(out: Path) -> None:
-    """Delete ``out``'s lock file if it still holds this process's pid."""
-    path = out / LOCK_FILE
-    with _mutex(out):
-        _HELD.discard(str(path.resolve()))
-        if _lock_pid(path) == os.getpid():
-            path.unlink()
+    if fd is not None:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+    return fd
 
 
 @contextmanager
 def _lock(out: Path) -> Iterator[None]:
-    """One sweep per folder at a time: two would wipe each other's unfinished runs."""
-    _acquire_lock(out)
+    """One sweep per folder at a time: two would wipe each other's unfinished runs. The lock is a flock, so a
+    crashed or killed sweep never leaves a stale one (its pid in the file only names the holder in the error)."""
+    fd = _try_lock(out)
+    if fd is None:
+        raise _refuse(out, _lock_pid(out / LOCK_FILE))
     try:
         yield
     finally:
-        _release_lock(out)
+        os.close(fd)
 
 
 def _execute_planned(notebook: Path, planned: list[tuple[dict[str, Any], Path]], out: Path, jobs: int,
@@ -617,10 +564,10 @@ def start_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence[Any]] |
     _, planned = plan(notebook, grid, out_dir, kwargs.get("base_params"), kwargs.get("smoke"))
     out = Path(out_dir)
     (out / RUNS_DIR).mkdir(parents=True, exist_ok=True)
-    with _mutex(out):
-        pid = _running_pid(out)
-    if pid is not None:
-        raise _refuse(out, pid)
+    fd = _try_lock(out)  # refuse now, in the caller, if a sweep runs there (the background one locks for itself)
+    if fd is None:
+        raise _refuse(out, _lock_pid(out / LOCK_FILE))
+    os.close(fd)
     kwargs = {**kwargs, "progress": False}
     proc = get_context("spawn").Process(target=_background, args=(str(out / "sweep.log"), (notebook, grid, out_dir),
                                                                  kwargs), daemon=False)

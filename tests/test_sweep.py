@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from fdistill_lab import sweep
-from fdistill_lab.records import read_records, record
+from fdistill_lab.records import lock_file, read_records, record
 
 pytestmark = pytest.mark.notebooks  # starts real kernels (about 15 papermill runs of a two-cell notebook)
 
@@ -248,28 +248,35 @@ def test_point_list_in_background(tiny, tmp_path):
     assert "2 runs" in (out / "sweep.log").read_text()
 
 
+def _hold_lock(out: Path, pid: int):
+    """Hold ``out``'s sweep lock as another sweep would (a flock on its own open file), naming ``pid``."""
+    fd = lock_file(out / sweep.LOCK_FILE, wait=False)
+    assert fd is not None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(pid).encode())
+    return fd
+
+
 def test_one_sweep_per_folder(tiny, tmp_path):
     out = tmp_path / "locked"
     (out / "runs").mkdir(parents=True)
-    (out / sweep.LOCK_FILE).write_text(str(os.getppid()))  # a live process that is not us
-    with pytest.raises(RuntimeError, match="another sweep"):
+    fd = _hold_lock(out, 4242)
+    with pytest.raises(RuntimeError, match=r"another sweep \(process 4242\) is running in .*locked"):
         sweep.run_sweep(tiny, {"a": [1]}, out)
     with pytest.raises(RuntimeError, match="another sweep"):
         sweep.start_sweep(tiny, {"a": [1]}, out)
-    (out / sweep.LOCK_FILE).write_text("999999999")  # stale: no such process
-    assert sweep._running_pid(out) is None
+    os.close(fd)  # the holder ends: the folder is free at once, whatever pid the file still names
+    assert sweep.run_sweep(tiny, {"a": [1]}, out, jobs=1, progress=False).attrs["failed"] == 0
 
 
 def _race_for_lock(out: str, start, attempted, won) -> None:
     start.wait()
     try:
-        sweep._acquire_lock(Path(out))
+        with sweep._lock(Path(out)):
+            won.put(os.getpid())
+            attempted.wait()  # hold the lock until every racer has tried
     except RuntimeError:
         attempted.wait()
-        return
-    won.put(os.getpid())
-    attempted.wait()  # hold the lock until every racer has tried
-    sweep._release_lock(Path(out))
 
 
 def test_lock_admits_one_of_many_simultaneous_sweeps(tmp_path):
@@ -289,30 +296,29 @@ def test_lock_admits_one_of_many_simultaneous_sweeps(tmp_path):
         while not won.empty():
             winners.append(won.get())
         assert len(winners) == 1, f"trial {i}: {len(winners)} sweeps got the lock"
-        assert not (out / sweep.LOCK_FILE).exists()
 
 
-def test_stale_lock_is_taken_over_and_live_one_kept(tmp_path):
+def test_lock_is_never_stale_and_refuses_a_second_sweep_in_this_process(tmp_path):
+    """A lock file left by a killed sweep (any content) is free; a held one refuses, also from this very
+    process (a second sweep in another thread); leaving frees it."""
     lock = tmp_path / sweep.LOCK_FILE
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True)
-    for stale in (dead.stdout.strip(), "999999999", "0", "-5", "", "junk", str(os.getpid())):
-        lock.write_text(stale)
+    killed = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                            check=True)
+    for left in (killed.stdout.strip(), "999999999", "0", "-5", "", "junk", str(os.getppid())):
+        lock.write_text(left)
         with sweep._lock(tmp_path):
             assert lock.read_text() == str(os.getpid())
-            with pytest.raises(RuntimeError, match=f"process {os.getpid()}"):  # this very process holds it
-                sweep._acquire_lock(tmp_path)
-        assert not lock.exists()
-
-    lock.write_text(str(os.getppid()))  # a live process
-    with pytest.raises(RuntimeError, match=f"process {os.getppid()}.*delete .*{sweep.LOCK_FILE}"):
-        sweep._acquire_lock(tmp_path)
-    assert lock.read_text() == str(os.getppid())
-    lock.unlink()
-
-    with sweep._lock(tmp_path):
-        lock.write_text(str(os.getppid()))  # someone else's lock now: leaving must not delete it
-    assert lock.read_text() == str(os.getppid())
+            with pytest.raises(RuntimeError, match=f"process {os.getpid()}"):
+                with sweep._lock(tmp_path):
+                    pass
+    killer = subprocess.run([sys.executable, "-c", f"""import os, signal
+from pathlib import Path
+from fdistill_lab import sweep
+with sweep._lock(Path({str(tmp_path)!r})):
+    os.kill(os.getpid(), signal.SIGKILL)"""], capture_output=True, text=True)
+    assert killer.returncode == -9 and lock.read_text() != str(os.getpid())  # died holding it
+    with sweep._lock(tmp_path):  # free again: the kernel dropped the dead process's flock
+        pass
 
 
 DYING = '''import os, signal, time
@@ -348,7 +354,9 @@ def test_dead_worker_fails_its_run_only(tmp_path):
     assert sorted((out / "starts.log").read_text().split()) == ["0", "1", "1", "2"]  # the interrupted run reran
     csv = pd.read_csv(out / sweep.TABLE_FILE)
     assert sorted(zip(csv.a, csv.status)) == [(0, "failed"), (1, "done"), (2, "done")]
-    assert not (out / sweep.LOCK_FILE).exists()
+    fd = lock_file(out / sweep.LOCK_FILE, wait=False)  # the finished sweep let go of its folder
+    assert fd is not None
+    os.close(fd)
 
 
 def test_a_kernel_that_dies_at_start_up_is_started_again(tmp_path, monkeypatch):
