@@ -53,6 +53,8 @@ GENERATOR_LABELS = ("real", "uniform")
 PRECISIONS = ("fp32", "bf16")
 BIN_SPACINGS = ("linear", "log")
 CHECKPOINT_FORMAT = "fdistill-trainer-v1"
+# settings that change speed, not results: a resumed run may change them (and older checkpoints lack them)
+SPEED_ONLY_SETTINGS = ("compile_norms",)
 Scalars = dict[str, torch.Tensor]  # logged 0-d tensors on the training device, read back once per step
 
 
@@ -564,7 +566,8 @@ class FDistillTrainer:
             raise ValueError(f"not an f-distill trainer state (format {state.get('format')!r}, "
                              f"expected {CHECKPOINT_FORMAT!r})")
         mine = self.config.to_dict()
-        diff = {k: (state["config"].get(k), v) for k, v in mine.items() if state["config"].get(k) != v}
+        diff = {k: (state["config"].get(k), v) for k, v in mine.items()
+                if k not in SPEED_ONLY_SETTINGS and state["config"].get(k) != v}
         if diff:
             raise ValueError("checkpoint was written with another configuration (setting: (checkpoint, "
                              f"current)): {diff}")

@@ -128,6 +128,19 @@ def test_checkpoint_errors(tmp_path):
         other.load_checkpoint(ckpt)
 
 
+def test_resume_may_change_speed_only_settings(tmp_path):
+    """compile_norms may differ between a checkpoint and the resumed run, and checkpoints written before it
+    existed (no such key) still load; a setting that changes results is still refused."""
+    tr = FDistillTrainer(_teacher(), DistillConfig())
+    state = tr.state_dict()
+    del state["config"]["compile_norms"]  # as written by earlier versions
+    torch.save(state, tmp_path / "old.pt")
+    for cfg in (DistillConfig(), DistillConfig(compile_norms=True)):
+        assert FDistillTrainer(_teacher(), cfg).load_checkpoint(tmp_path / "old.pt") == {}
+    with pytest.raises(ValueError, match="another configuration.*'seed': \\(0, 1\\)"):
+        FDistillTrainer(_teacher(), DistillConfig(seed=1)).load_checkpoint(tmp_path / "old.pt")
+
+
 def test_mapped_checkpoint_loading_matches_reading_and_names_bad_files(tmp_path):
     """GPU resume maps the file (ranks share host memory): same contents, same clear error for a bad file."""
     tr = FDistillTrainer(_teacher(), DistillConfig())
