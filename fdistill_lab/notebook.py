@@ -6,7 +6,8 @@ papermill injects overrides as plain assignments in a cell starting with ``# Par
 *warns* about unknown names; ``setup_notebook`` turns that into an error (notebook_conventions.md 4).
 
 Validation happens before anything is written: ``cfg.output_dir`` is created only after every
-parameter has been checked.
+parameter has been checked. Relative paths start in ``notebooks/`` however a notebook is launched: Jupyter runs
+it there, and a papermill run started from the repository root moves there first (:func:`use_notebooks_folder`).
 """
 
 from __future__ import annotations
@@ -168,6 +169,19 @@ def versions() -> dict[str, str]:
             "torch": torch.__version__, "numpy": np.__version__, "matplotlib": matplotlib.__version__}
 
 
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"  # in a checkout (editable install)
+
+
+def use_notebooks_folder() -> Path | None:
+    """Change the working folder to ``notebooks/`` when it is this checkout's root (``papermill notebooks/NN.ipynb
+    out.ipynb`` from the root), so that relative paths (runner notebooks, ``../downloads/...`` defaults, output
+    folders) mean the same as under Jupyter; returns the new folder, or None if nothing changed."""
+    if NOTEBOOKS_DIR.is_dir() and Path.cwd().resolve() == NOTEBOOKS_DIR.parent:
+        os.chdir(NOTEBOOKS_DIR)
+        return NOTEBOOKS_DIR
+    return None
+
+
 def setup_notebook(namespace: MutableMapping[str, Any], *, validate: Callable[[dict[str, Any]], None] | None = None,
                    quiet: bool = False) -> NotebookConfig:
     """Validate the parameters in ``namespace`` (pass ``globals()``), then seed and configure.
@@ -180,6 +194,7 @@ def setup_notebook(namespace: MutableMapping[str, Any], *, validate: Callable[[d
     """
     import torch
 
+    moved = use_notebooks_folder()
     values = validate_parameters(namespace)
     env_smoke = _smoke_from_env()
     if env_smoke is not None:
@@ -198,6 +213,6 @@ def setup_notebook(namespace: MutableMapping[str, Any], *, validate: Callable[[d
     if not quiet:
         info = ", ".join(f"{k} {v}" for k, v in versions().items())
         mode = "SMOKE (sizes shrunk)" if cfg.smoke else "full"
-        print(f"{info} | device cpu, {threads} threads | mode {mode} | seed {cfg.seed} | output {output_dir}",
-              file=sys.stdout)
+        print(f"{info} | device cpu, {threads} threads | mode {mode} | seed {cfg.seed} | output {output_dir}"
+              + (f" | working folder {moved} (relative paths start there)" if moved else ""), file=sys.stdout)
     return cfg

@@ -1,7 +1,7 @@
 """Shared papermill-in-pytest harness (notebook_conventions.md section 4).
 
 ``run_notebook(name, tmp_path, parameters=..., budget_s=...)`` executes ``notebooks/<name>`` in smoke
-mode with cwd ``notebooks/``, kernel ``python3``, ``output_dir=tmp_path``; rejects parameter names the
+mode with cwd ``notebooks/`` (or ``cwd``), kernel ``python3``, ``output_dir=tmp_path``; rejects parameter names the
 notebook does not declare; checks the time budget (printing the slowest cells) and that a figure was
 drawn; keeps the executed copy in ``build/executed/``; returns ``(executed notebook, records)``.
 ``run_notebook_expecting_error`` runs a bad configuration and returns the papermill error.
@@ -45,14 +45,15 @@ def prepare_environment() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(paths)
 
 
-def _execute(name: str, tmp_path: Path, parameters: dict[str, Any], suffix: str) -> tuple[Path, Any]:
+def _execute(name: str, tmp_path: Path, parameters: dict[str, Any], suffix: str,
+             cwd: Path = NOTEBOOKS) -> tuple[Path, Any]:
     path = notebook_path(name)
     params = {"smoke": True, "output_dir": str(tmp_path), **parameters}
     EXECUTED.mkdir(parents=True, exist_ok=True)
     out = EXECUTED / f"{path.stem}{suffix}.ipynb"
     prepare_environment()
     try:
-        pm.execute_notebook(str(path), str(out), parameters=params, kernel_name="python3", cwd=str(NOTEBOOKS),
+        pm.execute_notebook(str(path), str(out), parameters=params, kernel_name="python3", cwd=str(cwd),
                             progress_bar=False, execution_timeout=CELL_TIMEOUT_S, log_output=False)
     except pm.PapermillExecutionError as err:
         return out, err
@@ -75,13 +76,13 @@ def count_images(nb: nbformat.NotebookNode) -> int:
 
 
 def run_notebook(name: str, tmp_path: Path, parameters: dict[str, Any] | None = None, budget_s: float = 60.0,
-                 min_images: int = 1) -> tuple[nbformat.NotebookNode, dict[str, Any]]:
-    """Execute a notebook in smoke mode and return (executed notebook, recorded results)."""
+                 min_images: int = 1, cwd: Path = NOTEBOOKS) -> tuple[nbformat.NotebookNode, dict[str, Any]]:
+    """Execute a notebook in smoke mode (launched from ``cwd``) and return (executed notebook, recorded results)."""
     parameters = dict(parameters or {})
     declared = declared_parameters(name)
     unknown = sorted(set(parameters) - set(declared))
     assert not unknown, f"unknown parameter(s) {unknown} for {name}; declared: {sorted(declared)}"
-    out, err = _execute(name, Path(tmp_path), parameters, "")
+    out, err = _execute(name, Path(tmp_path), parameters, "", cwd)
     nb = nbformat.read(out, as_version=4)
     if err is not None:
         raise AssertionError(f"{name} failed (executed copy: {out}):\n{err}")

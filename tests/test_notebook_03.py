@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from notebook_harness import (
     NOTEBOOKS,
+    ROOT,
     assert_rejected_before_writing,
     declared_parameters,
     run_notebook,
@@ -34,7 +35,9 @@ def test_declared_parameters():
 
 @pytest.mark.timeout(240)
 def test_smoke(tmp_path):
-    _, rec = run_notebook(NAME, tmp_path, budget_s=60.0, min_images=6)
+    """Launched from the repository root (``papermill notebooks/03_... out.ipynb``, as README shows): the notebook
+    works from ``notebooks/`` all the same (its runner notebook is found relative to it)."""
+    _, rec = run_notebook(NAME, tmp_path, budget_s=60.0, min_images=6, cwd=ROOT)
     assert rec["config"]["smoke"] is True and rec["config"]["full"] is False
 
     cal = pd.DataFrame(rec["ratio_calibration"]["rows"])

@@ -123,3 +123,17 @@ def test_record_bad_input(tmp_path):
         records.record(tmp_path / "missing", "x", 1, show=False)
     with pytest.raises(FileNotFoundError, match="no records"):
         records.read_records(tmp_path / "missing")
+
+
+def test_papermill_from_the_repository_root_works_in_notebooks(tmp_path, monkeypatch):
+    """A notebook launched from this checkout's root moves to notebooks/ (relative paths as under Jupyter);
+    launched anywhere else it stays put."""
+    from fdistill_lab import notebook
+
+    root = notebook.NOTEBOOKS_DIR.parent
+    assert (root / "pyproject.toml").is_file() and (notebook.NOTEBOOKS_DIR / "01_f_divergences.ipynb").is_file()
+    monkeypatch.chdir(root)
+    assert notebook.use_notebooks_folder() == notebook.NOTEBOOKS_DIR
+    assert Path.cwd() == notebook.NOTEBOOKS_DIR
+    monkeypatch.chdir(tmp_path)
+    assert notebook.use_notebooks_folder() is None and Path.cwd() == tmp_path
