@@ -292,6 +292,7 @@ def describe(preset: str, overrides: dict[str, Any] | None = None) -> str:
     rows = [f"preset {preset}: {PRESETS[preset].description}" + (f"; overrides {overrides}" if overrides else "")]
     rows += [f"  {k} = {v!r}" for k, v in dcfg.to_dict().items()]
     rows += [f"  {k} = {v!r}" for k, v in dataclasses.asdict(rcfg).items()]
+    rows += [f"aliases: {k} sets {', '.join(v)}" for k, v in ALIASES.items()]
     return "\n".join(rows)
 
 

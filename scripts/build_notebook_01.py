@@ -101,7 +101,7 @@ EX1_CHECK = "checks.check_h_js(h_js)"
 
 EX1_USE_MD = r"""With a discriminator trained to tell teacher from student samples, $r = \exp(\text{logit})$, so the JS
 weight is $h = r/(r+1) = \mathrm{sigmoid}(\text{logit})$: the discriminator's own output. The next cell uses your
-`h_js`, or falls back to `fl.reference.h_js` if you have not implemented it yet."""
+`h_js`, or falls back to `fdistill_lab.reference.h_js` if you have not implemented it yet."""
 
 EX1_USE = """h_js_used = reference.fallback(h_js, reference.h_js)
 logit = torch.linspace(-6, 6, 121, dtype=torch.float64)

@@ -328,7 +328,7 @@ students reached reverse KL FD 29.4 / recall 0.43, JS 26.5 / 0.46, forward KL 24
 busy one: the ratio moves with the load). With the same teacher,
 seeds 1 and 2 gave FD 44.0 / 39.0 / 34.9 and 24.4 / 24.3 / 24.6 (reverse KL / JS / forward KL).
 
-* **Speed.** The one-step student is 30-50× faster than the 18-step Heun sampler (35 evaluations), as the
+* **Speed.** The one-step student is 35-50× faster than the 18-step Heun sampler (35 evaluations), as the
   evaluation count predicts; the sampler loop itself costs little.
 * **Quality at this budget.** The students draw clean digits of the requested class, but they are **not**
   as good as the teacher: FD 3-5× the teacher's and recall 0.23-0.53 against 0.90. They lose diversity

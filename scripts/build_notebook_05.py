@@ -34,7 +34,7 @@ all written on the fly. Smoke numbers only show that the pipeline works; they sa
 
 Command line: `papermill notebooks/05_imagenet.ipynb out.ipynb -p div js -p gpus 8`. Any other setting of the
 preset goes in `overrides` as `key=value` pairs separated by `;`, e.g. `-p overrides "lr=1e-6; bin_ema=0.0"`
-(all names: `python -m fdistill_lab.train --preset imagenet64 --describe`)."""
+(all names and the `lr` alias: `python -m fdistill_lab.train --preset imagenet64 --describe`)."""
 
 PARAMS = """\
 div: str = "js"  # divergence (rkl, srkl, js, sh, fkl, jeffreys, neyman, pearson, alpha)
@@ -238,7 +238,8 @@ RESULTS_MD = r"""## 4. Reading the numbers
   Expect ±0.05-0.1 FID between seeds. The paper's extra fine-tuning stage at lr 5e-7 is not part of the preset
   (resume with `overrides='lr=5e-7'` in a new `output_dir` seeded from the checkpoint to try it).
 * `scripts/gpu_check.sh` measures throughput and memory on one GPU: on an H200 capped at an H100's 79 GiB,
-  210 images/s at batch 160 and 22.1% MFU (README, GPU section; 32 h for the 380k iterations on 8 such GPUs).
+  214 images/s at batch 160 (22.5% MFU) and 173 images/s at this preset's 64 per GPU (README, GPU section), so
+  about 39 h for the 380k iterations on 8 such GPUs (docs/imagenet64_training.md).
 
 **Questions.** (1) With `gpus=8` and `batch_size=512`, how many images does one GPU hold, and what does
 `per_gpu_batch=32` change? (2) Why must every rank see the *global* batch mean of $h$ and the global per-bin

@@ -286,6 +286,7 @@ def test_cli_errors_and_describe(assets, tmp_path, capsys):
     assert main(["--preset", "tiny", "--describe", "--set", "lr=1e-3", "--set", "extra_ema_betas=none"]) == 0
     out = capsys.readouterr().out
     assert "lr_student = 0.001" in out and "extra_ema_betas = ()" in out
+    assert "aliases: lr sets lr_student, lr_fake, lr_disc" in out  # so the notebooks' `lr=` is listed too
     assert main(["--preset", "tiny", "--teacher", str(assets["teacher"]), "--data", str(assets["data"]),
                  "--out", str(tmp_path), "--set", "bogus=1"]) == 2
     assert "unknown setting 'bogus'" in capsys.readouterr().err

@@ -15,7 +15,7 @@ teacher score is always exact. No critic is trained then.
 
 Noise levels: sigma is drawn uniformly over the indices of a 1000-point Karras grid (rho = 7) on
 [sigma_min, sigma_max] = [0.01, 8] by default: 8 is 4x the ring radius (p_sigma is then nearly one
-Gaussian), 0.01 is a tenth of a mode's std; the median draw is about 0.6.
+Gaussian), 0.01 is a twentieth of a mode's std (0.2); the median draw is about 0.6.
 """
 
 from __future__ import annotations
