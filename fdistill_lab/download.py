@@ -1,5 +1,5 @@
 """Download the public files the EDM experiments need: teacher pickles, the Inception detector and FID
-reference statistics (URLs: reference_implementations.md 1.4). Files go to ``<root>/<name>``.
+reference statistics (EDM's published URLs, in ``KNOWN_FILES``). Files go to ``<root>/<name>``.
 
 Resumable (HTTP Range on a ``.part`` file, atomic rename when complete), verified by sha256 when a
 checksum is known, and with a clear message when offline. NVIDIA publishes no checksums for these

@@ -1,4 +1,4 @@
-"""FID as EDM measures it (reference_implementations.md 1.7): Inception-v3 pool features [N, 2048] from
+"""FID as EDM measures it (EDM's ``fid.py`` protocol): Inception-v3 pool features [N, 2048] from
 the TorchScript detector ``inception-2015-12-05.pt`` on uint8 NCHW images, float64 statistics
 (mu, Sigma = (sum x x^T - N mu mu^T) / (N - 1)), Frechet distance with ``scipy.linalg.sqrtm``, against
 EDM's reference ``.npz`` (``mu``, ``sigma``).

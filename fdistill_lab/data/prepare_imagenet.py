@@ -10,7 +10,8 @@ Usage::
 
     python -m fdistill_lab.data.prepare_imagenet --source ILSVRC/Data/CLS-LOC/train \\
         --dest datasets/imagenet-64x64.zip --resolution 64 --workers 16
-    python -m fdistill_lab.data.prepare_imagenet --source Imagenet64_train_npz/ --dest imagenet-64x64-npz.zip
+    python -m fdistill_lab.data.prepare_imagenet --source Imagenet64_train_npz/ --label-map map_clsloc.txt \\
+        --dest datasets/imagenet-64x64.zip
 """
 
 from __future__ import annotations
