@@ -122,8 +122,11 @@ def batch_layout(batch_size: int, per_gpu_batch: int, world_size: int) -> tuple[
     local = batch_size // world_size
     micro = per_gpu_batch or local
     if local % micro:
+        near = [d for d in range(1, local + 1) if local % d == 0]
+        below, above = max(d for d in near if d < micro), min((d for d in near if d > micro), default=None)
         raise ValueError(f"per-process batch {local} (= batch_size {batch_size} / {world_size} processes) is not a "
-                         f"multiple of per_gpu_batch {micro}; pick per_gpu_batch dividing {local}")
+                         f"multiple of per_gpu_batch {micro}; pick per_gpu_batch dividing {local}, e.g. {below}"
+                         + (f" or {above}" if above else ""))
     return local, local // micro
 
 

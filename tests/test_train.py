@@ -228,8 +228,12 @@ def test_batch_layout():
     assert batch_layout(280, 0, 8) == (35, 1)
     with pytest.raises(ValueError, match="not divisible by the 3 processes"):
         batch_layout(512, 64, 3)
-    with pytest.raises(ValueError, match="not a multiple of per_gpu_batch 48"):
+    with pytest.raises(ValueError, match="multiple of per_gpu_batch 48; pick per_gpu_batch dividing 64, e.g. 32 or 64"):
         batch_layout(512, 48, 8)
+    with pytest.raises(ValueError, match="per-process batch 512 .* per_gpu_batch 160; .* e.g. 128 or 256"):
+        batch_layout(512, 160, 1)  # the fastest batch on an 80 GB card does not divide the paper's 512
+    with pytest.raises(ValueError, match="per_gpu_batch 128; pick per_gpu_batch dividing 64, e.g. 64$"):
+        batch_layout(512, 128, 8)
 
 
 def test_presets_match_the_paper_and_dmd2():
