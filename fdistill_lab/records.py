@@ -78,9 +78,10 @@ def fsync_dir(folder: str | os.PathLike) -> None:
 
 
 def lock_file(path: str | os.PathLike, wait: bool = True) -> int | None:
-    """Open (creating) ``path`` and take an exclusive ``flock`` on it. Returns the file descriptor (closing it
-    releases the lock, as does the end of the process, so the lock never goes stale), or None when ``wait`` is
-    False and another process holds it. ImportError where fcntl is missing (Windows)."""
+    """Open (creating) ``path`` and take an exclusive ``flock`` on it, then write this process's pid into it (for
+    :func:`lock_holder`). Returns the file descriptor (closing it releases the lock, as does the end of the
+    process, so the lock never goes stale), or None when ``wait`` is False and another process holds it.
+    ImportError where fcntl is missing (Windows)."""
     import fcntl
 
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o666)
@@ -92,7 +93,17 @@ def lock_file(path: str | os.PathLike, wait: bool = True) -> int | None:
     except BaseException:
         os.close(fd)
         raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)  # at the start, leaving the file offset where it was
     return fd
+
+
+def lock_holder(path: str | os.PathLike) -> str | None:
+    """The pid that the holder of a :func:`lock_file` lock wrote into it (None if missing or empty), for messages."""
+    try:
+        return Path(path).read_text().strip() or None
+    except FileNotFoundError:
+        return None
 
 
 @contextlib.contextmanager

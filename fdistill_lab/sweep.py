@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from .notebook import SUPPORTED_TYPES, check_value
-from .records import RESULTS_FILE, lock_file, read_records, write_json_atomic, write_text_atomic
+from .records import RESULTS_FILE, lock_file, lock_holder, read_records, write_json_atomic, write_text_atomic
 
 RUNS_DIR = "runs"
 PARAMS_FILE = "params.json"
@@ -310,30 +310,19 @@ def run_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence[Any]] | S
 LOCK_FILE = ".sweep.lock"  # flock'ed by the running sweep (released when its process ends, however it ends)
 
 
-def _lock_pid(path: Path) -> int | None:
-    """The pid written in a lock file; None if the file is missing, empty or not an integer."""
-    try:
-        return int(path.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-def _refuse(out: Path, pid: int | None) -> RuntimeError:
+def _refuse(out: Path, pid: str | None) -> RuntimeError:
     who = f" (process {pid})" if pid is not None else ""
     return RuntimeError(f"another sweep{who} is running in {out}; wait for it or stop it first")
 
 
 def _try_lock(out: Path) -> int | None:
-    """flock ``out``'s lock file without waiting and write this pid into it; the descriptor (close it to let go),
-    or None if another sweep holds it, in this process or another."""
+    """flock ``out``'s lock file without waiting (:func:`~fdistill_lab.records.lock_file`, which writes this pid
+    into it); the descriptor (close it to let go), or None if another sweep holds it, in this process or another."""
     try:
         fd = lock_file(out / LOCK_FILE, wait=False)
     except ImportError:
         raise RuntimeError(f"sweeps need fcntl.flock to lock their folder (Linux, macOS); {sys.platform} "
                            "lacks it") from None
-    if fd is not None:
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
     return fd
 
 
@@ -343,7 +332,7 @@ def _lock(out: Path) -> Iterator[None]:
     crashed or killed sweep never leaves a stale one (its pid in the file only names the holder in the error)."""
     fd = _try_lock(out)
     if fd is None:
-        raise _refuse(out, _lock_pid(out / LOCK_FILE))
+        raise _refuse(out, lock_holder(out / LOCK_FILE))
     try:
         yield
     finally:
@@ -566,7 +555,7 @@ def start_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence[Any]] |
     (out / RUNS_DIR).mkdir(parents=True, exist_ok=True)
     fd = _try_lock(out)  # refuse now, in the caller, if a sweep runs there (the background one locks for itself)
     if fd is None:
-        raise _refuse(out, _lock_pid(out / LOCK_FILE))
+        raise _refuse(out, lock_holder(out / LOCK_FILE))
     os.close(fd)
     kwargs = {**kwargs, "progress": False}
     proc = get_context("spawn").Process(target=_background, args=(str(out / "sweep.log"), (notebook, grid, out_dir),

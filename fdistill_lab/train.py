@@ -39,7 +39,7 @@ from .distill import DistillConfig
 from .fid import compute_fid, latents_from_seeds, load_detector, load_reference_stats
 from .parallel_trainer import DataParallelTrainer
 from .presets import PRESETS, RunConfig, describe, get_preset, parse_overrides, resolve
-from .records import lock_file
+from .records import lock_file, lock_holder
 from .teachers import load_edm
 from .train_io import (
     LogWindow,
@@ -258,10 +258,7 @@ def _run_folder_lock(out: Path, env: fdist.DistEnv) -> Iterator[None]:
             pass
         else:
             if fd is None:
-                holder = (out / RUN_LOCK).read_text().strip() or "unknown"
-            else:
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())
+                holder = lock_holder(out / RUN_LOCK) or "unknown"
     if fdist.any_rank(holder is not None, env.device):
         raise RuntimeError(f"another training job{f' (process {holder})' if holder else ''} is using {out}; "
                            "wait for it to exit (it checkpoints on SIGTERM) or train into another --out")
