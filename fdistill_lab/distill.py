@@ -34,7 +34,7 @@ from torch import nn
 from . import divergences
 from .checkpoint import atomic_save, load_file
 from .discriminator import Discriminator
-from .edm import SIGMA_MAX, SIGMA_MIN, sample_sigma_grid
+from .edm import SIGMA_MAX, sample_sigma_grid
 from .losses import (
     FAKE_SCORE_WEIGHTINGS,
     FDistillWeighting,
@@ -290,9 +290,7 @@ class FDistillTrainer:
         with torch.random.fork_rng(devices=[]):  # heads initialised from config.seed, not the global RNG state
             torch.default_generator.manual_seed(cfg.seed)  # the CPU stream only: CUDA RNGs are not forked here
             self.disc = Discriminator.for_network(feat_net, cfg.disc_features, cfg.disc_hidden).to(self.device).train()
-        self.weighting = FDistillWeighting(
-            cfg.divergence, cfg.logit_clip, cfg.ratio_min, cfg.ratio_max, cfg.normalize_ratio,
-            cfg.normalize_weight, cfg.num_bins, cfg.bin_ema, cfg.bin_spacing, SIGMA_MIN, SIGMA_MAX).to(self.device)
+        self.weighting = FDistillWeighting.from_config(cfg).to(self.device)
         wrap = wrap or (lambda m: m)
         self._student_fwd, self._fake_fwd, self._disc_fwd = wrap(self.student), wrap(self.fake_score), wrap(self.disc)
         adam = dict(betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)

@@ -170,6 +170,14 @@ class FDistillWeighting(nn.Module):
         self.normalizer = RatioNormalizer(num_bins, sigma_min, sigma_max, bin_ema, bin_spacing,
                                           enabled=normalize_ratio)
 
+    @classmethod
+    def from_config(cls, cfg: object, divergence: str | None = None) -> FDistillWeighting:
+        """Built from a trainer config's fields of the same names (``DistillConfig``, the toy ``ToyConfig``);
+        ``divergence`` overrides the config's; the sigma range is the config's if it has one, else EDM's."""
+        return cls(divergence or cfg.divergence, cfg.logit_clip, cfg.ratio_min, cfg.ratio_max, cfg.normalize_ratio,
+                   cfg.normalize_weight, cfg.num_bins, cfg.bin_ema, cfg.bin_spacing,
+                   getattr(cfg, "sigma_min", SIGMA_MIN), getattr(cfg, "sigma_max", SIGMA_MAX))
+
     def extra_repr(self) -> str:
         return (f"divergence={self.divergence.name}, logit_clip={self.logit_clip}, "
                 f"ratio=[{self.ratio_min}, {self.ratio_max}], normalize_weight={self.normalize_weight}")

@@ -205,8 +205,7 @@ def gradient_variance(run: ToyDistiller, divs: Sequence[str], num_batches: int =
     names = [divergences.canonical_name(d) for d in divs]
     weightings = {}
     for d in names:
-        w = FDistillWeighting(d, c.logit_clip, c.ratio_min, c.ratio_max, c.normalize_ratio, c.normalize_weight,
-                              c.num_bins, c.bin_ema, c.bin_spacing, c.sigma_min, c.sigma_max)
+        w = FDistillWeighting.from_config(c, d)
         w.load_state_dict(run.weighting.state_dict())
         weightings[d] = w
     params = [p for p in run.generator.parameters() if p.requires_grad]

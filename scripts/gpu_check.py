@@ -406,10 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         figures["passes_s"] = passes
 
     def js_vs_rkl() -> None:
-        cfg = trainer.config
-        weightings = {d: FDistillWeighting(d, cfg.logit_clip, cfg.ratio_min, cfg.ratio_max, cfg.normalize_ratio,
-                                           cfg.normalize_weight, cfg.num_bins, cfg.bin_ema, cfg.bin_spacing).to(device)
-                      for d in ("js", "rkl")}
+        weightings = {d: FDistillWeighting.from_config(trainer.config, d).to(device) for d in ("js", "rkl")}
         gen_t: dict[str, list[float]] = {"js": [], "rkl": []}
         for _ in range(2):
             for d in ("js", "rkl"):

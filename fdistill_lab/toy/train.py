@@ -114,9 +114,7 @@ class ToyDistiller:
         self.generator = Generator(c.z_dim, c.hidden, c.depth, teacher.dim, c.init_center, c.init_scale)
         self.fake_score = ToyDenoiser(teacher.dim, c.hidden, c.depth, c.sigma_data)
         self.discriminator = ToyDiscriminator(teacher.dim, c.hidden, c.depth, c.sigma_data)
-        self.weighting = FDistillWeighting(
-            c.divergence, c.logit_clip, c.ratio_min, c.ratio_max, c.normalize_ratio, c.normalize_weight,
-            c.num_bins, c.bin_ema, c.bin_spacing, c.sigma_min, c.sigma_max)
+        self.weighting = FDistillWeighting.from_config(c)
         self.opt_gen = torch.optim.Adam(self.generator.parameters(), c.lr_gen, betas=c.betas, foreach=True)
         critic_params = list(self.fake_score.parameters()) + list(self.discriminator.parameters())
         self.opt_critic = torch.optim.Adam(critic_params, c.lr_critic, betas=c.betas, foreach=True)
