@@ -132,10 +132,9 @@ class DistillConfig:
         _choice("disc_placement", self.disc_placement, DISC_PLACEMENTS)
         _choice("generator_labels", self.generator_labels, GENERATOR_LABELS)
         _choice("precision", self.precision, PRECISIONS)
-        for name in ("compile_norms", "normalize_ratio", "normalize_weight", "real_same_t",
-                     "dmd_normalize"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False; got {getattr(self, name)!r}")
+        for f in dataclasses.fields(self):  # every switch (annotated bool) is a real bool
+            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
+                raise ValueError(f"{f.name} must be True or False; got {getattr(self, f.name)!r}")
         _choice("bin_spacing", self.bin_spacing, BIN_SPACINGS)
         _choice("fake_score_weighting", self.fake_score_weighting, FAKE_SCORE_WEIGHTINGS)
         _int_at_least("student_update_freq", self.student_update_freq, 1)
