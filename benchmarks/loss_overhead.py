@@ -7,10 +7,11 @@ and the weighting alone, timing blocks of calls of the three in turn so drifts i
 alike; prints the median and minimum time per call over the blocks, the median ratio of paired blocks, and
 the weighting's own time inside the fdiv loop. Issue target: overhead under 5%.
 
-The weighting is a fixed cost of about 20 small ops on B numbers, independent of the image size. On a
-2-core CPU one call takes 0.11-0.15 ms when repeated alone but 0.31-0.36 ms right after a loss (whose
-~30 MB of traffic leaves the caches cold for the next small ops), so the overhead on this bare 3-4 ms loss
-is that larger figure: +11% to +21% (medians of three runs).
+The weighting is a fixed cost of 36 aten calls (23 distinct ops) on B numbers, independent of the image size.
+On a 2-core CPU one call takes 0.11-0.19 ms when repeated alone but 0.31-0.53 ms right after a loss, so the
+overhead on this bare 2-4 ms loss is that larger figure: +11% to +35% (medians over runs). A control row times
+as many calls of one tiny op: right after a loss they slow down only 1.3x against the weighting's 2.4x, so the
+extra time is the code of many distinct ops fetched afresh after the loss's ~30 MB of traffic.
 glibc's allocator adds noise of its own: the loss frees and re-allocates 3 MB buffers, and depending on where
 small tensors land, those come back as fresh pages (thousands of page faults a call). Then even one extra tiny
 op reads as +10%; with the allocator pinned (MALLOC_MMAP_THRESHOLD_=1000000000
@@ -37,6 +38,17 @@ from fdistill_lab.losses import FDistillWeighting, fdistill_loss
 def _warm_up(fn: Callable[[], None], calls: int = 10) -> None:
     for _ in range(calls):
         fn()
+
+
+def _top_level_ops(fn: Callable[[], object]) -> list[str]:
+    """Names of the aten operators one call of ``fn`` dispatches (profiler events not nested in another)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    # an op called from inside another op (e.g. aten::clamp inside aten::clamp_ ) lies within its parent's span
+    top = [e for e in events if not any(o is not e and o.time_range.start <= e.time_range.start
+                                            and e.time_range.end <= o.time_range.end for o in events)]
+    return [e.name for e in top]
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -76,11 +88,31 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     def weight_only() -> None:
         weighting(logits, sigma)
 
-    fns = {"rkl": rkl, "fdiv": fdiv, "weighting": weight_only}
+    # Control: as many tiny ops as the weighting dispatches, but all the same op (an in-place add on B numbers),
+    # timed alone and right after a loss. If they slow down much less than the weighting does, the weighting's
+    # cost after a loss lies in fetching the code of its many distinct ops afresh, not in the op count.
+    ops = _top_level_ops(lambda: weighting(logits, sigma))
+    n_ops = len(ops)
+    scratch = torch.zeros(args.batch)
+
+    def tiny_ops() -> None:
+        for _ in range(n_ops):
+            scratch.add_(1.0)
+
+    control_in_loop: list[float] = []
+
+    def control() -> None:
+        rkl()
+        t0 = time.perf_counter()
+        tiny_ops()
+        control_in_loop.append(time.perf_counter() - t0)
+
+    fns = {"rkl": rkl, "fdiv": fdiv, "weighting": weight_only, "control": control, "tiny_ops": tiny_ops}
     times: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
         _warm_up(fn)
     in_loop.clear()
+    control_in_loop.clear()
     block = max(1, args.block)
     for _ in range(max(1, args.repeats // block)):  # a block of calls of each in turn
         for k, fn in fns.items():
@@ -98,11 +130,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"{args.div:5s} weighted loss+backward : median {med['fdiv']:7.3f} ms, min {low['fdiv']:7.3f} ms")
     print(f"weighting alone (warm)       : median {med['weighting']:7.3f} ms, min {low['weighting']:7.3f} ms")
     cold = statistics.median(in_loop) * 1e3
-    print(f"weighting inside the loop    : median {cold:7.3f} ms (right after a loss: cold caches)")
+    print(f"weighting inside the loop    : median {cold:7.3f} ms (right after a loss), "
+          f"{cold / med['weighting']:.1f}x its time alone")
+    ctl_cold = statistics.median(control_in_loop) * 1e3
+    print(f"the weighting dispatches {n_ops} aten ops, {len(set(ops))} distinct")
+    print(f"control, {n_ops} x one tiny op   : median {med['tiny_ops']:7.3f} ms alone, {ctl_cold:7.3f} ms right after "
+          f"a loss, {ctl_cold / med['tiny_ops']:.1f}x (one op repeated: its code stays warm)")
     print(f"overhead on the bare loss: {over:+.1f}% (medians), {over_min:+.1f}% (minima), "
           f"{(paired - 1) * 100:+.1f}% (median of paired rounds); issue target < 5%")
     return {"rkl_ms": med["rkl"], "fdiv_ms": med["fdiv"], "weighting_ms": med["weighting"],
-            "weighting_in_loop_ms": cold, "overhead_pct": over,
+            "weighting_in_loop_ms": cold, "control_ops": n_ops, "control_ms": med["tiny_ops"],
+            "control_in_loop_ms": ctl_cold, "overhead_pct": over,
             "overhead_paired_pct": (paired - 1) * 100}
 
 
