@@ -597,6 +597,32 @@ class FDistillTrainer:
         self.load_state_dict(state)
         return state.get("extra", {})
 
+    WEIGHT_KEYS = ("student", "student_ema", "fake_score", "disc", "weighting")
+
+    def load_weights(self, path: str | Path) -> dict[str, Any]:
+        """Start from another run's networks: load the student, its EMA, the fake score, the discriminator and
+        the ratio-bin state of a checkpoint written by :meth:`save_checkpoint`, whatever settings wrote it.
+        Optimiser states, the step counter and the RNG stay fresh. This is a fine-tuning stage, such as the
+        paper's ImageNet-64 stage at lr 5e-7 (Table 5), or DMD2's restart of its best no-GAN run with the GAN
+        on. Returns the checkpoint (its ``config``, ``step`` and ``extra``). The networks must have the same
+        shapes (the same teacher, discriminator and bin settings); if not, ValueError names the part that differs.
+        """
+        state = load_file(path, "f-distill trainer checkpoint", "init_from takes a trainer checkpoint "
+                          "(<run>/checkpoints/ckpt_*.pt) or a run folder, not an exported student",
+                          required_keys=("format", "config", "step", *self.WEIGHT_KEYS),
+                          mmap=self.device.type == "cuda")
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not an f-distill trainer checkpoint (format {state.get('format')!r}, "
+                             f"expected {CHECKPOINT_FORMAT!r})")
+        for key in self.WEIGHT_KEYS:
+            try:
+                getattr(self, key).load_state_dict(state[key])
+            except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors
+                raise ValueError(
+                    f"{path}: its {key} does not fit this run ({str(exc).splitlines()[0][:300]}...); the "
+                    "teacher and the discriminator and bin settings must be those of the run that wrote it") from None
+        return state
+
 
 def _read_logs(logs: list[Scalars], **extra: torch.Tensor) -> dict[str, float]:
     """Micro-batch means of the logged scalars, plus ``extra``, as floats read back from the device in one

@@ -50,6 +50,9 @@ class RunConfig:
     ``cpu_threads``: torch threads per process (0: torch's default); tiny CPU runs are fastest on one.
     ``npz_label_map``: for downsampled-ImageNet npz data only, the devkit's ``map_clsloc.txt`` (npz labels
     -> EDM's sorted-wnid classes) or ``identity``; a class-conditional teacher refuses npz data without it.
+    ``init_from``: a trainer checkpoint, or a run folder (its latest checkpoint), whose networks and ratio bins
+    a fresh run starts from, with fresh optimisers at step 0 (a fine-tuning stage, e.g. the paper's
+    ImageNet-64 stage at lr 5e-7). Once the run has checkpoints of its own, they win.
     """
 
     batch_size: int = 512
@@ -76,6 +79,7 @@ class RunConfig:
     device: str = "auto"
     cpu_threads: int = 0
     keep_checkpoints: int = 2
+    init_from: str = ""
 
     def validate(self) -> None:
         """Raise ValueError naming the bad setting."""

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from . import dist as fdist
+from .checkpoint import CheckpointError
 from .data.imagenet import EDMImageDataset, ImageNetNpzDataset, to_model_range
 from .distill import DistillConfig
 from .fid import compute_fid, latents_from_seeds, load_detector, load_reference_stats
@@ -210,6 +211,37 @@ def _resume(trainer: DataParallelTrainer, emas: StudentEMAs, ckpt_dir: Path, env
     return extra.get("fid", {})
 
 
+def init_checkpoint(source: Path) -> Path:
+    """The checkpoint that ``init_from`` names: a checkpoint file, or a run folder's latest checkpoint."""
+    if not source.exists():
+        raise FileNotFoundError(f"init_from: {source} not found; give a trainer checkpoint "
+                                "(<run>/checkpoints/ckpt_*.pt) or the run folder of the run to start from")
+    if source.is_dir():
+        path = latest_checkpoint(source / "checkpoints")
+        if path is None:
+            raise FileNotFoundError(f"init_from: {source} holds no checkpoint ({source / 'checkpoints'} has no "
+                                    "latest.json); give a run folder that has saved one, or a checkpoint file")
+        return path
+    return source
+
+
+def _init_from(trainer: DataParallelTrainer, extra_betas: tuple[float, ...], path: Path, env: fdist.DistEnv
+               ) -> tuple[dict[str, Any], StudentEMAs]:
+    """Load another run's networks into a fresh run (:meth:`FDistillTrainer.load_weights`). Extra EMAs of the
+    same rates carry over; otherwise they start from the loaded student, as in a fresh run."""
+    state = trainer.load_weights(path)
+    emas = StudentEMAs(trainer.student, extra_betas)
+    saved = state.get("extra", {}).get("emas")
+    if saved is not None and [float(b) for b in saved["betas"]] == list(extra_betas):
+        emas.load_state_dict(saved)
+    mine = trainer.config.to_dict()
+    changed = {k: [v, mine.get(k)] for k, v in state["config"].items() if k != "accum_steps" and mine.get(k) != v}
+    if env.is_main:
+        print(f"initialised from {path} (step {state['step']}); settings changed (then, now): {changed or 'none'}",
+              file=sys.stderr)
+    return {"checkpoint": str(path), "step": int(state["step"]), "changed": changed}, emas
+
+
 def _fid(trainer: DataParallelTrainer, rcfg: RunConfig, detector: Any, ref: Any) -> float:
     shape = (trainer.teacher.img_channels, trainer.teacher.img_resolution, trainer.teacher.img_resolution)
 
@@ -282,6 +314,8 @@ def _train(preset: str, dcfg: DistillConfig, rcfg: RunConfig, teacher_path: Path
                          ".npz): `python -m fdistill_lab.download fid --root downloads/edm`; or --set fid_every=0")
     local, accum = batch_layout(rcfg.batch_size, rcfg.per_gpu_batch, env.world_size)
     dcfg = dcfg.replace(accum_steps=accum)
+    resuming = latest_checkpoint(out / "checkpoints") is not None  # then init_from is history, not needed
+    init_path = init_checkpoint(Path(rcfg.init_from)) if rcfg.init_from and not resuming else None
     if rcfg.cpu_threads:
         torch.set_num_threads(rcfg.cpu_threads)
     if env.device.type == "cuda":
@@ -303,6 +337,11 @@ def _train(preset: str, dcfg: DistillConfig, rcfg: RunConfig, teacher_path: Path
     ckpt_dir, log_path, fid_log = out / "checkpoints", out / "logs" / "train.jsonl", out / "logs" / "fid.jsonl"
     fid_state = _resume(trainer, emas, ckpt_dir, env)
     start = trainer.step_count
+    init = None
+    if init_path is not None:
+        init, emas = _init_from(trainer, rcfg.extra_ema_betas, init_path, env)
+    elif start and (out / "config.json").is_file():  # keep the record of where the resumed run started from
+        init = read_json(out / "config.json").get("initialised_from")
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         dropped = truncate_jsonl(log_path, start) + truncate_jsonl(fid_log, start)
@@ -315,7 +354,7 @@ def _train(preset: str, dcfg: DistillConfig, rcfg: RunConfig, teacher_path: Path
             "preset": preset, "overrides": {k: str(v) for k, v in overrides.items()}, "distill": dcfg.to_dict(),
             "run": dataclasses.asdict(rcfg), "world_size": env.world_size, "device": str(env.device),
             "local_batch": local, "accum_steps": accum, "teacher": str(teacher_path), "data": str(data_path),
-            "resumed_from": start})
+            "resumed_from": start, **({"initialised_from": init} if init else {})})
     sampler = fdist.GlobalBatchSampler(len(ds), rcfg.batch_size, env.rank, env.world_size, seed=dcfg.seed,
                                        start_batch=start, micro_batch=local // accum)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=rcfg.num_workers,
@@ -426,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"missing {', '.join(missing)}")
         result = train(args.preset, args.teacher, args.data, args.out, overrides, progress=not args.no_progress,
                        stop_at=args.stop_at)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     msg = f"{result.status} at step {result.step}; checkpoint {result.checkpoint}"
@@ -441,4 +480,5 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["train", "main", "TrainResult", "batch_layout", "open_dataset", "build_parser", "read_json"]
+__all__ = ["train", "main", "TrainResult", "batch_layout", "open_dataset", "build_parser", "read_json",
+           "init_checkpoint"]

@@ -455,3 +455,56 @@ def test_resume_after_a_crash_between_fid_and_checkpoint_reconciles_the_records(
     assert "kept as student_best_step0000006.pt" in err and (run / "student_best_step0000006.pt").is_file()
     assert json.loads((run / "metrics.json").read_text()) == reference  # the rerun's own evaluations (CPU: exact)
     assert [r["step"] for r in read_jsonl(run / "logs" / "fid.jsonl")] == [3, 6]
+
+
+def test_init_from_starts_a_fresh_stage_from_another_runs_networks(assets, tmp_path, capsys):
+    """The paper's ImageNet-64 fine-tuning stage (lr 5e-7) as a new run: networks and ratio bins from the first
+    run, fresh optimisers at step 0; with lr 0 one step leaves the loaded networks exactly as they were."""
+    import json
+
+    _run(assets, tmp_path / "stage1", {"steps": 4, "extra_ema_betas": "0.5"})
+    src = _state(tmp_path / "stage1")
+    res = _run(assets, tmp_path / "stage2", {"steps": 1, "lr": 1e-30, "gan_weight_gen": 0.0, "extra_ema_betas": "0.5",
+                                             "init_from": str(tmp_path / "stage1")})
+    assert res.status == "done" and res.step == 1
+    new = _state(tmp_path / "stage2")
+    for name in ("student", "fake_score", "disc"):
+        for k, v in src[name].items():
+            torch.testing.assert_close(new[name][k], v, rtol=0, atol=1e-20, msg=f"{name}.{k}")
+    assert all(st["step"] == 1 for st in new["opt_student"]["state"].values())  # fresh optimiser, one step
+    cfg = json.loads((tmp_path / "stage2" / "config.json").read_text())["initialised_from"]
+    assert cfg["step"] == 4 and cfg["checkpoint"].endswith("ckpt_0000004.pt")
+    assert cfg["changed"]["lr_student"] == [src["config"]["lr_student"], 1e-30] and "gan_weight_gen" in cfg["changed"]
+    assert "initialised from" in capsys.readouterr().err
+
+
+def test_init_from_run_resumes_from_its_own_checkpoints(assets, tmp_path):
+    _run(assets, tmp_path / "stage1", {"steps": 3})
+    over = {"steps": 5, "lr": 1e-4, "init_from": str(tmp_path / "stage1" / "checkpoints" / "ckpt_0000003.pt")}
+    _run(assets, tmp_path / "ref", over)
+    assert _run(assets, tmp_path / "stage2", over, stop_at=2).status == "interrupted"
+    (tmp_path / "stage1" / "checkpoints" / "ckpt_0000003.pt").unlink()  # no longer needed: stage 2 has its own
+    assert _run(assets, tmp_path / "stage2", over).step == 5
+    _assert_states_equal(_state(tmp_path / "ref"), _state(tmp_path / "stage2"))
+    import json
+    assert json.loads((tmp_path / "stage2" / "config.json").read_text())["initialised_from"]["step"] == 3
+
+
+def test_init_from_bad_sources_fail_clearly(assets, tmp_path, capsys):
+    from fdistill_lab.checkpoint import CheckpointError
+
+    _run(assets, tmp_path / "stage1", {"steps": 2})
+    with pytest.raises(FileNotFoundError, match="init_from: .*nowhere not found"):
+        _run(assets, tmp_path / "b", {"init_from": str(tmp_path / "nowhere")})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+        _run(assets, tmp_path / "b", {"init_from": str(tmp_path / "empty")})
+    with pytest.raises(CheckpointError, match="not an exported student"):
+        _run(assets, tmp_path / "b", {"init_from": str(tmp_path / "stage1" / "student_final.pt")})
+    with pytest.raises(ValueError, match="its weighting does not fit this run"):
+        _run(assets, tmp_path / "b", {"init_from": str(tmp_path / "stage1"), "num_bins": 5})
+    assert not (tmp_path / "b" / "checkpoints").exists()
+    rc = main(["--preset", "tiny", "--teacher", str(assets["teacher"]), "--data", str(assets["data"]), "--out",
+               str(tmp_path / "c"), "--set", "fid_every=0", "--set",
+               f"init_from={tmp_path / 'stage1' / 'student_final.pt'}", "--no-progress"])
+    assert rc == 2 and "not an exported student" in capsys.readouterr().err
