@@ -56,5 +56,6 @@ def check_mode_prediction(prediction: Mapping[str, int] | Callable[[], Mapping[s
     wrong = {n: (pred[n], measured[n]) for n in PAPER_NAMES if pred[n] != measured[n]}
     _verdict(name, not wrong, f"{len(PAPER_NAMES) - len(wrong)}/{len(PAPER_NAMES)} predictions match the fits"
              + (f"; wrong (predicted, measured): {wrong}" if wrong else ""),
-             "look at h(r) where the student puts no mass (r >> 1): a weight that grows with r pulls the student "
-             "towards the missing mode")
+             "compare the weight where the student misses mass (r >> 1) with the weight on the light mode it sits "
+             "on (r <= 1): growing with r is not enough at 80/20 (h = r + 1 still keeps one mode); what does h(r) "
+             "do as r -> 0, and which h weighs large r most against it?")
