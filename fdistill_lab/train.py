@@ -430,7 +430,8 @@ def _train(preset: str, dcfg: DistillConfig, rcfg: RunConfig, teacher_path: Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fdistill_lab.train", description=__doc__.split("\n\n")[0],
+    prog = "fdistill-train" if Path(sys.argv[0]).name == "fdistill-train" else "python -m fdistill_lab.train"
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="imagenet64", choices=sorted(PRESETS), help="recipe (default imagenet64)")
     p.add_argument("--teacher", help="EDM teacher pickle (or a load_edm .pt)")
