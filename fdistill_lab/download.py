@@ -103,23 +103,48 @@ def download(url: str, dest: str | Path, sha256: str | None = None, *, timeout: 
 
     Data is written to ``dest.part``; an existing ``.part`` is resumed with an HTTP Range request, guarded by
     If-Range with the ETag (or Last-Modified) of the first response, so a file replaced on the server restarts
-    instead of being spliced (as does a server that ignores Range). On completion the size is checked against
-    the server's length, the sha256 against ``sha256`` (if given), and the file is renamed atomically to ``dest``.
+    instead of being spliced (as does a server that ignores Range, and a ``.part`` whose first response had no
+    validator). One process downloads a file at a time (``dest.lock``); a second waits, then finds it done.
+    On completion the size is checked against the server's length, the sha256 against ``sha256`` (if given),
+    and the file is renamed atomically to ``dest``.
     """
     dest = Path(dest)
-    if dest.is_file():
-        if sha256 is None or sha256_file(dest) == sha256.lower():
-            return dest
-        raise ChecksumError(f"{dest} exists but its sha256 is not {sha256}; delete it to download again")
+    if _present(dest, sha256):
+        return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
+    try:  # one download of a file at a time: a second would append to the first's .part (two groups share files)
+        fd = lock_file(dest.with_name(dest.name + ".lock"))
+    except ImportError:  # no fcntl (Windows): unlocked
+        fd = None
+    try:
+        if _present(dest, sha256):  # the download we waited for has just finished it
+            return dest
+        return _download(url, dest, sha256, timeout, chunk_size, resume, progress)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _present(dest: Path, sha256: str | None) -> bool:
+    """True if ``dest`` exists (and matches ``sha256`` when given); ChecksumError if it exists but does not."""
+    if not dest.is_file():
+        return False
+    if sha256 is None or sha256_file(dest) == sha256.lower():
+        return True
+    raise ChecksumError(f"{dest} exists but its sha256 is not {sha256}; delete it to download again")
+
+
+def _download(url: str, dest: Path, sha256: str | None, timeout: float, chunk_size: int, resume: bool,
+              progress: bool) -> Path:
     part = dest.with_name(dest.name + ".part")
     validator_file = _validator_path(part)
-    offset = part.stat().st_size if (resume and part.is_file()) else 0
+    # resume only what a validator (strong ETag or Last-Modified) guards: without one, a file replaced on the
+    # server would be spliced onto the old bytes unnoticed, so start again from byte 0
+    offset = part.stat().st_size if (resume and part.is_file() and validator_file.is_file()) else 0
     headers = {"User-Agent": "fdistill_lab-downloader"}
-    if offset:
+    if offset:  # a file changed on the server since then comes back whole (200), not spliced
         headers["Range"] = f"bytes={offset}-"
-        if validator_file.is_file():  # a file changed on the server since then comes back whole (200), not spliced
-            headers["If-Range"] = validator_file.read_text().strip()
+        headers["If-Range"] = validator_file.read_text().strip()
     req = urllib.request.Request(url, headers=headers)
     try:
         resp = urllib.request.urlopen(req, timeout=timeout)

@@ -142,7 +142,7 @@ def save_reference_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray) ->
 def quantize_images(images: torch.Tensor, mode: str = "round") -> torch.Tensor:
     """[-1, 1] float images -> uint8. 'round' (EDM): (x * 127.5 + 128).clip(0, 255) then truncate, i.e.
     rounding; 'trunc' (DMD2): ((x + 1) * 127.5).clamp(0, 255) then truncate."""
-    x = images.to(torch.float32)
+    x = images if images.dtype == torch.float64 else images.to(torch.float32)  # EDM rounds its float64 samples
     if mode == "round":
         x = (x * 127.5 + 128).clip(0, 255)
     elif mode == "trunc":

@@ -96,8 +96,8 @@ def load_edm(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"EDM teacher not found: {path}. Download it with `python -m fdistill_lab.download` "
-            "(see docs/edm_data_and_fid.md).")
+            f"EDM teacher not found: {path}. Download it with `python -m fdistill_lab.download imagenet64 --root "
+            "downloads/edm` (or `cifar10`; see docs/edm_data_and_fid.md).")
     config = state = None
     if path.suffix == ".pt":
         config, state = _read_cache(path, fingerprint=None)

@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     log: list[dict] = []
     cut_after: int | None = None  # send only this many body bytes, then drop the connection (once)
     honour_range = True
+    delay = 0.0  # seconds to wait before sending a body
 
     def log_message(self, *args):  # keep test output clean
         pass
@@ -55,6 +57,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("ETag", etag)
         self.end_headers()
+        time.sleep(cls.delay)
         if cls.cut_after is not None:
             self.wfile.write(body[:cls.cut_after])
             self.wfile.flush()
@@ -68,7 +71,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     handler = type("H", (_Handler,), {"files": {"/f.bin": PAYLOAD}, "log": [], "cut_after": None,
-                                       "honour_range": True})
+                                       "honour_range": True, "delay": 0.0})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
@@ -122,22 +125,61 @@ def test_resume_of_a_file_changed_on_the_server_restarts_instead_of_splicing(tmp
     assert not dest.with_name("f.bin.part.validator").exists()
 
 
+ETAG = f'"{SHA[:16]}"'  # what the test server sends for PAYLOAD
+
+
 def test_server_ignoring_range_restarts_cleanly(tmp_path, server):
     handler, base = server
     handler.honour_range = False
     dest = tmp_path / "f.bin"
     dest.with_name("f.bin.part").write_bytes(b"garbage-prefix")
+    dest.with_name("f.bin.part.validator").write_text(ETAG)
     dl.download(f"{base}/f.bin", dest, SHA, progress=False)
     assert dest.read_bytes() == PAYLOAD
     assert handler.log[-1]["range"] == "bytes=14-"
+
+
+def test_part_file_without_a_validator_restarts_instead_of_splicing(tmp_path, server):
+    """A .part whose first response had no ETag/Last-Modified cannot be guarded by If-Range: a file replaced on
+    the server would be appended to the old bytes unnoticed (and recorded in SHA256SUMS), so it restarts."""
+    handler, base = server
+    new = bytes(reversed(PAYLOAD))
+    handler.files = {"/f.bin": new}
+    dest = tmp_path / "f.bin"
+    dest.with_name("f.bin.part").write_bytes(PAYLOAD[:50_000])  # the old version's first bytes
+    dl.download(f"{base}/f.bin", dest, progress=False)
+    assert dest.read_bytes() == new and handler.log[-1]["range"] is None
+
+
+def test_two_downloads_of_one_file_at_once_do_not_corrupt_it(tmp_path, server):
+    handler, base = server
+    handler.delay = 0.5
+    dest = tmp_path / "f.bin"
+    results, errors = [], []
+
+    def fetch():
+        try:
+            results.append(dl.download(f"{base}/f.bin", dest, progress=False))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.1)
+    for t in threads:
+        t.join(30)
+    assert not errors and results == [dest, dest]
+    assert dest.read_bytes() == PAYLOAD and len(handler.log) == 1  # the second waited and found it done
 
 
 def test_complete_part_file_is_finished_on_416(tmp_path, server):
     handler, base = server
     dest = tmp_path / "f.bin"
     dest.with_name("f.bin.part").write_bytes(PAYLOAD)
+    dest.with_name("f.bin.part.validator").write_text(ETAG)
     dl.download(f"{base}/f.bin", dest, SHA, progress=False)
-    assert dest.read_bytes() == PAYLOAD
+    assert dest.read_bytes() == PAYLOAD and handler.log[-1]["range"] == f"bytes={len(PAYLOAD)}-"
 
 
 def test_checksum_mismatch_deletes_partial_and_unknown_checksum_is_optional(tmp_path, server):

@@ -70,6 +70,10 @@ def test_quantize_modes():
     assert t.tolist() == [0, 0, 0, 127, 128, 191, 255, 255]
     with pytest.raises(ValueError, match="round, trunc"):
         fid.quantize_images(x, "floor")
+    # float64 samples (EDM's Heun output) are scaled in float64, as EDM does; in float32 this one becomes 1
+    near = torch.tensor([(1 - 128) / 127.5 - 1e-9], dtype=torch.float64)
+    assert fid.quantize_images(near, "round").item() == int(near.item() * 127.5 + 128) == 0
+    assert fid.quantize_images(near.float(), "round").item() == 1
 
 
 class _StandIn(torch.nn.Module):

@@ -152,6 +152,13 @@ def test_edm_dataset_errors_name_path_and_format(tmp_path):
         EDMImageDataset(partial)
     with pytest.raises(FileNotFoundError, match="nowhere.*ImageNet train folder"):
         prepare_imagenet.find_images(tmp_path / "nowhere")
+    order = tmp_path / "order"  # EDM's dataset_tool sorts Path objects, part by part: "a/x" before "a-b/y"
+    for rel in ("a-b/y.png", "a/x.png"):
+        (order / rel).parent.mkdir(parents=True, exist_ok=True)
+        PIL.Image.new("RGB", (4, 4)).save(order / rel)
+    files, labels = prepare_imagenet.find_images(order)
+    assert [p.relative_to(order).as_posix() for p in files] == sorted(["a-b/y.png", "a/x.png"], key=Path) \
+        == ["a/x.png", "a-b/y.png"] and labels == [0, 1]
     flat = tmp_path / "flat"
     flat.mkdir()
     PIL.Image.new("RGB", (4, 4)).save(flat / "a.png")
@@ -191,6 +198,8 @@ def test_npz_reader_layout_labels_and_conversion(tmp_path):
     np.testing.assert_array_equal(mapped[0][0].numpy(), data[0].reshape(3, 8, 8))
     single = ImageNetNpzDataset(tmp_path / "npz" / "train_data_batch_2.npz")
     assert len(single) == 3
+    np.savez(tmp_path / "npz" / "val_data.npz", data=data[:2], labels=[1, 2])  # the release's validation file
+    assert len(ImageNetNpzDataset(tmp_path / "npz")) == 9  # a folder reads its training batches only
 
     out = tmp_path / "from_npz.zip"
     assert prepare_imagenet.main(["--source", str(tmp_path / "npz"), "--dest", str(out), "--quiet"]) == 2

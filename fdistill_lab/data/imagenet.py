@@ -267,9 +267,13 @@ class ImageNetNpzDataset(Dataset):
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"npz dataset not found: {self.path}. Expected {NPZ_FORMAT}.")
-        files = sorted(self.path.glob("*.npz"), key=_batch_number) if self.path.is_dir() else [self.path]
+        # a folder: its training batches only (the release's val_data.npz may sit beside them)
+        files = sorted(self.path.glob("train_data_batch_*.npz"), key=_batch_number) if self.path.is_dir() \
+            else [self.path]
         if not files:
-            raise DatasetFormatError(f"{self.path}: no .npz files. Expected {NPZ_FORMAT}.")
+            found = sorted(p.name for p in self.path.glob("*.npz"))[:5]
+            raise DatasetFormatError(f"{self.path}: no train_data_batch_*.npz files (found {found or 'no .npz'}); "
+                                     f"give one .npz file to read just that. Expected {NPZ_FORMAT}.")
         self.files = files
         self.max_cached_files = max_cached_files
         self._cache: dict[int, np.ndarray] = {}

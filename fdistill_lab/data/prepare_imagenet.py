@@ -71,8 +71,9 @@ def find_images(source: str | Path) -> tuple[list[Path], list[int]]:
     source = Path(source)
     if not source.is_dir():
         raise FileNotFoundError(f"ImageNet source folder not found: {source}. Expected {SOURCE_FORMAT}.")
+    # path parts compared one by one, as EDM's dataset_tool sorts its Path objects ("a/x" before "a-b/y")
     files = sorted((p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS),
-                   key=lambda p: p.relative_to(source).as_posix())
+                   key=lambda p: p.relative_to(source).parts)
     if not files:
         raise DatasetFormatError(f"{source}: no images found. Expected {SOURCE_FORMAT}.")
     tops = [p.relative_to(source).parts[0] if len(p.relative_to(source).parts) > 1 else "" for p in files]
