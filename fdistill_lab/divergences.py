@@ -28,7 +28,8 @@ class Divergence:
         name: canonical name (see ``names()``).
         label: human-readable name for tables and figures.
         mode_seeking: "yes" / "medium" / "no" (paper Table 1 column "Mode-seeking").
-        bounded: True if f is bounded on (0, inf), i.e. the divergence saturates (Table 1 "Saturating").
+        bounded: True if the divergence saturates (Table 1 "Saturating"): D_f(p||q) = E_q[f(p/q)] stays bounded
+            however far apart p and q are, because f(0) and lim f(r)/r are finite (f itself may grow, as JS's does).
         variance: paper's variance label of h under q ("-", "low", "high"; "n/a" outside the paper).
         params: extra parameters (e.g. {"alpha": 0.5}).
     """

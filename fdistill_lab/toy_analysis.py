@@ -61,7 +61,8 @@ def train_and_evaluate(teacher: GaussianMixture, config: ToyConfig, eval_samples
     """Train one instrumented run and evaluate ``eval_samples`` final samples (``toy.evaluate_samples``).
 
     Returns ``metrics``, ``history`` (incl. ``grad_norm``), ``seconds`` (warm-up + training),
-    ``sec_per_iter`` (training only, divided by the generator steps), ``fluctuation`` and the ``run``.
+    ``sec_per_iter`` (training with its periodic ``eval_every`` evaluations, without the warm-up, divided by the
+    generator steps), ``fluctuation`` and the ``run``.
     """
     run = InstrumentedDistiller(teacher, config)
     c = run.cfg
@@ -126,10 +127,18 @@ def fluctuation(values: Sequence[float], burn_in: float = 0.2) -> dict[str, floa
 
 
 # ---------------------------------------------------------------------------------------- density ratio
+def _require_trained_critics(run: ToyDistiller, what: str) -> None:
+    """The analyses of the learned ratio and fake score need them trained; an oracle run never trains them."""
+    if run.cfg.oracle:
+        raise ValueError(f"{what} studies the run's trained discriminator and fake score, but this run has "
+                         "oracle=True (exact critics; its networks were never trained): use a run with oracle=False")
+
+
 def log_ratio_estimates(run: ToyDistiller, x_t: torch.Tensor, sigma: torch.Tensor) -> dict[str, torch.Tensor]:
     """log r from the run's discriminator: raw exp(logit), clipped (logit and ratio clip), and clipped
     then divided by the run's stage-1 per-bin running mean (its state after training, not updated)."""
     c = run.cfg
+    _require_trained_critics(run, "log_ratio_estimates")
     with torch.no_grad():
         logit = run.discriminator(x_t, sigma).double()
         r = ratio_from_logits(logit, c.logit_clip, c.ratio_min, c.ratio_max)
@@ -148,6 +157,7 @@ def ratio_calibration(run: ToyDistiller, sigmas: Sequence[float], n: int = 2000,
     Returns ``rows`` (per sigma and variant: mean |log error|, E_q[r], correlation of log r) and
     ``points`` (per sigma: true and estimated log r) for calibration plots.
     """
+    _require_trained_critics(run, "ratio_calibration")
     g = torch.Generator().manual_seed(seed)
     z_dim = run.generator.z_dim
     fit = run.generator(torch.randn(kde_samples, z_dim, generator=g)).double()
@@ -201,6 +211,7 @@ def gradient_variance(run: ToyDistiller, divs: Sequence[str], num_batches: int =
     """
     if num_batches < 2:
         raise ValueError(f"num_batches must be >= 2; got {num_batches}")
+    _require_trained_critics(run, "gradient_variance")
     c = run.cfg
     names = [divergences.canonical_name(d) for d in divs]
     weightings = {}

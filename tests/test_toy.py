@@ -186,8 +186,37 @@ def test_summarize():
     assert summarize(runs[:1], keys=("a",))["a"]["std"] == 0.0
     diverged = summarize([{"a": 1.0}, {"a": math.inf}], keys=("a",))["a"]
     assert diverged["mean"] == math.inf and math.isnan(diverged["std"])  # not a reassuring 0
+    assert math.isnan(summarize([{"a": math.inf}], keys=("a",))["a"]["std"])  # one diverged run alike
     with pytest.raises(ValueError):
         summarize([])
+
+
+def test_evaluations_do_not_change_training(teacher):
+    """Evaluation draws from its own generator: how often and how much a run is evaluated leaves its training,
+    and so its result, exactly as it is; so do Fig. 2 analyses of an oracle run."""
+    def trained(**kw):
+        run = ToyDistiller(teacher, ToyConfig(**{**SMALL, "steps": 6, **kw}))
+        run.train(progress=False)
+        return run
+
+    base = trained(eval_every=6, eval_samples=100)
+    for other in (trained(eval_every=1, eval_samples=300), trained(eval_every=2, eval_samples=100)):
+        for a, b in zip(base.generator.parameters(), other.generator.parameters()):
+            assert torch.equal(a, b)
+    oracle = ToyDistiller(teacher, ToyConfig(oracle=True, **SMALL))
+    state = oracle.rng.get_state()
+    a, b = (score_disagreement(oracle, sigma=0.5, n=100, seed=3)["log_r"] for _ in range(2))
+    assert torch.equal(a, b) and torch.equal(oracle.rng.get_state(), state)
+
+
+def test_edm_fake_score_weighting_uses_the_toy_sigma_data(teacher, monkeypatch):
+    import fdistill_lab.toy.train as toy_train
+
+    seen = []
+    real = toy_train.denoising_loss
+    monkeypatch.setattr(toy_train, "denoising_loss", lambda *a, **k: seen.append(a[4:] or k) or real(*a, **k))
+    ToyDistiller(teacher, ToyConfig(fake_score_weighting="edm", sigma_data=1.4, **SMALL)).critic_step()
+    assert seen == [(1.4,)]
 
 
 def test_score_disagreement_and_plots(teacher):

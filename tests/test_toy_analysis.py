@@ -152,3 +152,22 @@ def test_train_with_snapshots(teacher):
     assert not torch.equal(w0, w4) and not torch.equal(w4, next(run.generator.parameters()))
     with pytest.raises(ValueError, match="snapshot steps"):
         toy_analysis.train_with_snapshots(teacher, cfg, [7])
+
+
+def test_learned_critic_analyses_refuse_an_oracle_run(teacher):
+    run = toy.ToyDistiller(teacher, toy.ToyConfig(oracle=True, steps=2, batch=32, eval_every=2, eval_samples=100))
+    x, s = torch.zeros(4, 2), torch.full((4,), 0.5)
+    for call in (lambda: toy_analysis.log_ratio_estimates(run, x, s),
+                 lambda: toy_analysis.ratio_calibration(run, [0.5], n=10, kde_samples=20),
+                 lambda: toy_analysis.gradient_variance(run, ["js"], num_batches=2)):
+        with pytest.raises(ValueError, match="oracle=True"):
+            call()
+
+
+def test_snapshots_do_not_change_the_trained_run(teacher):
+    cfg = dict(divergence="js", steps=8, batch=32, critic_warmup=3, eval_every=8, eval_samples=100)
+    whole = toy_analysis.train_and_evaluate(teacher, toy.ToyConfig(**cfg), eval_samples=100, progress=False)["run"]
+    chunked, snaps = toy_analysis.train_with_snapshots(teacher, toy.ToyConfig(**cfg), at=[0, 3, 5], progress=False)
+    assert sorted(snaps) == [0, 3, 5]
+    for a, b in zip(whole.generator.parameters(), chunked.generator.parameters()):
+        assert torch.equal(a, b)

@@ -142,6 +142,6 @@ def summarize(runs: list[dict], keys=("modes_covered", "precision", "recall", "m
     out = {}
     for k in keys:
         v = torch.tensor([float(r[k]) for r in runs], dtype=torch.float64)
-        std = float(v.std()) if len(v) > 1 else 0.0
+        std = float("nan") if not bool(torch.isfinite(v).all()) else float(v.std()) if len(v) > 1 else 0.0
         out[k] = {"mean": float(v.mean()), "std": std}
     return out

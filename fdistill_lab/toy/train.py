@@ -110,7 +110,8 @@ class ToyDistiller:
         self.teacher, self.cfg = teacher, config
         c = config
         torch.manual_seed(c.seed)
-        self.rng = torch.Generator().manual_seed(c.seed + 1)
+        self.rng = torch.Generator().manual_seed(c.seed + 1)  # training batches only
+        self.eval_rng = torch.Generator().manual_seed(c.seed + 2)  # evaluations: they must not shift training
         self.generator = Generator(c.z_dim, c.hidden, c.depth, teacher.dim, c.init_center, c.init_scale)
         self.fake_score = ToyDenoiser(teacher.dim, c.hidden, c.depth, c.sigma_data)
         self.discriminator = ToyDiscriminator(teacher.dim, c.hidden, c.depth, c.sigma_data)
@@ -134,10 +135,12 @@ class ToyDistiller:
         """Exact teacher denoiser E_p[x0 | x_t] (float64 maths, float32 result)."""
         return self.teacher.denoise(x_t.detach().double(), sigma.double()).float()
 
-    def oracle_model(self) -> GaussianMixture:
-        """KDE of a fresh batch of student samples (independent of the batch being updated)."""
+    def oracle_model(self, generator: torch.Generator | None = None) -> GaussianMixture:
+        """KDE of a fresh batch of student samples (independent of the batch being updated), drawn with
+        ``generator`` (default: the run's training generator)."""
         with torch.no_grad():
-            z = torch.randn(self.cfg.oracle_samples, self.generator.z_dim, generator=self.rng)
+            z = torch.randn(self.cfg.oracle_samples, self.generator.z_dim,
+                            generator=self.rng if generator is None else generator)
             return student_kde(self.generator(z), self.cfg.oracle_bandwidth)
 
     def oracle_logit(self, kde: GaussianMixture, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -158,7 +161,8 @@ class ToyDistiller:
             x = self.generator.sample(b, self.rng)
         sigma = self.sample_sigma(b)
         x_t = self.noise(x, sigma)
-        dsm = denoising_loss(self.fake_score(x_t, sigma), x, sigma.reshape(-1, 1), self.cfg.fake_score_weighting)
+        dsm = denoising_loss(self.fake_score(x_t, sigma), x, sigma.reshape(-1, 1), self.cfg.fake_score_weighting,
+                             self.cfg.sigma_data)
         real = self.teacher.sample(b, generator=self.rng).float()
         sigma_real = self.sample_sigma(b)  # independent noise level for the real batch
         real_t = self.noise(real, sigma_real)
@@ -203,8 +207,9 @@ class ToyDistiller:
     # ------------------------------------------------------------------ schedule
     @torch.no_grad()
     def evaluate(self, n: int | None = None) -> dict:
-        """Mode metrics of ``n`` fresh student samples (see ``metrics.mode_metrics``)."""
-        x = self.generator.sample(n or self.cfg.eval_samples, self.rng)
+        """Mode metrics of ``n`` fresh student samples (see ``metrics.mode_metrics``), drawn with the run's
+        evaluation generator, so how often and how much a run is evaluated does not change its training."""
+        x = self.generator.sample(n or self.cfg.eval_samples, self.eval_rng)
         return mode_metrics(x, self.teacher)
 
     def train(self, progress: bool = True, desc: str | None = None) -> dict[str, list[float]]:
@@ -257,7 +262,7 @@ def score_disagreement(run: ToyDistiller, sigma: float, n: int = 2000,
     x_t = x + sigma * torch.randn(x.shape, generator=g)
     x0_t = run.teacher_x0(x_t, s)
     if run.cfg.oracle:
-        kde = run.oracle_model()
+        kde = run.oracle_model(g)  # seeded like the samples; the run's training generator is left alone
         x0_f = kde.denoise(x_t.double(), s.double()).float()
         log_r = run.oracle_logit(kde, x_t, s)
     else:
