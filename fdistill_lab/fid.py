@@ -216,6 +216,9 @@ def compute_fid(
     rank, world_size = _rank_world(rank, world_size)
     if world_size > 1 and not (dist.is_available() and dist.is_initialized()):  # before any sampling work
         raise RuntimeError("world_size > 1 needs an initialised torch.distributed process group")
+    if world_size > 1 and dist.get_backend() == "nccl" and torch.device(device).type != "cuda":
+        raise ValueError(f"the process group uses NCCL, which all-reduces CUDA tensors only; pass device='cuda' "
+                         f"(this rank's GPU), not {str(device)!r}")
     dim = feature_dim or int(np.asarray(mu_ref).shape[0])
     stats = FeatureStats(dim, device=device)
     batches = torch.arange(num_images, dtype=torch.int64).split(batch_size)

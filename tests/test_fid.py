@@ -192,6 +192,13 @@ def test_errors(tmp_path, detector_path):
         fid.compute_fid(counting, det, (np.zeros(FEAT), np.eye(FEAT)), num_images=8, batch_size=4,
                         num_classes=2, rank=0, world_size=2)
     assert calls == []  # refused before generating anything
+    with pytest.MonkeyPatch.context() as mp_:  # an NCCL group all-reduces CUDA tensors only: say so up front
+        mp_.setattr(dist, "is_initialized", lambda: True)
+        mp_.setattr(dist, "get_backend", lambda *a: "nccl")
+        with pytest.raises(ValueError, match="NCCL.*device='cuda'"):
+            fid.compute_fid(counting, det, (np.zeros(FEAT), np.eye(FEAT)), num_images=8, batch_size=4,
+                            num_classes=2, rank=0, world_size=2)
+    assert calls == []
 
     def diverged(labels, seeds):
         out = _generate(labels, seeds)
