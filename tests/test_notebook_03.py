@@ -34,7 +34,7 @@ def test_declared_parameters():
 
 
 @pytest.mark.timeout(240)
-def test_smoke(tmp_path):
+def test_smoke(tmp_path, load_script, capsys):
     """Launched from the repository root (``papermill notebooks/03_... out.ipynb``, as README shows): the notebook
     works from ``notebooks/`` all the same (its runner notebook is found relative to it)."""
     _, rec = run_notebook(NAME, tmp_path, budget_s=60.0, min_images=6, cwd=ROOT)
@@ -68,6 +68,14 @@ def test_smoke(tmp_path):
     for name in ("ratio_calibration", "normalisation_ablation", "gradient_variance", "gan_ablation", "cost",
                  "sensitivity_heatmaps"):
         assert (tmp_path / f"{name}.png").is_file()
+
+    capsys.readouterr()
+    assert load_script("scripts/full_study_tables.py").main([str(tmp_path)]) == 0  # the tables of the full-study doc
+    printed = capsys.readouterr().out
+    for title in ("Sensitivity", "Density ratio", "Two-stage normalisation", "Gradient variance", "GAN ablation",
+                  "Cost"):
+        assert f"## {title}" in printed
+    assert "| js | 0." in printed and "2 runs, 0 failed." in printed
 
 
 @pytest.mark.timeout(120)

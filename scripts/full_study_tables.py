@@ -1,0 +1,134 @@
+"""Markdown tables of notebook 03's results, as docs/notebook03_full_study.md shows them.
+
+Reads the ``results.json`` and the sweep CSV that a run of ``notebooks/03_ratio_normalisation_and_sensitivity.ipynb``
+wrote (``-p full True`` for the full study) and prints every table of the document, so that a rerun can be put into
+it without copying numbers by hand:
+
+    python scripts/full_study_tables.py notebooks/outputs/03_ratio_normalisation_and_sensitivity
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+DIVS = ("rkl", "srkl", "js", "sh", "fkl", "jeffreys")
+
+
+def _table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _g3(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def _pm(values: pd.Series, digits: int = 2) -> str:
+    mean = f"{values.mean():.{digits}f}"
+    return f"{mean} ± {values.std():.{digits}f}" if len(values) > 1 else mean
+
+
+def sensitivity(csv: Path) -> str:
+    """One block per hyperparameter (the others at their defaults): mean ± std of the mode-mass TV over seeds."""
+    d = pd.read_csv(csv)
+    d = d[d.status == "done"]
+    default = {"lr": 0.002, "gan_weight": 0.0, "clip": "0.1-20", "critic_steps": 2}
+    d["clip"] = d.ratio_min.map("{:g}".format) + "-" + d.ratio_max.map("{:g}".format)
+    blocks = [("lr", "lr"), ("gan_weight", "GAN"), ("clip", "clip"), ("critic_steps", "critic")]
+    header, cols = ["div"], []
+    for key, label in blocks:
+        others = [k for k in default if k != key]
+        at_default = d[(d[others] == pd.Series({k: default[k] for k in others})).all(axis=1)]
+        # numbers ascending; clip ranges from the narrowest to the widest, as the document shows them
+        levels = sorted(at_default[key].unique(), key=lambda v: float(str(v).split("-")[-1]))
+        for v in levels:
+            header.append(f"{label} {v:g}" if key != "clip" else f"clip {v}")
+            cols.append((key, v, at_default))
+    rows = []
+    for div in [v for v in DIVS if v in set(d["div"])]:
+        rows.append([div] + [_pm(sub[(sub["div"] == div) & (sub[key] == v)]["metrics.mass_tv"])
+                             for key, v, sub in cols])
+    return _table(header, rows) + f"\n\n{len(d)} runs, {int((pd.read_csv(csv).status != 'done').sum())} failed."
+
+
+def ratio_calibration(res: dict) -> str:
+    rows = pd.DataFrame(res["ratio_calibration"]["rows"])
+    out = []
+    for s, g in rows.groupby("sigma"):
+        by = g.set_index("variant")
+        out.append([f"{s:g}", _g3(by.abs_log_error["raw"]), _g3(by.abs_log_error["clipped"]),
+                    _g3(by.abs_log_error["clipped+bins"]), _g3(by.mean_ratio["raw"]),
+                    _g3(by.mean_ratio["clipped+bins"]), _g3(by.mean_ratio["true (KDE)"])])
+    head = ["sigma", "raw", "clipped", "clipped+bins", "E_q[r] raw", "E_q[r] clipped+bins", "E_q[r] true (KDE)"]
+    return f"KDE bandwidth {res['ratio_calibration']['kde_bandwidth']:g}\n\n" + _table(head, out)
+
+
+def normalisation(res: dict) -> str:
+    d = pd.DataFrame(res["normalisation"]).groupby(["div", "variant"], sort=False).mean(numeric_only=True)
+    rows = [[f"{div} / {variant}", _g3(r.loss_cv), _g3(r.grad_cv), _g3(r.mass_tv), _g3(r.modes)]
+            for (div, variant), r in d.iterrows()]
+    return _table(["div / variant", "loss_cv", "grad_cv", "mass_tv", "modes"], rows)
+
+
+def gradient_variance(res: dict) -> str:
+    d = pd.DataFrame(res["gradient_variance"])
+    states = list(dict.fromkeys(d.state))
+    head = ["div"] + [f"Var h, {s}" for s in states] + [f"noise/signal, {s}" for s in states]
+    rows = []
+    for div in [v for v in DIVS if v in set(d["div"])]:
+        sub = d[d["div"] == div].set_index("state")
+        rows.append([div] + [_g3(sub.weight_var[s]) for s in states] + [_g3(sub.rel_var[s]) for s in states])
+    return _table(head, rows)
+
+
+def gan_ablation(res: dict) -> str:
+    d = pd.DataFrame(res["gan_ablation"])
+    rows = []
+    for div in [v for v in DIVS if v in set(d["div"])]:
+        off, on = (d[(d["div"] == div) & (d.GAN == g)] for g in ("w/o GAN", "w/ GAN"))
+        rows.append([div, _pm(off.mass_tv), _pm(on.mass_tv), _pm(off.modes), _pm(on.modes)])
+    return _table(["div", "mass_tv w/o GAN", "mass_tv w/ GAN", "modes w/o GAN", "modes w/ GAN"], rows)
+
+
+def cost(res: dict, csv: Path) -> str:
+    d = pd.DataFrame(res["cost"]).set_index("div")
+    rows = [[div, f"{r.sec_per_iter * 1e3:.3g}", f"{r.gen_step_s * 1e3:.3g}", f"{r.weighting_s * 1e6:.3g}",
+             f"{r.peak_tensor_mb:.3g}"] for div, r in d.iterrows()]
+    first = _table(["div", "ms / iteration", "ms / generator step", "µs / weighting", "peak tensor MB"], rows)
+    s = pd.read_csv(csv)
+    s = s[s.status == "done"].groupby("div")[["cost.sec_per_iter", "cost.peak_rss_mb", "cost.seconds",
+                                               "seconds"]].median()
+    rows = [[div, _g3(r["cost.sec_per_iter"]), f"{r['cost.peak_rss_mb']:.0f}", _g3(r["cost.seconds"]),
+             _g3(r["seconds"])] for div, r in s.reindex([v for v in DIVS if v in s.index]).iterrows()]
+    second = _table(["div", "s / iteration", "peak RSS MB", "training s", "run wall s (incl. kernel start)"], rows)
+    return first + "\n\nIn the sweep's separate processes (median over runs):\n\n" + second
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("output_dir", type=Path, help="the notebook's output_dir (holds results.json and sweep/)")
+    args = ap.parse_args(argv)
+    path = args.output_dir / "results.json"
+    if not path.is_file():
+        print(f"error: {path} not found; run notebook 03 with -p output_dir {args.output_dir} first", file=sys.stderr)
+        return 2
+    res = json.loads(path.read_text())
+    csv = Path(res["sweep"]["csv"])
+    if not csv.is_file():
+        csv = args.output_dir / "sweep" / "sweep.csv"
+    print(f"seconds in all: {res['seconds_total']:.0f}; config {res['config']}\n")
+    for title, text in (("Sensitivity (mode-mass TV)", sensitivity(csv)), ("Density ratio", ratio_calibration(res)),
+                        ("Two-stage normalisation", normalisation(res)), ("Gradient variance", gradient_variance(res)),
+                        ("GAN ablation", gan_ablation(res)), ("Cost", cost(res, csv))):
+        print(f"## {title}\n\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
