@@ -259,6 +259,8 @@ class FDistillTrainer:
     :meth:`save_checkpoint` / :meth:`load_checkpoint` (atomic) to resume exactly.
     """
 
+    noise_generator: torch.Generator | None = None  # a device generator for latents and noise (data-parallel)
+
     def __init__(
         self,
         teacher: nn.Module,
@@ -366,8 +368,12 @@ class FDistillTrainer:
 
     # ------------------------------------------------------------------ losses
 
-    def _generator_loss(self, real_labels: torch.Tensor | None, n: int) -> tuple[torch.Tensor, Scalars]:
-        """Section 6: x = G(80 z); x_t = x + sigma eps; g = h_norm (x0_fake - x0_teacher) / mean|x - x0_teacher|."""
+    def _generator_loss(self, real_labels: torch.Tensor | None, n: int,
+                        weights: tuple[torch.Tensor, Scalars] | None = None) -> tuple[torch.Tensor, Scalars]:
+        """Section 6: x = G(80 z); x_t = x + sigma eps; g = h_norm (x0_fake - x0_teacher) / mean|x - x0_teacher|.
+
+        ``weights``: (h_norm of these n samples, weight statistics) computed beforehand over the whole batch
+        (:meth:`_batch_weights`); None computes them here from this batch's logits."""
         cfg = self.config
         labels = self._labels(real_labels, n)
         x = self._generate(n, labels)
@@ -389,13 +395,63 @@ class FDistillTrainer:
                 x0_fake, feats = self._features(self.fake_score, x_t if use_gan else x_t.detach(), sigma, labels,
                                                 decoder="no_grad")
                 logits = self._logits(feats, self.disc)
-        h, wstats = self.weighting(logits.detach(), sigma, update=True)
+        if weights is None:
+            h, wstats = self.weighting(logits.detach(), sigma, update=True)
+            weight_stats = wstats.summary_tensors()
+        else:
+            h, weight_stats = weights
         loss_f = fdistill_loss(x, x0_fake.detach(), x0_teacher.detach(), h, cfg.dmd_normalize)
         loss_gan = gan_generator_loss(logits) if use_gan else torch.zeros((), device=self.device)
         loss = loss_f + cfg.gan_weight_gen * loss_gan
-        stats = {**wstats.summary_tensors(), "loss_f": loss_f.detach(), "loss_gan_g": loss_gan.detach(),
+        stats = {**weight_stats, "loss_f": loss_f.detach(), "loss_gan_g": loss_gan.detach(),
                  "loss_g": loss.detach(), "logit_gen_mean": logits.detach().mean()}
         return loss, stats
+
+    @torch.no_grad()
+    def _generator_logits(self, real_labels: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and noise levels of one generator micro-batch, with the same draws as :meth:`_generator_loss`
+        makes from the same random states (the networks drawing nothing in between: the teacher is in eval mode,
+        and the fake score's no-grad denoising comes after the draws that reach the logits)."""
+        cfg = self.config
+        labels = self._labels(real_labels, n)
+        x = self._generate(n, labels)
+        sigma = self._sigma(n, cfg.min_index, cfg.max_index)
+        x_t = x + sigma.view(-1, 1, 1, 1) * self._randn(*x.shape)
+        net = self.teacher if cfg.disc_placement == "teacher" else self.fake_score
+        _, feats = self._features(net, x_t, sigma, labels, decoder="skip")
+        return self._logits(feats, self.disc), sigma
+
+    def _rng_states(self) -> list[Any]:
+        """States of every random stream a generator micro-batch draws from: the trainer's generator, the
+        device noise generator (if any) and the global streams that dropout uses."""
+        noise = self.noise_generator
+        return [self.generator.get_state(), noise.get_state() if noise is not None else None, torch.get_rng_state(),
+                torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None]
+
+    def _set_rng_states(self, states: list[Any]) -> None:
+        gen, noise, cpu, cuda = states
+        self.generator.set_state(gen)
+        if noise is not None:
+            self.noise_generator.set_state(noise)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, self.device)
+
+    def _batch_weights(self, chunks: list[tuple[torch.Tensor, torch.Tensor | None]]
+                       ) -> tuple[list[list[Any]], list[tuple[torch.Tensor, Scalars]]]:
+        """Both normalisation stages over the whole batch when it is split into micro-batches (section 5): a
+        first, gradient-free pass gives every micro-batch's logits, the weighting runs once on all of them (one
+        bin update, one batch mean), and the random states are kept so the gradient pass replays the same draws.
+        Returns (random states before each micro-batch, (h, statistics) of each micro-batch)."""
+        states, logits, sigmas = [], [], []
+        for imgs, labs in chunks:
+            states.append(self._rng_states())
+            lg, sg = self._generator_logits(labs, imgs.shape[0])
+            logits.append(lg)
+            sigmas.append(sg)
+        h, wstats = self.weighting(torch.cat(logits), torch.cat(sigmas), update=True)
+        summary = wstats.summary_tensors()
+        return states, [(part, summary) for part in h.split([lg.shape[0] for lg in logits])]
 
     def _critic_loss(self, real: torch.Tensor, real_labels: torch.Tensor | None) -> tuple[torch.Tensor, Scalars]:
         """Sections 7-8: fake-score DSM on detached student samples + discriminator loss (real positive)."""
@@ -457,9 +513,13 @@ class FDistillTrainer:
         logs: list[Scalars] = []
         chunks = self._micro_batches(images, labels)
         with _frozen(self.fake_score, self.disc):
+            # with micro-batches, the weights are normalised over the whole batch first (not per micro-batch)
+            states, weights = self._batch_weights(chunks) if len(chunks) > 1 else ([], [])
             for i, (imgs, labs) in enumerate(chunks):
+                if states:
+                    self._set_rng_states(states[i])
                 with _local_grads_unless(i == len(chunks) - 1, self._student_fwd):
-                    loss, stats = self._generator_loss(labs, imgs.shape[0])
+                    loss, stats = self._generator_loss(labs, imgs.shape[0], weights[i] if weights else None)
                     (loss / cfg.accum_steps).backward()
                 logs.append(stats)
         params = list(self.student.parameters())

@@ -65,6 +65,49 @@ def test_one_generator_and_one_critic_step_per_divergence(div):
     assert not _changed(teacher0, tr.teacher)
 
 
+@pytest.mark.parametrize("placement", ["teacher", "fake_score"])
+def test_micro_batches_share_one_weighting_over_the_whole_batch(placement, monkeypatch):
+    """With gradient accumulation both normalisation stages see the whole batch (section 5), as without it: one
+    bin update and one batch mean per generator step, from logits that the gradient pass reproduces exactly
+    (dropout included)."""
+    import fdistill_lab.distill as distill_mod
+    from fdistill_lab.losses import FDistillWeighting
+
+    torch.manual_seed(0)
+    teacher = build_edm(**tiny_adm_config(img_resolution=8, img_channels=1, label_dim=10, model_channels=8,
+                                          attn_resolutions=[], dropout=0.3))
+    cfg = DistillConfig(divergence="fkl", accum_steps=4, bin_ema=0.5, disc_placement=placement, gan_weight_gen=1e-2)
+    tr = FDistillTrainer(teacher, cfg)
+    calls, logits, used = [], [], []
+    weigh, to_logits, loss_fn = tr.weighting.forward, tr._logits, distill_mod.fdistill_loss
+
+    def weighting(lg, sg, update=True):
+        calls.append((lg, sg))
+        return weigh(lg, sg, update)
+
+    def recorded_logits(*args):
+        logits.append(to_logits(*args))
+        return logits[-1]
+
+    def recorded_loss(*args):
+        used.append(args[3])
+        return loss_fn(*args)
+
+    monkeypatch.setattr(tr.weighting, "forward", weighting)
+    monkeypatch.setattr(tr, "_logits", recorded_logits)
+    monkeypatch.setattr(distill_mod, "fdistill_loss", recorded_loss)
+    tr.generator_step(*_batch(0))
+    assert len(calls) == 1 and calls[0][0].shape == (B,)  # one weighting of the whole batch
+    h = torch.cat(used)
+    assert len(used) == 4 and float(h.mean()) == pytest.approx(1.0, abs=1e-6)  # stage 2 over the whole batch
+    assert any(abs(float(u.mean()) - 1) > 1e-3 for u in used)  # ... not per micro-batch
+    for first, replay in zip(logits[:4], logits[4:]):  # the gradient pass draws exactly what the first pass drew
+        assert torch.equal(first, replay.detach())
+    once = FDistillWeighting.from_config(cfg)
+    once(*calls[0])
+    assert torch.equal(once.normalizer.bins, tr.weighting.normalizer.bins)  # one bin update, as without accumulation
+
+
 def test_student_and_fake_score_start_as_teacher_copies():
     teacher = _teacher()
     tr = FDistillTrainer(teacher, DistillConfig())
