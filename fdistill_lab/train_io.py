@@ -65,12 +65,16 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def truncate_jsonl(path: Path, max_step: int) -> int:
-    """Drop rows with ``step > max_step`` (written after the checkpoint a run resumes from); returns how many."""
+    """Drop rows with ``step > max_step`` (written after the checkpoint a run resumes from); returns how many.
+    A damaged file (a torn last line from a crash mid-write) is rewritten too, so the next row starts a line."""
     if not path.is_file():
         return 0
-    rows = read_jsonl(path)
+    text = path.read_text()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # damaged lines are dropped by the rewrite below
+        rows = read_jsonl(path)
     kept = [r for r in rows if r.get("step", 0) <= max_step]
-    if len(kept) < len(rows):
+    if len(kept) < len(rows) or len(rows) != len(text.splitlines()) or (text and not text.endswith("\n")):
         write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
     return len(rows) - len(kept)
 
@@ -123,6 +127,26 @@ def _checkpoints_by_step(ckpt_dir: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+def _student_info(path: Path) -> dict[str, Any]:
+    """The ``info`` that :func:`export_student` stored in ``path`` ({} if absent or unreadable)."""
+    if not path.is_file():
+        return {}
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - a damaged file simply has no readable record
+        return {}
+    return blob.get("info", {}) if isinstance(blob, dict) else {}
+
+
+def _student_step(path: Path) -> int | None:
+    step = _student_info(path).get("step")
+    return int(step) if isinstance(step, int) else None
+
+
+def _student_fid(path: Path) -> float | None:
+    return _student_info(path).get("fid")
+
+
 def reconcile_fid_records(out: Path, fid_state: dict[str, Any], start: int) -> list[str]:
     """Make ``metrics.json`` and ``student_best.pt`` agree with the checkpoint a run resumes from at ``start``.
 
@@ -137,11 +161,14 @@ def reconcile_fid_records(out: Path, fid_state: dict[str, Any], start: int) -> l
         old = read_json(metrics) if metrics.is_file() else {}
     except (OSError, ValueError):
         old = None  # damaged: rewrite it
-    if old == fid_state:
-        return []
-    msgs = []
     old_best = (old or {}).get("best") or {}
     step = old_best.get("step")
+    saved_step = _student_step(best_file)  # the file's own record wins: metrics.json may predate it (a crash)
+    if saved_step is not None and saved_step != step:
+        step, old_best = saved_step, {"step": saved_step, "fid": _student_fid(best_file)}
+    elif old == fid_state:
+        return []
+    msgs = []
     if isinstance(step, int) and step > start and best_file.is_file():
         kept = out / f"student_best_step{step:07d}.pt"
         os.replace(best_file, kept)

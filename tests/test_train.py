@@ -411,6 +411,32 @@ def test_torchrun_two_cpu_processes_equal_one(assets, tmp_path):
     _assert_states_equal(_state(tmp_path / "single"), _state(tmp_path / "tr"), exact=False, atol=1e-6)
 
 
+def test_torn_log_line_is_repaired_on_resume(tmp_path):
+    """A crash mid-write leaves a partial last row; resuming rewrites the file so the next row is not glued to it."""
+    from fdistill_lab.train_io import append_jsonl, truncate_jsonl
+
+    log = tmp_path / "train.jsonl"
+    log.write_text('{"step": 100, "loss": 1.0}\n{"step": 200, "lo')
+    assert truncate_jsonl(log, 100) == 0
+    append_jsonl(log, {"step": 110, "loss": 0.5})
+    assert read_jsonl(log) == [{"step": 100, "loss": 1.0}, {"step": 110, "loss": 0.5}]
+
+
+def test_best_student_saved_after_the_last_metrics_write_is_kept(tmp_path):
+    """A crash between writing student_best.pt and metrics.json: the file's own step shows it is from after the
+    checkpoint, so it is kept under its step's name instead of passing for the checkpoint's best."""
+    import json
+
+    from fdistill_lab.train_io import export_student, reconcile_fid_records
+
+    ckpt_state = {"last": {"step": 100, "fid": 7.0}, "best": {"step": 100, "fid": 7.0}}
+    (tmp_path / "metrics.json").write_text(json.dumps(ckpt_state))  # not yet updated for step 150
+    export_student(torch.nn.Linear(2, 2), tmp_path / "student_best.pt", {"step": 150, "fid": 6.0})
+    msgs = reconcile_fid_records(tmp_path, ckpt_state, 100)
+    assert not (tmp_path / "student_best.pt").exists() and (tmp_path / "student_best_step0000150.pt").is_file()
+    assert "step 150" in msgs[0] and "had been overwritten" in msgs[0]
+
+
 def test_reconcile_fid_records_matches_the_checkpoint(tmp_path):
     import json
 
