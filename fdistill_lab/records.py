@@ -157,7 +157,8 @@ def _display(name: str, value: Any) -> None:
 
 
 def record(output_dir: str | os.PathLike, name: str, value: Any, *, show: bool = True) -> Any:
-    """Merge ``name: value`` into ``<output_dir>/results.json`` atomically and display it; return the JSON value.
+    """Merge ``name: value`` into ``<output_dir>/results.json`` atomically (and under a lock, so processes
+    sharing a folder keep each other's entries) and display it; return the JSON value.
 
     ``value`` may be a number, string, bool, list, dict, numpy array or torch tensor. NaN and inf are
     stored as JSON ``NaN``/``Infinity`` (Python's json reads them back).
@@ -169,9 +170,17 @@ def record(output_dir: str | os.PathLike, name: str, value: Any, *, show: bool =
         raise FileNotFoundError(f"output_dir {str(out)!r} does not exist (setup_notebook creates it)")
     jsonable = to_jsonable(value, name)
     path = results_path(out)
-    data = read_records(out) if path.is_file() else {}
-    data[name] = jsonable
-    write_json_atomic(path, data)
+    try:  # read-modify-write under a lock: two processes recording into one folder keep every entry
+        fd = lock_file(out / ".results.lock")
+    except ImportError:  # no fcntl (Windows): unlocked
+        fd = None
+    try:
+        data = read_records(out) if path.is_file() else {}
+        data[name] = jsonable
+        write_json_atomic(path, data)
+    finally:
+        if fd is not None:
+            os.close(fd)
     if show:
         _display(name, jsonable)
     return jsonable

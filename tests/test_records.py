@@ -135,3 +135,19 @@ def test_checksum_manifest_keeps_every_line_of_concurrent_downloads(tmp_path, mo
     for t in threads:
         t.join()
     assert real_read(tmp_path) == {n: f"{i:064x}" for i, n in enumerate(names)}
+
+
+def test_two_processes_recording_into_one_folder_keep_every_entry(tmp_path):
+    import subprocess
+    import sys
+
+    import time
+
+    code = ("import sys, time; from fdistill_lab.records import record\n"
+            "while time.time() < float(sys.argv[3]): time.sleep(0.001)\n"  # both start together
+            "for i in range(150): record(sys.argv[1], f'{sys.argv[2]}{i}', i, show=False)")
+    start = str(time.time() + 8)
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), tag, start]) for tag in ("a", "b")]
+    assert all(p.wait(120) == 0 for p in procs)
+    data = records.read_records(tmp_path)
+    assert len(data) == 300 and data["a149"] == 149 and data["b0"] == 0
