@@ -162,9 +162,13 @@ def parse_value(text: str, type_name: str, name: str = "value") -> Any:
     return text
 
 
-def check_parameters(declared: Mapping[str, str], params: Mapping[str, Any], where: str = "parameter") -> None:
-    """Names must be declared (not ``output_dir``, which the sweep sets) and values must match their types."""
+def check_parameters(declared: Mapping[str, str], params: Mapping[str, Any], where: str = "parameter"
+                     ) -> dict[str, Any]:
+    """Names must be declared (not ``output_dir``, which the sweep sets) and values must match their types.
+    Returns the values as the notebook receives them (an int given for a float parameter becomes a float, so
+    ``lr=1`` from Python and ``--grid lr=1`` from the command line name the same run)."""
     valid = sorted(n for n in declared if n not in RESERVED)
+    out = dict(params)
     for name, value in params.items():
         if name in RESERVED:
             raise ValueError(f"{where} {name!r} is set by the sweep (each run writes to its own folder)")
@@ -172,7 +176,8 @@ def check_parameters(declared: Mapping[str, str], params: Mapping[str, Any], whe
             raise ValueError(f"unknown {where} {name!r}; the notebook declares: {', '.join(valid)}")
         kind = declared[name]
         if kind in SUPPORTED_TYPES:
-            check_value(name, value, SUPPORTED_TYPES[kind])
+            out[name] = check_value(name, value, SUPPORTED_TYPES[kind])
+    return out
 
 
 # ---------------------------------------------------------------------------------------- run folders
@@ -296,6 +301,11 @@ def run_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence[Any]] | S
     jobs = default_jobs(len(planned)) if jobs is None else int(jobs)
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1; got {jobs}")
+    if threads_per_run is not None and (isinstance(threads_per_run, bool) or not isinstance(threads_per_run, int)
+                                        or threads_per_run < 1):
+        raise ValueError(f"threads_per_run must be an integer >= 1 (or None: cores // jobs); got {threads_per_run!r}")
+    if timeout_s is not None and not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0 seconds per cell (or None: no limit); got {timeout_s!r}")
     threads = threads_per_run or max(1, (os.cpu_count() or 1) // jobs)
     env = {"FDISTILL_THREADS": str(threads), "TQDM_DISABLE": "1", "PYTHONPATH": _pythonpath()}
     out = Path(out_dir)
@@ -490,13 +500,13 @@ def plan(notebook: str | os.PathLike, grid: Mapping[str, Sequence[Any]] | Sequen
         raise ValueError(f"{notebook.name} must declare an output_dir parameter (each run writes to its own folder)")
     base = dict(base_params or {})
     if smoke is not None:
+        if not isinstance(smoke, bool):
+            raise ValueError(f"smoke must be True, False or None; got {type(smoke).__name__} {smoke!r}")
         if "smoke" not in declared:
             raise ValueError(f"smoke={smoke} given but {notebook.name} declares no smoke parameter")
-        base["smoke"] = bool(smoke)
-    check_parameters(declared, base, "base parameter")
-    points = _points(grid)
-    for p in points:
-        check_parameters(declared, p, "grid parameter")
+        base["smoke"] = smoke
+    base = check_parameters(declared, base, "base parameter")
+    points = _points([check_parameters(declared, p, "grid parameter") for p in _points(grid)])
     keys = list(dict.fromkeys(k for p in points for k in p))
     varying = [k for k in keys if len({json.dumps(p.get(k), sort_keys=True) for p in points}) > 1] or keys
     overlap = sorted(set(base) & set(keys))

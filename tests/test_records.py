@@ -140,7 +140,6 @@ def test_checksum_manifest_keeps_every_line_of_concurrent_downloads(tmp_path, mo
 def test_two_processes_recording_into_one_folder_keep_every_entry(tmp_path):
     import subprocess
     import sys
-
     import time
 
     code = ("import sys, time; from fdistill_lab.records import record\n"

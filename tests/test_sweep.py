@@ -92,7 +92,21 @@ def test_parameters_are_checked_before_running(tiny, tmp_path):
         sweep.run_sweep(tiny, {"a": ["1"]}, tmp_path)
     with pytest.raises(ValueError, match="both in grid and base_params"):
         sweep.run_sweep(tiny, {"a": [1]}, tmp_path, base_params={"a": 2})
+    for kwargs, message in (({"smoke": "false"}, "smoke must be True, False or None"),
+                            ({"threads_per_run": 0}, "threads_per_run must be an integer >= 1"),
+                            ({"timeout_s": 0}, "timeout_s must be > 0"), ({"timeout_s": -1}, "timeout_s must be > 0")):
+        with pytest.raises(ValueError, match=message):  # refused, not quietly replaced
+            sweep.run_sweep(tiny, {"a": [1]}, tmp_path, **kwargs)
     assert not (tmp_path / "runs").exists()
+
+
+def test_values_are_converted_before_they_name_a_run(tmp_path):
+    """An int given for a float parameter names the same run as the float (the command line parses 1 as 1.0)."""
+    nb = write_tiny(tmp_path / "f.ipynb", params=PARAMS.replace("a: int = 1", "a: float = 1.0"))
+    _, one = sweep.plan(nb, {"a": [1, 1.0, 2]}, tmp_path / "out")
+    assert [p for p, _ in one] == [{"a": 1.0}, {"a": 2.0}]
+    _, cli = sweep.plan(nb, [{"a": sweep.parse_value("1", "float")}], tmp_path / "out")
+    assert cli[0][1] == one[0][1]
 
 
 def test_sweep_resume_failures_and_table(tiny, tmp_path):
