@@ -81,6 +81,10 @@ def make_handout(path: Path, build: Path, smoke: bool, cell_timeout: int = 600) 
                             cwd=str(path.parent), progress_bar=False, execution_timeout=cell_timeout)
     except pm.PapermillExecutionError as exc:  # the executed copy holds the traceback: render it anyway
         error = f"{exc.ename}: {exc.evalue}"
+    except Exception as exc:  # noqa: BLE001 - a cell timeout or a dead kernel: render what ran, go on with the next
+        error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
+        if not executed.is_file():
+            raise
     seconds = time.perf_counter() - start
     nb = nbformat.read(executed, as_version=4)
     instructor = render_html(nb, root / "html" / "instructor" / f"{path.stem}.html")

@@ -43,18 +43,21 @@ def test_a_failing_notebook_is_rendered_and_the_next_one_still_runs(tmp_path, ca
     prepare_environment()
     nbs = tmp_path / "nbs"
     nbs.mkdir()
-    for name, body in [("01_bad", "raise RuntimeError('boom')"), ("02_good", "print('fine')")]:
+    for name, body in [("01_bad", "raise RuntimeError('boom')"), ("02_slow", "import time\ntime.sleep(60)"),
+                       ("03_good", "print('fine')")]:
         params = new_code_cell('smoke = False\noutput_dir = "out"')
         params.metadata["tags"] = ["parameters"]
         nb = new_notebook(cells=[params, new_code_cell(body)])
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
         nbformat.write(nb, nbs / f"{name}.ipynb")
-    stale = tmp_path / "build" / "handouts" / "full" / "outputs" / "02_good" / "stale.txt"
+    stale = tmp_path / "build" / "handouts" / "full" / "outputs" / "03_good" / "stale.txt"
     stale.parent.mkdir(parents=True)
     stale.write_text("from an earlier build")
-    assert handouts.main(["--notebooks", str(nbs), "--build", str(tmp_path / "build")]) == 1
+    assert handouts.main(["--notebooks", str(nbs), "--build", str(tmp_path / "build"), "--cell-timeout", "3"]) == 1
     out, err = capsys.readouterr()
-    assert "01_bad: FAILED (RuntimeError: boom)" in out and "02_good: executed" in out and "01_bad" in err
+    assert "01_bad: FAILED (RuntimeError: boom)" in out and "03_good: executed" in out and "01_bad" in err
+    assert "02_slow: FAILED (CellTimeoutError" in out  # a cell timeout is rendered too, and the next one runs
     html = tmp_path / "build" / "handouts" / "full" / "html" / "instructor"
-    assert "boom" in (html / "01_bad.html").read_text() and "fine" in (html / "02_good.html").read_text()
+    assert "boom" in (html / "01_bad.html").read_text() and "fine" in (html / "03_good.html").read_text()
+    assert (html / "02_slow.html").is_file()
     assert not stale.exists()  # every notebook starts from a fresh output folder
