@@ -220,9 +220,27 @@ def execute_run(notebook: str, run_dir: str, params: dict[str, Any], cwd: str, k
 
     Never raises for notebook errors. The hash is taken as the run starts, so it names the code that ran.
     """
+    run = Path(run_dir)
+    # A lock beside the folder (the wipe below must not remove it), held while this run executes: a worker of a
+    # killed sweep may still be running it, and wiping the folder under it would mix the two runs' files.
+    run.parent.mkdir(parents=True, exist_ok=True)
+    lock = run.with_name(run.name + RUN_LOCK_SUFFIX)
+    fd = lock_file(lock, wait=False)
+    if fd is None:
+        return {"status": "failed", "seconds": None, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), HASH_KEY: None,
+                "error": f"process {lock_holder(lock) or '?'} (a worker of an earlier, interrupted sweep?) is still "
+                         "running this run; its folder was left alone. Rerun the sweep when that process has ended "
+                         "(or stop it)"}
+    try:
+        return _execute_locked(notebook, run, params, cwd, kernel_name, timeout_s, env)
+    finally:
+        os.close(fd)
+
+
+def _execute_locked(notebook: str, run: Path, params: dict[str, Any], cwd: str, kernel_name: str,
+                    timeout_s: float | None, env: dict[str, str]) -> dict[str, Any]:
     import papermill as pm
 
-    run = Path(run_dir)
     if run.exists():
         shutil.rmtree(run)  # leftovers of an interrupted or failed attempt
     run.mkdir(parents=True)
@@ -317,6 +335,7 @@ def run_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence[Any]] | S
                                 progress, verbose, rerun_changed)
 
 
+RUN_LOCK_SUFFIX = ".lock"  # runs/<run>.lock, flock'ed by the process executing that run
 LOCK_FILE = ".sweep.lock"  # flock'ed by the running sweep (released when its process ends, however it ends)
 
 

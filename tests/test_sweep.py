@@ -400,3 +400,24 @@ def test_a_kernel_that_dies_at_start_up_is_started_again(tmp_path, monkeypatch):
     monkeypatch.setattr(pm, "execute_notebook", broken)
     status = sweep.execute_run(str(nb), str(tmp_path / "run"), {"a": 3}, str(tmp_path), "python3", None, {})
     assert status["status"] == "failed" and status["error"] == "RuntimeError: something else" and len(calls) == 1
+
+
+def test_a_run_still_executing_elsewhere_is_left_alone(tiny, tmp_path):
+    """A worker of a killed sweep may still be running a run: a new sweep leaves that folder alone (wiping it
+    would mix the two runs' files) and says so; once the worker is gone, the run goes ahead."""
+    import os
+
+    from fdistill_lab.records import lock_file
+
+    _, planned = sweep.plan(tiny, {"a": [5]}, tmp_path)
+    run = planned[0][1]
+    run.mkdir(parents=True)
+    (run / "marker.txt").write_text("the other worker's file")
+    fd = lock_file(run.with_name(run.name + sweep.RUN_LOCK_SUFFIX))  # that worker holds the run's lock
+    try:
+        table = sweep.run_sweep(tiny, {"a": [5]}, tmp_path, jobs=1, progress=False)
+    finally:
+        os.close(fd)
+    assert table.status.tolist() == ["failed"] and "still running this run" in table.error[0]
+    assert (run / "marker.txt").is_file() and calls(tmp_path) == []
+    assert sweep.run_sweep(tiny, {"a": [5]}, tmp_path, jobs=1, progress=False).status.tolist() == ["done"]
