@@ -156,6 +156,22 @@ def _display(name: str, value: Any) -> None:
         display({MIME_TYPE: {name: value}, "text/plain": text}, raw=True)
 
 
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive flock on ``folder`` itself (no lock file left in it); unlocked where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def record(output_dir: str | os.PathLike, name: str, value: Any, *, show: bool = True) -> Any:
     """Merge ``name: value`` into ``<output_dir>/results.json`` atomically (and under a lock, so processes
     sharing a folder keep each other's entries) and display it; return the JSON value.
@@ -170,17 +186,10 @@ def record(output_dir: str | os.PathLike, name: str, value: Any, *, show: bool =
         raise FileNotFoundError(f"output_dir {str(out)!r} does not exist (setup_notebook creates it)")
     jsonable = to_jsonable(value, name)
     path = results_path(out)
-    try:  # read-modify-write under a lock: two processes recording into one folder keep every entry
-        fd = lock_file(out / ".results.lock")
-    except ImportError:  # no fcntl (Windows): unlocked
-        fd = None
-    try:
+    with _folder_lock(out):  # read-modify-write: two processes recording into one folder keep every entry
         data = read_records(out) if path.is_file() else {}
         data[name] = jsonable
         write_json_atomic(path, data)
-    finally:
-        if fd is not None:
-            os.close(fd)
     if show:
         _display(name, jsonable)
     return jsonable
