@@ -375,10 +375,7 @@ class FDistillTrainer:
         ``weights``: (h_norm of these n samples, weight statistics) computed beforehand over the whole batch
         (:meth:`_batch_weights`); None computes them here from this batch's logits."""
         cfg = self.config
-        labels = self._labels(real_labels, n)
-        x = self._generate(n, labels)
-        sigma = self._sigma(n, cfg.min_index, cfg.max_index)
-        x_t = x + sigma.view(-1, 1, 1, 1) * self._randn(*x.shape)
+        labels, x, sigma, x_t = self._generator_inputs(real_labels, n)
         use_gan = cfg.gan_weight_gen > 0
         # fake score and heads are frozen here and called unwrapped: no parameter gradients (DDP-safe)
         if cfg.disc_placement == "teacher":
@@ -407,17 +404,21 @@ class FDistillTrainer:
                  "loss_g": loss.detach(), "logit_gen_mean": logits.detach().mean()}
         return loss, stats
 
+    def _generator_inputs(self, real_labels: torch.Tensor | None, n: int
+                          ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(labels, x = G(80 z), sigma, x_t = x + sigma eps) of a generator micro-batch, in this order of draws."""
+        labels = self._labels(real_labels, n)
+        x = self._generate(n, labels)
+        sigma = self._sigma(n, self.config.min_index, self.config.max_index)
+        return labels, x, sigma, x + sigma.view(-1, 1, 1, 1) * self._randn(*x.shape)
+
     @torch.no_grad()
     def _generator_logits(self, real_labels: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and noise levels of one generator micro-batch, with the same draws as :meth:`_generator_loss`
         makes from the same random states (the networks drawing nothing in between: the teacher is in eval mode,
         and the fake score's no-grad denoising comes after the draws that reach the logits)."""
-        cfg = self.config
-        labels = self._labels(real_labels, n)
-        x = self._generate(n, labels)
-        sigma = self._sigma(n, cfg.min_index, cfg.max_index)
-        x_t = x + sigma.view(-1, 1, 1, 1) * self._randn(*x.shape)
-        net = self.teacher if cfg.disc_placement == "teacher" else self.fake_score
+        labels, _, sigma, x_t = self._generator_inputs(real_labels, n)
+        net = self.teacher if self.config.disc_placement == "teacher" else self.fake_score
         _, feats = self._features(net, x_t, sigma, labels, decoder="skip")
         return self._logits(feats, self.disc), sigma
 

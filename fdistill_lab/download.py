@@ -29,7 +29,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .records import lock_file, write_text_atomic
+from .records import held_lock, write_text_atomic
 
 __all__ = ["RemoteFile", "KNOWN_FILES", "GROUPS", "MANIFEST", "DownloadError", "ChecksumError", "download",
            "fetch", "read_manifest", "verify", "sha256_file", "main"]
@@ -112,17 +112,11 @@ def download(url: str, dest: str | Path, sha256: str | None = None, *, timeout: 
     if _present(dest, sha256):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    try:  # one download of a file at a time: a second would append to the first's .part (two groups share files)
-        fd = lock_file(dest.with_name(dest.name + ".lock"))
-    except ImportError:  # no fcntl (Windows): unlocked
-        fd = None
-    try:
+    # one download of a file at a time: a second would append to the first's .part (two groups share files)
+    with held_lock(dest.with_name(dest.name + ".lock")):
         if _present(dest, sha256):  # the download we waited for has just finished it
             return dest
         return _download(url, dest, sha256, timeout, chunk_size, resume, progress)
-    finally:
-        if fd is not None:
-            os.close(fd)
 
 
 def _present(dest: Path, sha256: str | None) -> bool:
@@ -241,17 +235,10 @@ def read_manifest(root: str | Path) -> dict[str, str]:
 def _record(root: Path, name: str, digest: str) -> None:
     """Add ``name``'s sha256 to ``<root>/SHA256SUMS``: under a lock, so that downloads running side by side into
     one folder each keep their line, and written atomically."""
-    try:
-        fd = lock_file(root / f".{MANIFEST}.lock")
-    except ImportError:  # no fcntl (Windows): unlocked, fine for one download at a time
-        fd = None
-    try:
+    with held_lock(root / f".{MANIFEST}.lock"):
         sums = read_manifest(root)
         sums[name] = digest
         write_text_atomic(root / MANIFEST, "".join(f"{d}  {n}\n" for n, d in sorted(sums.items())))
-    finally:
-        if fd is not None:
-            os.close(fd)
 
 
 def fetch(name: str, root: str | Path, **kwargs) -> Path:

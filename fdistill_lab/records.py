@@ -98,6 +98,21 @@ def lock_file(path: str | os.PathLike, wait: bool = True) -> int | None:
     return fd
 
 
+@contextlib.contextmanager
+def held_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold :func:`lock_file` on ``path`` (waiting for it) for the ``with`` block; unlocked where fcntl is
+    missing (Windows), which is fine for one process at a time."""
+    try:
+        fd = lock_file(path)
+    except ImportError:
+        fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def lock_holder(path: str | os.PathLike) -> str | None:
     """The pid that the holder of a :func:`lock_file` lock wrote into it (None if missing or empty), for messages."""
     try:

@@ -53,6 +53,7 @@ STATUS_FILE = "sweep_status.json"
 ERROR_FILE = "error.txt"
 EXECUTED_FILE = "executed.ipynb"
 WORKER_FILE = ".worker.pid"
+RUN_LOCK_SUFFIX = ".lock"  # runs/<run>.lock, flock'ed by the process executing that run
 TABLE_FILE = "sweep.csv"
 MAX_LIST_LEN = 16  # longer lists (histories) stay out of the table; read them with read_records(run_dir)
 RESERVED = ("output_dir",)
@@ -335,7 +336,6 @@ def run_sweep(notebook: str | os.PathLike, grid: Mapping[str, Sequence[Any]] | S
                                 progress, verbose, rerun_changed)
 
 
-RUN_LOCK_SUFFIX = ".lock"  # runs/<run>.lock, flock'ed by the process executing that run
 LOCK_FILE = ".sweep.lock"  # flock'ed by the running sweep (released when its process ends, however it ends)
 
 

@@ -51,16 +51,18 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """All rows of a JSONL log ([] if the file does not exist). A torn last line (a crash mid-write) is skipped
     quietly; an unreadable line before it is skipped with a warning naming the file and line."""
     path = Path(path)
-    if not path.is_file():
-        return []
+    return _parse_jsonl(path.read_text(), path) if path.is_file() else []
+
+
+def _parse_jsonl(text: str, path: Path) -> list[dict[str, Any]]:
     rows = []
-    lines = path.read_text().splitlines()
+    lines = text.splitlines()
     for i, line in enumerate(lines, 1):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             if i < len(lines) and line.strip():
-                warnings.warn(f"{path}:{i}: skipping an unreadable log line (the file is damaged)", stacklevel=2)
+                warnings.warn(f"{path}:{i}: skipping an unreadable log line (the file is damaged)", stacklevel=3)
     return rows
 
 
@@ -72,7 +74,7 @@ def truncate_jsonl(path: Path, max_step: int) -> int:
     text = path.read_text()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # damaged lines are dropped by the rewrite below
-        rows = read_jsonl(path)
+        rows = _parse_jsonl(text, path)
     kept = [r for r in rows if r.get("step", 0) <= max_step]
     if len(kept) < len(rows) or len(rows) != len(text.splitlines()) or (text and not text.endswith("\n")):
         write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
@@ -138,15 +140,6 @@ def _student_info(path: Path) -> dict[str, Any]:
     return blob.get("info", {}) if isinstance(blob, dict) else {}
 
 
-def _student_step(path: Path) -> int | None:
-    step = _student_info(path).get("step")
-    return int(step) if isinstance(step, int) else None
-
-
-def _student_fid(path: Path) -> float | None:
-    return _student_info(path).get("fid")
-
-
 def reconcile_fid_records(out: Path, fid_state: dict[str, Any], start: int) -> list[str]:
     """Make ``metrics.json`` and ``student_best.pt`` agree with the checkpoint a run resumes from at ``start``.
 
@@ -163,9 +156,9 @@ def reconcile_fid_records(out: Path, fid_state: dict[str, Any], start: int) -> l
         old = None  # damaged: rewrite it
     old_best = (old or {}).get("best") or {}
     step = old_best.get("step")
-    saved_step = _student_step(best_file)  # the file's own record wins: metrics.json may predate it (a crash)
-    if saved_step is not None and saved_step != step:
-        step, old_best = saved_step, {"step": saved_step, "fid": _student_fid(best_file)}
+    saved = _student_info(best_file)  # the file's own record wins: metrics.json may predate it (a crash)
+    if isinstance(saved.get("step"), int) and saved["step"] != step:
+        step, old_best = saved["step"], {"step": saved["step"], "fid": saved.get("fid")}
     elif old == fid_state:
         return []
     msgs = []
