@@ -2,6 +2,18 @@
 
 Paper: Xu, Nie, Vahdat, "One-step Diffusion Models with f-Divergence Distribution Matching"
 (arXiv 2502.15681). The student gradient is h(r) (s_q - s_p) with h(r) = r^2 f''(r) and r = p/q.
+
+Layers (each imports only from the layers above it in this list; ``tests/test_layers.py`` checks it):
+
+1. The method, in this folder: ``divergences`` (f, h), ``ratio`` (r from logits, two-stage normalisation),
+   ``losses``, ``method`` (the generator and critic objectives, the weighting, the schedule), ``edm``,
+   ``mixtures``, ``networks`` (EDM U-Nets, discriminator heads); and two helpers, ``files`` (atomic files,
+   checkpoints, locks) and ``image_grid``.
+2. The labs, one subpackage each: ``gaussian1d`` (notebook 01), ``toy`` (02-03), ``digits`` (04), ``train``
+   (05: the image trainer on one or many GPUs, presets, data, FID, downloads, EDM teachers).
+3. The course tooling: ``course`` (notebook set-up, results records, exercise checks, student copies, handouts).
+4. Commands: ``python -m fdistill_lab.train`` (also ``fdistill-train``), ``.download``, ``.sweep``, ``.student``
+   and ``.handouts``; the last four are two-line entry modules here that run a lab's or the course's ``main``.
 """
 
 __version__ = "0.1.0"

@@ -42,10 +42,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from fdistill_lab.losses import FDistillWeighting
 from fdistill_lab.networks import build_edm, cifar10_ddpmpp_config, count_parameters, imagenet64_adm_config
 from fdistill_lab.networks.layers import eager_norms
-from fdistill_lab.parallel_trainer import DataParallelTrainer
-from fdistill_lab.presets import resolve
-from fdistill_lab.smoke_assets import smoke_teacher_config
-from fdistill_lab.train_io import StudentEMAs
+from fdistill_lab.train.parallel_trainer import DataParallelTrainer
+from fdistill_lab.train.presets import resolve
+from fdistill_lab.train.run_folder import StudentEMAs
+from fdistill_lab.train.smoke_assets import smoke_teacher_config
 
 # dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched in this order against the device
 # name (an SXM H100 reports "NVIDIA H100 80GB HBM3"; the PCIe and NVL boards are slower)
@@ -99,7 +99,7 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[DataParallelT
     dcfg, rcfg = resolve(preset, {"precision": "bf16" if device.type == "cuda" else "fp32",
                                   "compile_norms": args.compile_norms})
     if args.teacher:
-        from fdistill_lab.teachers import load_edm
+        from fdistill_lab.train.teachers import load_edm
 
         teacher = load_edm(args.teacher, device=device)
     else:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import papermill as pm
 
-from fdistill_lab.dist import NEEDS_CUDA
-from fdistill_lab.handouts import select_notebooks
+from fdistill_lab.course.handouts import select_notebooks
+from fdistill_lab.train.dist import NEEDS_CUDA
 
 ROOT = Path(__file__).resolve().parents[1]
 

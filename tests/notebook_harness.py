@@ -16,7 +16,7 @@ from typing import Any
 import nbformat
 import papermill as pm
 
-from fdistill_lab.records import read_records
+from fdistill_lab.course.records import read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"

@@ -6,15 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from fdistill_lab import digit_metrics as M
-from fdistill_lab.data.digits import BatchSampler, load_digits, to_pixels
+from fdistill_lab.digits import metrics as M
+from fdistill_lab.digits.data import BatchSampler, load_digits, to_pixels
+from fdistill_lab.digits.teacher import TeacherCacheError, TeacherConfig, edm_loss, load_or_train_teacher
 from fdistill_lab.networks import tiny_adm_config
-from fdistill_lab.teacher_training import (
-    TeacherCacheError,
-    TeacherConfig,
-    edm_loss,
-    load_or_train_teacher,
-)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from fdistill_lab import divergences
-from fdistill_lab.checkpoint import CheckpointError, load_file
-from fdistill_lab.discriminator import Discriminator, DiscriminatorHead
-from fdistill_lab.distill import DistillConfig, FDistillTrainer, fit
+from fdistill_lab.files import CheckpointError, load_file
 from fdistill_lab.networks import build_edm, tiny_adm_config, tiny_ddpmpp_config
+from fdistill_lab.networks.discriminator import Discriminator, DiscriminatorHead
+from fdistill_lab.train.trainer import DistillConfig, FDistillTrainer, fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,7 +70,7 @@ def test_micro_batches_share_one_weighting_over_the_whole_batch(placement, monke
     """With gradient accumulation both normalisation stages see the whole batch (section 5), as without it: one
     bin update and one batch mean per generator step, from logits that the gradient pass reproduces exactly
     (dropout included)."""
-    import fdistill_lab.distill as distill_mod
+    import fdistill_lab.train.trainer as distill_mod
     from fdistill_lab.losses import FDistillWeighting
 
     torch.manual_seed(0)
@@ -427,7 +427,7 @@ def test_steps_skip_decoder_work_that_no_loss_uses(placement):
 def test_gpu_presets_take_a_bf16_step_on_a_small_network_with_attention(preset):
     """Each GPU preset's trainer settings (bf16, its discriminator placement and features, R1 or not) run a
     generator and a critic step on a small teacher with attention in the encoder, as the real runs do."""
-    from fdistill_lab.presets import resolve
+    from fdistill_lab.train.presets import resolve
 
     dcfg, _ = resolve(preset, {})
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fdistill_lab import download as dl
+from fdistill_lab.train import download as dl
 
 PAYLOAD = bytes(range(256)) * 1000  # 256 kB
 

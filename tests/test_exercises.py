@@ -12,8 +12,8 @@ import torch
 from nbclient import NotebookClient
 from notebook_harness import NOTEBOOKS, prepare_environment
 
-from fdistill_lab import checks, reference, student
-from fdistill_lab.records import read_records
+from fdistill_lab.course import checks, reference, student
+from fdistill_lab.course.records import read_records
 
 NB01 = NOTEBOOKS / "01_f_divergences.ipynb"
 

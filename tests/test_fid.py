@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fdistill_lab import fid
+from fdistill_lab.train import fid
 
 RES, FEAT = 8, 12
 

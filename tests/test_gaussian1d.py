@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from fdistill_lab import gaussian1d as g
 from fdistill_lab.divergences import PAPER_NAMES
+from fdistill_lab.gaussian1d import exact as g
 
 # d/dtheta D_f(N(1, 1.3^2) || N(theta, 0.8^2)) at theta = 0.2 (section 12)
 REFERENCE_GRAD = {"rkl": -0.473373, "srkl": -0.214789, "js": -0.258584, "sh": -0.151438, "fkl": -1.25,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from notebook_harness import NOTEBOOKS, prepare_environment
 
-from fdistill_lab import handouts
-from fdistill_lab.records import read_records
+from fdistill_lab.course import handouts
+from fdistill_lab.course.records import read_records
 
 
 def test_select_notebooks():

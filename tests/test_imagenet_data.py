@@ -13,8 +13,8 @@ import PIL.Image
 import pytest
 import torch
 
-from fdistill_lab.data import prepare_imagenet
-from fdistill_lab.data.imagenet import (
+from fdistill_lab.train import prepare_imagenet
+from fdistill_lab.train.data import (
     DatasetFormatError,
     EDMImageDataset,
     ImageNetNpzDataset,
@@ -273,7 +273,7 @@ def test_npz_errors_name_path_and_format(tmp_path):
 
 def test_build_zip_leaves_nothing_behind_on_error(tmp_path):
     """A failed conversion (here fewer images than announced) keeps no partial zip, under any name."""
-    from fdistill_lab.data.prepare_imagenet import build_zip
+    from fdistill_lab.train.prepare_imagenet import build_zip
 
     with pytest.raises(RuntimeError, match="wrote 1 images, expected 2"):
         build_zip(tmp_path / "out.zip", iter([b"png"]), [0], total=2, progress=False)

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from fdistill_lab import launch
+from fdistill_lab.train import launch
 
 
 def _expect_env(value: str) -> list[str]:

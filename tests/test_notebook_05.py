@@ -10,7 +10,7 @@ import pytest
 import torch
 from notebook_harness import EXECUTED, declared_parameters, run_notebook, run_notebook_expecting_error
 
-from fdistill_lab import launch
+from fdistill_lab.train import launch
 
 NAME = "05_imagenet"
 

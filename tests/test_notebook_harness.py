@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fdistill_lab import records
-from fdistill_lab.notebook import injected_names, setup_notebook, validate_parameters
+from fdistill_lab.course import records
+from fdistill_lab.course.notebook import injected_names, setup_notebook, validate_parameters
 
 
 def _ns(tmp_path: Path, injected: str | None = None, **overrides) -> dict:
@@ -128,7 +128,7 @@ def test_record_bad_input(tmp_path):
 def test_papermill_from_the_repository_root_works_in_notebooks(tmp_path, monkeypatch):
     """A notebook launched from this checkout's root moves to notebooks/ (relative paths as under Jupyter);
     launched anywhere else it stays put."""
-    from fdistill_lab import notebook
+    from fdistill_lab.course import notebook
 
     root = notebook.NOTEBOOKS_DIR.parent
     assert (root / "pyproject.toml").is_file() and (notebook.NOTEBOOKS_DIR / "01_f_divergences.ipynb").is_file()

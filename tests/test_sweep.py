@@ -14,8 +14,9 @@ import nbformat
 import pandas as pd
 import pytest
 
-from fdistill_lab import sweep
-from fdistill_lab.records import lock_file, read_records, record
+from fdistill_lab.course import sweep
+from fdistill_lab.course.records import read_records, record
+from fdistill_lab.files import lock_file
 
 pytestmark = pytest.mark.notebooks  # starts real kernels (about 15 papermill runs of a two-cell notebook)
 
@@ -27,7 +28,7 @@ seed: int = 0  # unused
 output_dir: str = "out"  # where results.json goes'''
 
 BODY = '''from pathlib import Path
-from fdistill_lab.records import record
+from fdistill_lab.course.records import record
 if fail:
     raise RuntimeError(f"deliberate failure for a={a}")
 with open(Path(output_dir).parent.parent / "calls.log", "a") as fh:
@@ -327,7 +328,7 @@ def test_lock_is_never_stale_and_refuses_a_second_sweep_in_this_process(tmp_path
                     pass
     killer = subprocess.run([sys.executable, "-c", f"""import os, signal
 from pathlib import Path
-from fdistill_lab import sweep
+from fdistill_lab.course import sweep
 with sweep._lock(Path({str(tmp_path)!r})):
     os.kill(os.getpid(), signal.SIGKILL)"""], capture_output=True, text=True)
     assert killer.returncode == -9 and lock.read_text() != str(os.getpid())  # died holding it
@@ -337,7 +338,7 @@ with sweep._lock(Path({str(tmp_path)!r})):
 
 DYING = '''import os, signal, time
 from pathlib import Path
-from fdistill_lab.records import record
+from fdistill_lab.course.records import record
 log = Path(output_dir).parent.parent / "starts.log"
 with open(log, "a") as fh:
     fh.write(f"{a}\\n")
@@ -407,7 +408,7 @@ def test_a_run_still_executing_elsewhere_is_left_alone(tiny, tmp_path):
     would mix the two runs' files) and says so; once the worker is gone, the run goes ahead."""
     import os
 
-    from fdistill_lab.records import lock_file
+    from fdistill_lab.files import lock_file
 
     _, planned = sweep.plan(tiny, {"a": [5]}, tmp_path)
     run = planned[0][1]

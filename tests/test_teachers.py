@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from fdistill_lab import teachers
-from fdistill_lab.edm_pickle import EDMPickleError, UnsafePickleError
 from fdistill_lab.networks import EDMPrecond
+from fdistill_lab.train import teachers
+from fdistill_lab.train.edm_pickle import EDMPickleError, UnsafePickleError
 
 HOOKS_TORCH2 = ["_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook", "_forward_hooks",
                 "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
@@ -375,7 +375,7 @@ def _build_on_global(module: str, name: str, attr: str, slot_state: bool) -> byt
                                          ("torch.nn.modules.container", "ModuleDict")])
 def test_build_cannot_mutate_allowlisted_globals(tmp_path, edm_fixtures, module, name, slot_state):
     """A crafted file must not change the reader for later loads in the same process."""
-    from fdistill_lab import edm_pickle
+    from fdistill_lab.train import edm_pickle
 
     bad = tmp_path / "build.pkl"
     bad.write_bytes(_build_on_global(module, name, "__new__" if name == "ModuleDict" else "__defaults__",

@@ -21,7 +21,7 @@ from fdistill_lab.toy import (
     student_kde,
     summarize,
 )
-from fdistill_lab.toy.train import score_disagreement
+from fdistill_lab.toy.trainer import score_disagreement
 
 matplotlib.use("Agg")
 
@@ -210,7 +210,7 @@ def test_evaluations_do_not_change_training(teacher):
 
 
 def test_edm_fake_score_weighting_uses_the_toy_sigma_data(teacher, monkeypatch):
-    import fdistill_lab.toy.train as toy_train
+    import fdistill_lab.toy.trainer as toy_train
 
     seen = []
     real = toy_train.denoising_loss
@@ -220,7 +220,7 @@ def test_edm_fake_score_weighting_uses_the_toy_sigma_data(teacher, monkeypatch):
 
 
 def test_score_disagreement_and_plots(teacher):
-    from fdistill_lab import toy_plots
+    from fdistill_lab.toy import plots as toy_plots
 
     for oracle in (False, True):
         run = ToyDistiller(teacher, ToyConfig(oracle=oracle, **SMALL))

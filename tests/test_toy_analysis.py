@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from fdistill_lab import sensitivity, toy, toy_analysis
+from fdistill_lab import toy
+from fdistill_lab.toy import analysis as toy_analysis
+from fdistill_lab.toy import sensitivity
 
 matplotlib.use("Agg")
 

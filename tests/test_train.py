@@ -17,11 +17,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from fdistill_lab import divergences, presets
-from fdistill_lab.dist import GlobalBatchSampler
-from fdistill_lab.smoke_assets import make_smoke_assets
-from fdistill_lab.train import EXIT_INTERRUPTED, batch_layout, main, train
-from fdistill_lab.train_io import read_jsonl
+from fdistill_lab import divergences
+from fdistill_lab.train import presets
+from fdistill_lab.train.cli import EXIT_INTERRUPTED, batch_layout, main, train
+from fdistill_lab.train.dist import GlobalBatchSampler
+from fdistill_lab.train.run_folder import read_jsonl
+from fdistill_lab.train.smoke_assets import make_smoke_assets
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_FID = {"fid_every": 0, "sample_every": 0}
@@ -312,8 +313,8 @@ def test_npz_data_needs_a_label_map_for_a_conditional_teacher(assets, tmp_path):
     """npz labels are in the devkit's class order: a class-conditional run refuses them unmapped."""
     import numpy as np
 
-    from fdistill_lab.data.imagenet import EDMImageDataset
-    from fdistill_lab.train import open_dataset
+    from fdistill_lab.train.cli import open_dataset
+    from fdistill_lab.train.data import EDMImageDataset
 
     ds = EDMImageDataset(assets["data"])
     images = torch.stack([ds[i][0] for i in range(len(ds))]).flatten(1).numpy()
@@ -330,7 +331,7 @@ def test_npz_data_needs_a_label_map_for_a_conditional_teacher(assets, tmp_path):
 def test_corrupt_newest_checkpoint_points_to_the_older_one_and_that_resumes(assets, tmp_path, capsys):
     import json
 
-    from fdistill_lab.checkpoint import CheckpointError
+    from fdistill_lab.files import CheckpointError
 
     run = tmp_path / "run"
     _run(assets, run, {"steps": 6, "ckpt_every": 3, "log_every": 1})
@@ -381,7 +382,7 @@ def test_read_jsonl_skips_a_torn_last_line_quietly_and_warns_about_damage(tmp_pa
 def test_rotation_keeps_committed_checkpoints_over_an_orphan(tmp_path):
     """A run that died after writing ckpt 6 but before moving the pointer leaves an orphan; resumed from 3
     and saving 4 with keep=2, rotation must keep 3 and 4 (not 4 and the orphan)."""
-    from fdistill_lab.train_io import commit_checkpoint, latest_checkpoint
+    from fdistill_lab.train.run_folder import commit_checkpoint, latest_checkpoint
 
     for step in (3, 6, 4):
         (tmp_path / f"ckpt_{step:07d}.pt").write_bytes(b"x")
@@ -399,7 +400,7 @@ def test_resume_with_another_world_size_or_config_fails_clearly(assets, tmp_path
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_equal_one(assets, tmp_path):
     """The real launcher: torchrun --nproc_per_node 2 (gloo) on the command line equals one process."""
-    from fdistill_lab.launch import train_command
+    from fdistill_lab.train.launch import train_command
 
     over = {"steps": 4, "adam_eps": 1e-4, **NO_FID}
     cmd = train_command("tiny", assets["teacher"], assets["data"], tmp_path / "tr", over, gpus=2)
@@ -413,7 +414,7 @@ def test_torchrun_two_cpu_processes_equal_one(assets, tmp_path):
 
 def test_torn_log_line_is_repaired_on_resume(tmp_path):
     """A crash mid-write leaves a partial last row; resuming rewrites the file so the next row is not glued to it."""
-    from fdistill_lab.train_io import append_jsonl, truncate_jsonl
+    from fdistill_lab.train.run_folder import append_jsonl, truncate_jsonl
 
     log = tmp_path / "train.jsonl"
     log.write_text('{"step": 100, "loss": 1.0}\n{"step": 200, "lo')
@@ -427,7 +428,7 @@ def test_best_student_saved_after_the_last_metrics_write_is_kept(tmp_path):
     checkpoint, so it is kept under its step's name instead of passing for the checkpoint's best."""
     import json
 
-    from fdistill_lab.train_io import export_student, reconcile_fid_records
+    from fdistill_lab.train.run_folder import export_student, reconcile_fid_records
 
     ckpt_state = {"last": {"step": 100, "fid": 7.0}, "best": {"step": 100, "fid": 7.0}}
     (tmp_path / "metrics.json").write_text(json.dumps(ckpt_state))  # not yet updated for step 150
@@ -440,7 +441,7 @@ def test_best_student_saved_after_the_last_metrics_write_is_kept(tmp_path):
 def test_reconcile_fid_records_matches_the_checkpoint(tmp_path):
     import json
 
-    from fdistill_lab.train_io import reconcile_fid_records
+    from fdistill_lab.train.run_folder import reconcile_fid_records
 
     ckpt_state = {"last": {"step": 4, "fid": 7.0}, "best": {"step": 2, "fid": 6.0}}
     (tmp_path / "metrics.json").write_text(json.dumps({"last": {"step": 6, "fid": 5.0},
@@ -517,7 +518,7 @@ def test_init_from_run_resumes_from_its_own_checkpoints(assets, tmp_path):
 
 
 def test_init_from_bad_sources_fail_clearly(assets, tmp_path, capsys):
-    from fdistill_lab.checkpoint import CheckpointError
+    from fdistill_lab.files import CheckpointError
 
     _run(assets, tmp_path / "stage1", {"steps": 2})
     with pytest.raises(FileNotFoundError, match="init_from: .*nowhere not found"):

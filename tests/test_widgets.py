@@ -8,7 +8,7 @@ matplotlib.use("Agg")
 
 import pytest  # noqa: E402
 
-from fdistill_lab import widgets  # noqa: E402
+from fdistill_lab.gaussian1d import widgets
 
 
 def test_static_fit_and_control():

@@ -12,15 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import (
-    Conv2d,
-    FourierEmbedding,
-    GroupNorm,
-    Linear,
-    PositionalEmbedding,
-    UNetBlock,
-    check_decoder_mode,
-)
+from .layers import Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding, UNetBlock, check_decoder_mode
 
 __all__ = ["SongUNet"]
 

@@ -19,7 +19,7 @@ from .metrics import (
     summarize,
 )
 from .models import Generator, ToyDenoiser, ToyDiscriminator, student_kde
-from .train import ToyConfig, ToyDistiller, score_disagreement, train_toy
+from .trainer import ToyConfig, ToyDistiller, score_disagreement, train_toy
 
 __all__ = [
     "COMPARISON", "Comparison", "default_teacher", "resolve_divergences", "run_comparison", "score_disagreement",

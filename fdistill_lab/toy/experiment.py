@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from .. import divergences
 from ..mixtures import GaussianMixture, ring, unequal_weights
 from .metrics import evaluate_samples, summarize
-from .train import ToyConfig, ToyDistiller
+from .trainer import ToyConfig, ToyDistiller
 
 COMPARISON: tuple[str, ...] = divergences.PAPER_NAMES  # rkl, srkl, js, sh, fkl, jeffreys
 

@@ -24,11 +24,11 @@ from contextlib import contextmanager
 
 import torch
 
-from . import divergences
-from .losses import FDistillWeighting, fdistill_loss
-from .mixtures import GaussianMixture
-from .ratio import ratio_from_logits
-from .toy import ToyConfig, ToyDistiller, evaluate_samples, select_bandwidth, student_kde
+from .. import divergences
+from ..losses import FDistillWeighting, fdistill_loss
+from ..mixtures import GaussianMixture
+from ..ratio import ratio_from_logits
+from . import ToyConfig, ToyDistiller, evaluate_samples, select_bandwidth, student_kde
 
 RATIO_VARIANTS = ("raw", "clipped", "clipped+bins")
 

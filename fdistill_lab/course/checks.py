@@ -6,8 +6,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from . import divergences
-from .divergences import PAPER_NAMES
+from .. import divergences
+from ..divergences import PAPER_NAMES
 
 
 def _verdict(name: str, ok: bool, detail: str, hint: str) -> None:

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from . import gaussian1d
-from .divergences import PAPER_NAMES
+from .. import gaussian1d
+from ..divergences import PAPER_NAMES
 
 
 def h_js(r: torch.Tensor) -> torch.Tensor:

@@ -20,10 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import divergences
+from .. import divergences
+from .cli import EXIT_INTERRUPTED
 from .presets import PRESETS, get_preset
-from .train import EXIT_INTERRUPTED
-from .train_io import read_jsonl
+from .run_folder import read_jsonl
 
 __all__ = ["train_command", "follow", "check_inputs", "overrides_from_text", "LaunchError", "SHUTDOWN_GRACE_S"]
 

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .image_grid import make_grid
-from .records import atomic_file, write_json_atomic, write_text_atomic
+from ..files import atomic_file, write_json_atomic, write_text_atomic
+from ..image_grid import make_grid
 
 CKPT_POINTER = "latest.json"
 
@@ -244,7 +244,7 @@ class StudentEMAs:
 def export_student(net: nn.Module, path: Path, info: dict[str, Any]) -> Path:
     """Save a student's weights (on the CPU, so the file loads anywhere) with its EDMPrecond constructor
     keywords (loadable with build_edm)."""
-    from .checkpoint import atomic_save
+    from ..files import atomic_save
 
     blob = {"format": "fdistill-student-v1", "config": dict(getattr(net, "init_kwargs", {})),
             "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "info": info}

@@ -169,7 +169,7 @@ def versions() -> dict[str, str]:
             "torch": torch.__version__, "numpy": np.__version__, "matplotlib": matplotlib.__version__}
 
 
-NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"  # in a checkout (editable install)
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"  # in a checkout (editable install)
 
 
 def use_notebooks_folder() -> Path | None:

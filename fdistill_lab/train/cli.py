@@ -33,16 +33,13 @@ from typing import Any
 
 import torch
 
+from ..files import CheckpointError, lock_file, lock_holder
 from . import dist as fdist
-from .checkpoint import CheckpointError
-from .data.imagenet import EDMImageDataset, ImageNetNpzDataset, to_model_range
-from .distill import DistillConfig
+from .data import EDMImageDataset, ImageNetNpzDataset, to_model_range
 from .fid import compute_fid, latents_from_seeds, load_detector, load_reference_stats
 from .parallel_trainer import DataParallelTrainer
 from .presets import PRESETS, RunConfig, describe, get_preset, parse_overrides, resolve
-from .records import lock_file, lock_holder
-from .teachers import load_edm
-from .train_io import (
+from .run_folder import (
     LogWindow,
     StudentEMAs,
     append_jsonl,
@@ -57,6 +54,8 @@ from .train_io import (
     truncate_jsonl,
     write_json_atomic,
 )
+from .teachers import load_edm
+from .trainer import DistillConfig
 
 EXIT_INTERRUPTED = 143
 SAMPLE_SEED = 20250221

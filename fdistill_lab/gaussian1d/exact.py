@@ -25,9 +25,9 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from . import divergences
-from .divergences import Divergence
-from .mixtures import GaussianMixture
+from .. import divergences
+from ..divergences import Divergence
+from ..mixtures import GaussianMixture
 
 GRID_POINTS = 4001
 GRID_STDS = 8.0

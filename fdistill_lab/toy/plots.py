@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from .divergences import get as get_divergence
-from .mixtures import GaussianMixture
+from ..divergences import get as get_divergence
+from ..mixtures import GaussianMixture
 
 
 def _label(name: str) -> str:

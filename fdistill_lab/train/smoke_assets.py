@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data.imagenet import EDMImageDataset
-from .data.prepare_imagenet import build_zip
+from ..networks import build_edm, tiny_adm_config
+from .data import EDMImageDataset
 from .fid import compute_image_stats, load_detector, save_reference_stats
-from .networks import build_edm, tiny_adm_config
+from .prepare_imagenet import build_zip
 from .teachers import CACHE_FORMAT
 
 __all__ = ["make_smoke_assets", "smoke_teacher_config", "StandInDetector", "SMOKE_FILES"]

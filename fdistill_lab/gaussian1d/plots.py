@@ -12,9 +12,9 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from . import divergences
-from .gaussian1d import FitResult
-from .mixtures import GaussianMixture
+from .. import divergences
+from ..mixtures import GaussianMixture
+from .exact import FitResult
 
 
 def plot_f_and_h(names: Sequence[str] | None = None, r_min: float = 0.05, r_max: float = 20.0) -> Figure:

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
+from ..files import atomic_file
+from ..networks import EDMPrecond, build_edm
 from .edm_pickle import EDMPickleError, PersistentRecord, read_edm_pickle, record_init_kwargs, record_state_dict
-from .networks import EDMPrecond, build_edm
-from .records import atomic_file
 
 __all__ = ["load_edm", "convert_edm_pickle", "default_cache_dir", "CACHE_FORMAT"]
 

@@ -31,7 +31,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from .distill import DistillConfig
+from .trainer import DistillConfig
 
 FID_QUANTIZE = ("round", "trunc")
 RNG_MODES = ("shared", "per_rank")

@@ -10,9 +10,9 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
-from . import gaussian1d
-from .divergences import PAPER_NAMES
-from .plotting import plot_fit_panel
+from ..divergences import PAPER_NAMES
+from . import exact as gaussian1d
+from .plots import plot_fit_panel
 
 
 def _ipywidgets() -> Any:
@@ -38,7 +38,7 @@ def show_mode_seeking_fit(div: str = "rkl", separation: float = 4.0, weight: flo
 def mode_seeking_widget(div: str = "js", separation: float = 4.0, weight: float = 0.8, steps: int = 150,
                         lr: float = 0.1) -> Any:
     """Divergence / mode separation / weight-imbalance control over ``show_mode_seeking_fit``."""
-    from .divergences import canonical_name
+    from ..divergences import canonical_name
 
     div = canonical_name(div)
     if div not in PAPER_NAMES:

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, atomic_save, load_file
-from .edm import loss_weight, sample_sigma_lognormal
+from ..edm import loss_weight, sample_sigma_lognormal
+from ..files import CheckpointError, atomic_save, load_file
 
 CACHE_FORMAT = "fdistill-teacher-v1"
 
@@ -105,7 +105,7 @@ def train_teacher(
     """
     from tqdm.auto import tqdm
 
-    from .networks import build_edm
+    from ..networks import build_edm
 
     if images.ndim != 4:
         raise ValueError(f"images must be [N, C, H, W]; got shape {tuple(images.shape)}")
@@ -148,7 +148,7 @@ def _diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 def load_cached_teacher(path: str | Path, config: TeacherConfig, fingerprint: str) -> tuple[nn.Module, dict]:
     """Load a cached teacher, checking that it matches ``config`` and the data; clear errors otherwise."""
-    from .networks import build_edm
+    from ..networks import build_edm
 
     path = Path(path)
     fix = f"delete {path} or retrain (notebook: -p retrain_teacher True)"

@@ -31,11 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import divergences
-from .checkpoint import atomic_save, load_file
-from .discriminator import Discriminator
-from .edm import SIGMA_MAX, sample_sigma_grid
-from .losses import (
+from .. import divergences
+from ..edm import SIGMA_MAX, sample_sigma_grid
+from ..files import atomic_save, load_file
+from ..losses import (
     FAKE_SCORE_WEIGHTINGS,
     FDistillWeighting,
     denoising_loss,
@@ -44,8 +43,9 @@ from .losses import (
     gan_generator_loss,
     r1_penalty,
 )
-from .networks import EDMPrecond
-from .networks.layers import twice_differentiable, use_compiled_norms
+from ..networks import EDMPrecond
+from ..networks.discriminator import Discriminator
+from ..networks.layers import twice_differentiable, use_compiled_norms
 
 SCHEDULES = ("fastgen", "dmd2")
 DISC_PLACEMENTS = ("teacher", "fake_score")

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..records import atomic_file
-from .imagenet import IMAGE_EXTS, DatasetFormatError, ImageNetNpzDataset
+from ..files import atomic_file
+from .data import IMAGE_EXTS, DatasetFormatError, ImageNetNpzDataset
 
 __all__ = ["center_crop_resize", "find_images", "build_zip", "prepare_from_folder", "prepare_from_npz", "main"]
 

@@ -1,4 +1,5 @@
-"""Atomic writes of records: file mode, folder fsync, no partial or temporary files left behind."""
+"""Atomic files (fdistill_lab.files) and the records written through them: file mode, folder fsync, no partial or
+temporary files left behind."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from fdistill_lab import records
+from fdistill_lab import files
+from fdistill_lab.course import records
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
 def test_atomic_files_follow_the_umask(tmp_path, umask):
     old = os.umask(umask)
     try:
-        records.write_json_atomic(tmp_path / "a.json", {"x": 1})
+        files.write_json_atomic(tmp_path / "a.json", {"x": 1})
         records.record(tmp_path, "loss", 0.5, show=False)
         (tmp_path / "plain.txt").write_text("x")
     finally:
@@ -35,24 +37,24 @@ def test_atomic_write_syncs_the_folder(tmp_path, monkeypatch):
         synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
         real_fsync(fd)
 
-    monkeypatch.setattr(records.os, "fsync", fsync)
-    records.write_text_atomic(tmp_path / "t.csv", "a,b\n1,2\n")
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    files.write_text_atomic(tmp_path / "t.csv", "a,b\n1,2\n")
     assert synced == [False, True]  # the file's data, then the folder holding the rename
     assert (tmp_path / "t.csv").read_text() == "a,b\n1,2\n"
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "r.json"
-    records.write_json_atomic(path, {"old": True})
+    files.write_json_atomic(path, {"old": True})
     with pytest.raises(TypeError, match="not JSON serializable"):
-        records.write_json_atomic(path, {"bad": object()})
+        files.write_json_atomic(path, {"bad": object()})
 
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(records.os, "replace", broken_replace)
+    monkeypatch.setattr(files.os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
-        records.write_json_atomic(path, {"new": True})
+        files.write_json_atomic(path, {"new": True})
     assert json.loads(path.read_text()) == {"old": True}
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["r.json"]  # no temporary file left
 
@@ -63,21 +65,22 @@ def test_folder_fsync_tolerates_only_unsupported(tmp_path, monkeypatch):
             raise OSError(err, os.strerror(err))
         return fail
 
-    monkeypatch.setattr(records.os, "fsync", fsync(errno.EINVAL))  # a file system that cannot sync folders
-    records.fsync_dir(tmp_path)
-    monkeypatch.setattr(records.os, "fsync", fsync(errno.EIO))
+    monkeypatch.setattr(files.os, "fsync", fsync(errno.EINVAL))  # a file system that cannot sync folders
+    files.fsync_dir(tmp_path)
+    monkeypatch.setattr(files.os, "fsync", fsync(errno.EIO))
     with pytest.raises(OSError, match=os.strerror(errno.EIO)):
-        records.fsync_dir(tmp_path)
+        files.fsync_dir(tmp_path)
 
 
 def test_every_writer_goes_through_one_atomic_file(tmp_path, monkeypatch):
-    """Checkpoints, the EDM cache, sample grids and text all write through records.atomic_file: a failure mid-write
+    """Checkpoints, the EDM cache, sample grids and text all write through files.atomic_file: a failure mid-write
     keeps the old file and leaves no temporary file; two writers open on one path at once never share a temporary
     (the last rename wins); only the caches and previews skip the fsyncs."""
     import torch
 
-    from fdistill_lab import teachers, train_io
-    from fdistill_lab.checkpoint import atomic_save, load_file
+    from fdistill_lab.files import atomic_save, load_file
+    from fdistill_lab.train import run_folder as train_io
+    from fdistill_lab.train import teachers
 
     ckpt = tmp_path / "ckpt.pt"
     atomic_save({"step": 1}, ckpt)
@@ -94,14 +97,14 @@ def test_every_writer_goes_through_one_atomic_file(tmp_path, monkeypatch):
     assert load_file(ckpt)["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
 
-    with records.atomic_file(tmp_path / "x.txt") as a, records.atomic_file(tmp_path / "x.txt") as b:
+    with files.atomic_file(tmp_path / "x.txt") as a, files.atomic_file(tmp_path / "x.txt") as b:
         a.write(b"first")
         b.write(b"second")
     assert (tmp_path / "x.txt").read_bytes() == b"first"  # a's rename came last
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "x.txt"]
 
     synced = []
-    monkeypatch.setattr(records.os, "fsync", lambda fd: synced.append(fd))
+    monkeypatch.setattr(files.os, "fsync", lambda fd: synced.append(fd))
     teachers._write_cache(tmp_path / "cache.pt", {"a": 1}, {"w": torch.zeros(2)}, {"size": 1})
     train_io.save_grid_png(torch.zeros(4, 3, 8, 8), tmp_path / "grid.png")
     assert not synced  # caches and previews: atomic but not fsynced
@@ -118,7 +121,7 @@ def test_checksum_manifest_keeps_every_line_of_concurrent_downloads(tmp_path, mo
     import threading
     import time
 
-    from fdistill_lab import download
+    from fdistill_lab.train import download
 
     real_read = download.read_manifest
 
@@ -135,18 +138,3 @@ def test_checksum_manifest_keeps_every_line_of_concurrent_downloads(tmp_path, mo
     for t in threads:
         t.join()
     assert real_read(tmp_path) == {n: f"{i:064x}" for i, n in enumerate(names)}
-
-
-def test_two_processes_recording_into_one_folder_keep_every_entry(tmp_path):
-    import subprocess
-    import sys
-    import time
-
-    code = ("import sys, time; from fdistill_lab.records import record\n"
-            "while time.time() < float(sys.argv[3]): time.sleep(0.001)\n"  # both start together
-            "for i in range(150): record(sys.argv[1], f'{sys.argv[2]}{i}', i, show=False)")
-    start = str(time.time() + 8)
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path), tag, start]) for tag in ("a", "b")]
-    assert all(p.wait(120) == 0 for p in procs)
-    data = records.read_records(tmp_path)
-    assert len(data) == 300 and data["a149"] == 149 and data["b0"] == 0

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .distill import DistillConfig, FDistillTrainer
-from .edm import sample_sigma_grid
+from ..edm import sample_sigma_grid
+from .trainer import DistillConfig, FDistillTrainer
 
 RNG_MODES = ("shared", "per_rank")
 # the networks' buffers are constants: no buffer broadcast in every forward (torch >= 2.13 renamed the option)
