@@ -32,7 +32,8 @@ from collections.abc import Callable
 import torch
 
 from fdistill_lab import edm
-from fdistill_lab.losses import FDistillWeighting, fdistill_loss
+from fdistill_lab.losses import fdistill_loss
+from fdistill_lab.method import FDistillWeighting
 
 
 def _warm_up(fn: Callable[[], None], calls: int = 10) -> None:

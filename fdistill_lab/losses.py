@@ -1,20 +1,15 @@
 """f-distill losses: the h-weighted distribution-matching surrogate, GAN and fake-score losses.
 
-References: fdistill_paper.md sections 6 (generator), 7 (fake score), 8 (GAN); DMD2 for the
-normaliser. With the reverse KL (h = 1) the generator update is DMD2's.
+References: paper sections 6 (generator), 7 (fake score), 8 (GAN); DMD2 for the normaliser. With the reverse KL
+(h = 1) the generator update is DMD2's. :mod:`fdistill_lab.method` assembles them into the two objectives.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from . import divergences
-from .edm import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, as_sigma, loss_weight
-from .ratio import EPS, RatioNormalizer, normalize_weights, ratio_from_logits
+from .edm import SIGMA_DATA, as_sigma, loss_weight
 
 
 def _check_same_shape(**tensors: torch.Tensor) -> None:
@@ -137,78 +132,3 @@ def denoising_loss(
     if weighting == "edm":
         err = err * loss_weight(as_sigma(sigma, err), sigma_data)
     return err.mean()
-
-
-# ----------------------------------------------------------------------------- the weight h
-
-
-class FDistillWeighting(nn.Module):
-    """From discriminator logits and noise levels to the normalised weight h_norm (sections 4-5).
-
-    r = clip(exp(clip(l))) -> stage 1 (per-bin running mean, optional) -> h(r) -> stage 2 (batch
-    mean, optional). Its ``normalizer.bins`` buffer is part of the state dict, so checkpoints carry it.
-    """
-
-    def __init__(
-        self,
-        divergence: str | divergences.Divergence = "js",
-        logit_clip: float | None = 10.0,
-        ratio_min: float | None = 0.1,
-        ratio_max: float | None = 20.0,
-        normalize_ratio: bool = True,
-        normalize_weight: bool = True,
-        num_bins: int = 10,
-        bin_ema: float = 0.0,
-        bin_spacing: str = "linear",
-        sigma_min: float = SIGMA_MIN,
-        sigma_max: float = SIGMA_MAX,
-    ) -> None:
-        super().__init__()
-        self.divergence = divergences.get(divergence)
-        self.logit_clip, self.ratio_min, self.ratio_max = logit_clip, ratio_min, ratio_max
-        self.normalize_weight = normalize_weight
-        self.normalizer = RatioNormalizer(num_bins, sigma_min, sigma_max, bin_ema, bin_spacing,
-                                          enabled=normalize_ratio)
-
-    @classmethod
-    def from_config(cls, cfg: object, divergence: str | None = None) -> FDistillWeighting:
-        """Built from a trainer config's fields of the same names (``DistillConfig``, the toy ``ToyConfig``);
-        ``divergence`` overrides the config's; the sigma range is the config's if it has one, else EDM's."""
-        return cls(divergence or cfg.divergence, cfg.logit_clip, cfg.ratio_min, cfg.ratio_max, cfg.normalize_ratio,
-                   cfg.normalize_weight, cfg.num_bins, cfg.bin_ema, cfg.bin_spacing,
-                   getattr(cfg, "sigma_min", SIGMA_MIN), getattr(cfg, "sigma_max", SIGMA_MAX))
-
-    def extra_repr(self) -> str:
-        return (f"divergence={self.divergence.name}, logit_clip={self.logit_clip}, "
-                f"ratio=[{self.ratio_min}, {self.ratio_max}], normalize_weight={self.normalize_weight}")
-
-    @torch.no_grad()
-    def forward(
-        self, logits: torch.Tensor, sigma: torch.Tensor, update: bool = True
-    ) -> tuple[torch.Tensor, WeightStats]:
-        """Return (h_norm [B], WeightStats); the statistics are computed only when asked for."""
-        r = ratio_from_logits(logits, self.logit_clip, self.ratio_min, self.ratio_max)
-        r_tilde = self.normalizer(r, sigma, update=update)
-        h_norm = normalize_weights(self.divergence.h(r_tilde), enabled=self.normalize_weight, eps=EPS)
-        return h_norm, WeightStats(r, r_tilde, h_norm)
-
-
-@dataclass(frozen=True)
-class WeightStats:
-    """Ratio and weight tensors of one batch; ``summary()`` reduces them for logging (one device sync)."""
-
-    ratio: torch.Tensor
-    ratio_normalized: torch.Tensor
-    weight: torch.Tensor
-
-    KEYS = ("ratio_mean", "ratio_min", "ratio_max", "ratio_norm_mean", "weight_std", "weight_max")
-
-    def summary_tensors(self) -> dict[str, torch.Tensor]:
-        """The statistics as 0-d float32 tensors on the batch's device (no device sync)."""
-        r, w = self.ratio.float(), self.weight.float()
-        vals = (r.mean(), r.min(), r.max(), self.ratio_normalized.float().mean(), w.std(correction=0), w.max())
-        return dict(zip(self.KEYS, vals))
-
-    def summary(self) -> dict[str, float]:
-        """The statistics as floats (one device sync)."""
-        return dict(zip(self.KEYS, torch.stack(list(self.summary_tensors().values())).tolist()))

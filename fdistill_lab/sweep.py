@@ -1,6 +1,6 @@
-"""``python -m fdistill_lab.sweep``: the command of :mod:`fdistill_lab.course.sweep`."""
+"""``python -m fdistill_lab.sweep``: the command of :mod:`fdistill_lab.toy.grid`."""
 
-from .course.sweep import main
+from .toy.grid import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,6 +1,6 @@
 """Markdown tables of notebook 03's results, as docs/notebook03_full_study.md shows them.
 
-Reads the ``results.json`` and the sweep CSV that a run of ``notebooks/03_ratio_normalisation_and_sensitivity.ipynb``
+Reads the ``results.json`` and the grid's CSV that a run of ``notebooks/03_ratio_normalisation_and_sensitivity.ipynb``
 wrote (``-p full True`` for the full study) and prints every table of the document, so that a rerun can be put into
 it without copying numbers by hand:
 
@@ -38,9 +38,9 @@ def sensitivity(csv: Path) -> str:
     """One block per hyperparameter (the others at their defaults): mean ± std of the mode-mass TV over seeds."""
     d = pd.read_csv(csv)
     d = d[d.status == "done"]
-    default = {"lr": 0.002, "gan_weight": 0.0, "clip": "0.1-20", "critic_steps": 2}
+    default = {"lr_student": 0.002, "gan_weight_gen": 0.0, "clip": "0.1-20", "student_update_freq": 3}
     d["clip"] = d.ratio_min.map("{:g}".format) + "-" + d.ratio_max.map("{:g}".format)
-    blocks = [("lr", "lr"), ("gan_weight", "GAN"), ("clip", "clip"), ("critic_steps", "critic")]
+    blocks = [("lr_student", "lr"), ("gan_weight_gen", "GAN"), ("clip", "clip"), ("student_update_freq", "K")]
     header, cols = ["div"], []
     for key, label in blocks:
         others = [k for k in default if k != key]
@@ -51,8 +51,8 @@ def sensitivity(csv: Path) -> str:
             header.append(f"{label} {v:g}" if key != "clip" else f"clip {v}")
             cols.append((key, v, at_default))
     rows = []
-    for div in [v for v in DIVS if v in set(d["div"])]:
-        rows.append([div] + [_pm(sub[(sub["div"] == div) & (sub[key] == v)]["metrics.mass_tv"])
+    for div in [v for v in DIVS if v in set(d["divergence"])]:
+        rows.append([div] + [_pm(sub[(sub["divergence"] == div) & (sub[key] == v)]["metrics.mass_tv"])
                              for key, v, sub in cols])
     return _table(header, rows) + f"\n\n{len(d)} runs, {int((pd.read_csv(csv).status != 'done').sum())} failed."
 
@@ -98,16 +98,16 @@ def gan_ablation(res: dict) -> str:
 
 def cost(res: dict, csv: Path) -> str:
     d = pd.DataFrame(res["cost"]).set_index("div")
-    rows = [[div, f"{r.sec_per_iter * 1e3:.3g}", f"{r.gen_step_s * 1e3:.3g}", f"{r.weighting_s * 1e6:.3g}",
+    k = int(res["config"].get("student_update_freq", 3))  # iterations per cycle
+    rows = [[div, f"{r.sec_per_iter * k * 1e3:.3g}", f"{r.gen_step_s * 1e3:.3g}", f"{r.weighting_s * 1e6:.3g}",
              f"{r.peak_tensor_mb:.3g}"] for div, r in d.iterrows()]
-    first = _table(["div", "ms / iteration", "ms / generator step", "µs / weighting", "peak tensor MB"], rows)
+    first = _table(["div", "ms / cycle", "ms / generator step", "µs / weighting", "peak tensor MB"], rows)
     s = pd.read_csv(csv)
-    s = s[s.status == "done"].groupby("div")[["cost.sec_per_iter", "cost.peak_rss_mb", "cost.seconds",
-                                               "seconds"]].median()
-    rows = [[div, _g3(r["cost.sec_per_iter"]), f"{r['cost.peak_rss_mb']:.0f}", _g3(r["cost.seconds"]),
-             _g3(r["seconds"])] for div, r in s.reindex([v for v in DIVS if v in s.index]).iterrows()]
-    second = _table(["div", "s / iteration", "peak RSS MB", "training s", "run wall s (incl. kernel start)"], rows)
-    return first + "\n\nIn the sweep's separate processes (median over runs):\n\n" + second
+    s = s[s.status == "done"].groupby("divergence")[["cost.sec_per_iter", "cost.peak_rss_mb", "cost.seconds"]].median()
+    rows = [[div, _g3(r["cost.sec_per_iter"]), f"{r['cost.peak_rss_mb']:.0f}", _g3(r["cost.seconds"])]
+            for div, r in s.reindex([v for v in DIVS if v in s.index]).iterrows()]
+    second = _table(["div", "s / iteration", "peak RSS MB", "training s"], rows)
+    return first + "\n\nIn the grid's worker processes (median over runs):\n\n" + second
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,13 +39,13 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fdistill_lab.losses import FDistillWeighting
+from fdistill_lab.method import FDistillWeighting
 from fdistill_lab.networks import build_edm, cifar10_ddpmpp_config, count_parameters, imagenet64_adm_config
 from fdistill_lab.networks.layers import eager_norms
-from fdistill_lab.train.parallel_trainer import DataParallelTrainer
 from fdistill_lab.train.presets import resolve
 from fdistill_lab.train.run_folder import StudentEMAs
 from fdistill_lab.train.smoke_assets import smoke_teacher_config
+from fdistill_lab.train.trainer import FDistillTrainer
 
 # dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched in this order against the device
 # name (an SXM H100 reports "NVIDIA H100 80GB HBM3"; the PCIe and NVL boards are slower)
@@ -94,7 +94,7 @@ def teacher_config(preset: str, tiny: bool) -> dict:
     return smoke_teacher_config() if tiny else dict(PRESET_NETWORKS[preset](), dropout=0.0)
 
 
-def build(args: argparse.Namespace, device: torch.device) -> tuple[DataParallelTrainer, StudentEMAs]:
+def build(args: argparse.Namespace, device: torch.device) -> tuple[FDistillTrainer, StudentEMAs]:
     preset = "tiny" if args.tiny else args.preset
     dcfg, rcfg = resolve(preset, {"precision": "bf16" if device.type == "cuda" else "fp32",
                                   "compile_norms": args.compile_norms})
@@ -107,17 +107,17 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[DataParallelT
         torch.manual_seed(0)
         with torch.device(device):
             teacher = build_edm(**cfg).eval().requires_grad_(False)
-    trainer = DataParallelTrainer(teacher, dcfg, device, rng_mode="per_rank")
+    trainer = FDistillTrainer(teacher, dcfg, device, rng_mode="per_rank")
     return trainer, StudentEMAs(trainer.student, rcfg.extra_ema_betas)
 
 
-def batch_of(trainer: DataParallelTrainer, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def batch_of(trainer: FDistillTrainer, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     t = trainer.teacher
     x = torch.rand(n, t.img_channels, t.img_resolution, t.img_resolution) * 2 - 1
     return x, (torch.randint(0, t.label_dim, (n,)) if t.label_dim else None)
 
 
-def fits(trainer: DataParallelTrainer, n: int, device: torch.device) -> bool:
+def fits(trainer: FDistillTrainer, n: int, device: torch.device) -> bool:
     try:
         x, y = batch_of(trainer, n)
         trainer.generator_step(x, y)
@@ -133,7 +133,7 @@ def fits(trainer: DataParallelTrainer, n: int, device: torch.device) -> bool:
             torch.cuda.empty_cache()
 
 
-def search_batch(trainer: DataParallelTrainer, device: torch.device, start: int, limit: int) -> int:
+def search_batch(trainer: FDistillTrainer, device: torch.device, start: int, limit: int) -> int:
     """Largest batch in start, 2 start, 4 start, ... (then halfway to the first failure) that fits."""
     best, n = 0, start
     while n <= limit and fits(trainer, n, device):
@@ -150,7 +150,7 @@ def search_batch(trainer: DataParallelTrainer, device: torch.device, start: int,
     return best
 
 
-def pass_times(trainer: DataParallelTrainer, n: int, device: torch.device, repeats: int) -> dict[str, float]:
+def pass_times(trainer: FDistillTrainer, n: int, device: torch.device, repeats: int) -> dict[str, float]:
     """Isolated timings of each network pass at batch n (same autocast as the trainer)."""
     x, y = batch_of(trainer, n)
     x, y = x.to(device), (y.to(device) if y is not None else None)
@@ -219,7 +219,7 @@ def pass_times(trainer: DataParallelTrainer, n: int, device: torch.device, repea
     return out
 
 
-def ab_student(trainer: DataParallelTrainer, n: int, device: torch.device, repeats: int) -> dict[str, object]:
+def ab_student(trainer: FDistillTrainer, n: int, device: torch.device, repeats: int) -> dict[str, object]:
     """Student forward+backward at batch n as EDM runs it (eager, NCHW) and with one change each: EDM's float32
     attention instead of the fused kernel, channels-last layout, compiled norms (CUDA only: compiling on a CPU
     takes minutes; the timing excludes the compilation)."""
@@ -269,7 +269,7 @@ def ab_student(trainer: DataParallelTrainer, n: int, device: torch.device, repea
     return out
 
 
-def time_steps(trainer: DataParallelTrainer, emas: StudentEMAs, n: int, device: torch.device, repeats: int
+def time_steps(trainer: FDistillTrainer, emas: StudentEMAs, n: int, device: torch.device, repeats: int
                ) -> tuple[float, float, float]:
     """Generator step (with the extra EMAs) and critic step times at batch n, and the peak memory in GiB."""
     x, y = batch_of(trainer, n)
@@ -281,7 +281,7 @@ def time_steps(trainer: DataParallelTrainer, emas: StudentEMAs, n: int, device: 
     return t_gen, t_crit, peak
 
 
-def step_flops(trainer: DataParallelTrainer, n: int) -> tuple[int, int]:
+def step_flops(trainer: FDistillTrainer, n: int) -> tuple[int, int]:
     x, y = batch_of(trainer, n)
     flops = []
     for fn in (trainer.generator_step, trainer.critic_step):

@@ -70,8 +70,8 @@ def test_micro_batches_share_one_weighting_over_the_whole_batch(placement, monke
     """With gradient accumulation both normalisation stages see the whole batch (section 5), as without it: one
     bin update and one batch mean per generator step, from logits that the gradient pass reproduces exactly
     (dropout included)."""
-    import fdistill_lab.train.trainer as distill_mod
-    from fdistill_lab.losses import FDistillWeighting
+    from fdistill_lab import method
+    from fdistill_lab.method import FDistillWeighting
 
     torch.manual_seed(0)
     teacher = build_edm(**tiny_adm_config(img_resolution=8, img_channels=1, label_dim=10, model_channels=8,
@@ -79,7 +79,7 @@ def test_micro_batches_share_one_weighting_over_the_whole_batch(placement, monke
     cfg = DistillConfig(divergence="fkl", accum_steps=4, bin_ema=0.5, disc_placement=placement, gan_weight_gen=1e-2)
     tr = FDistillTrainer(teacher, cfg)
     calls, logits, used = [], [], []
-    weigh, to_logits, loss_fn = tr.weighting.forward, tr._logits, distill_mod.fdistill_loss
+    weigh, to_logits, loss_fn = tr.weighting.forward, tr._logits, method.fdistill_loss
 
     def weighting(lg, sg, update=True):
         calls.append((lg, sg))
@@ -95,7 +95,7 @@ def test_micro_batches_share_one_weighting_over_the_whole_batch(placement, monke
 
     monkeypatch.setattr(tr.weighting, "forward", weighting)
     monkeypatch.setattr(tr, "_logits", recorded_logits)
-    monkeypatch.setattr(distill_mod, "fdistill_loss", recorded_loss)
+    monkeypatch.setattr(method, "fdistill_loss", recorded_loss)
     tr.generator_step(*_batch(0))
     assert len(calls) == 1 and calls[0][0].shape == (B,)  # one weighting of the whole batch
     h = torch.cat(used)
@@ -291,6 +291,8 @@ def test_sample_draws_on_the_generators_device():
     (dict(betas=(0.9, 1.5)), "betas must be two numbers"),
     (dict(compile_norms="yes"), "compile_norms must be True or False; got 'yes'"),
     (dict(normalize_ratio=1), "normalize_ratio must be True or False; got 1"),
+    (dict(schedule="critic_first", student_update_freq=1), "student_update_freq must be >= 2 with schedule='critic"),
+    (dict(critic_warmup=-1), "critic_warmup must be an integer >= 0"),
 ])
 def test_bad_config_errors(changes, match):
     with pytest.raises(ValueError, match=match):
@@ -342,7 +344,6 @@ def _ddp_worker(rank: int, world: int, placement: str, port: int, out: str, net:
     import os
 
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -350,7 +351,7 @@ def _ddp_worker(rank: int, world: int, placement: str, port: int, out: str, net:
         torch.set_num_threads(1)
         cfg = DistillConfig(disc_placement=placement, student_update_freq=2, gan_weight_gen=1e-2, r1_gamma=0.1)
         teacher = _teacher() if net == "adm" else _ddpmpp_teacher()
-        tr = FDistillTrainer(teacher, cfg, wrap=DistributedDataParallel, rng_offset=rank)
+        tr = FDistillTrainer(teacher, cfg, "cpu", rank=rank, world_size=world, rng_mode="per_rank")
         for i in range(4):
             tr.step(*_batch(world * i + rank))
         flat = torch.cat([p.detach().flatten() for m in (tr.student, tr.fake_score, tr.disc) for p in m.parameters()])

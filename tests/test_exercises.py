@@ -138,6 +138,8 @@ def test_student_copies_written(tmp_path):
     text01 = "\n".join(c.source for c in nbformat.read(tmp_path / NB01.name, as_version=4).cells)
     assert "return r / (r + 1)" not in text01 and '"jeffreys": 1}' not in text01
     assert text01.count("# YOUR CODE HERE") == 2
+    text02 = "\n".join(c.source for c in nbformat.read(tmp_path / "02_toy_mode_coverage.ipynb", as_version=4).cells)
+    assert "predict, run.weighting, c.gan_weight_gen)" not in text02 and text02.count("# YOUR CODE HERE") == 1
 
 
 @pytest.mark.notebooks
@@ -162,3 +164,73 @@ def test_student_copy_stops_at_first_exercise_and_later_cells_fall_back(tmp_path
     assert "h_js is not implemented yet: using fl.reference.h_js" in streams
     rec = read_records(out)
     assert rec["js_weight_sigmoid_max_gap"] < 1e-12 and "summary" in rec  # cells after the exercises ran
+
+
+NB02 = NOTEBOOKS / "02_toy_mode_coverage.ipynb"
+
+
+def _generator_step_solution():
+    """Exercise 02.1's solution cell, run on its own (it needs ``method`` and ``toy`` beside ``torch``)."""
+    from fdistill_lab import method, toy
+
+    ns: dict = {"torch": torch, "method": method, "toy": toy}
+    cells = [c for c in nbformat.read(NB02, as_version=4).cells if "solution" in c.metadata.get("tags", [])]
+    assert len(cells) == 1 and student.has_solution(cells[0].source)
+    exec(compile(cells[0].source, "<solution>", "exec"), ns)
+    return ns["generator_step"]
+
+
+def test_generator_step_solution_passes_its_check(capsys):
+    checks.check_generator_step(_generator_step_solution())
+    checks.check_generator_step(reference.toy_generator_step)
+    out = capsys.readouterr().out.splitlines()
+    assert all(line.startswith("check_generator_step: OK - max |student - library| = 0.0e+00") for line in out)
+
+
+def test_wrong_generator_steps_are_rejected_with_hints():
+    from fdistill_lab import method
+
+    def step(run, order="x-sigma-eps", gan=True, critic_optimiser=False):
+        b = run.config.batch_size
+        if order == "x-sigma-eps":
+            x = run.student.sample(b, run.rng)
+            sigma, eps = run.sample_sigma(b), run.randn(x.shape)
+        elif order == "x-eps-sigma":  # the same draws in another order
+            x = run.student.sample(b, run.rng)
+            eps = run.randn(x.shape)
+            sigma = run.sample_sigma(b)
+        else:  # a second batch of latents drawn and thrown away
+            run.student.sample(b, run.rng)
+            x = run.student.sample(b, run.rng)
+            sigma, eps = run.sample_sigma(b), run.randn(x.shape)
+
+        def predict(x_t):
+            with torch.no_grad():
+                x0_fake = run.fake_score(x_t, sigma)
+            return run.teacher_x0(x_t, sigma), x0_fake, run.disc(x_t, sigma)
+
+        loss, stats = method.generator_objective(x, sigma, eps, predict, run.weighting,
+                                                 run.config.gan_weight_gen if gan else 0.0)
+        run.opt_student.zero_grad()
+        loss.backward()
+        run.opt_student.step()
+        if critic_optimiser:  # the GAN term's gradient also reached the discriminator
+            run.opt_critic.step()
+        return stats
+
+    for wrong in (dict(gan=False), dict(order="x-eps-sigma")):
+        with pytest.raises(AssertionError, match=r"WRONG - max \|student - library\| = .*Hint: draw x, sigma and eps"):
+            checks.check_generator_step(lambda run, wrong=wrong: step(run, **wrong))
+    with pytest.raises(AssertionError, match="WRONG - your step drew other random numbers.*Hint: draw x ="):
+        checks.check_generator_step(lambda run: step(run, order="extra"))
+    with pytest.raises(AssertionError, match="the discriminator changed"):
+        checks.check_generator_step(lambda run: step(run, critic_optimiser=True))
+    with pytest.raises(AssertionError, match="expected the statistics dict"):
+        checks.check_generator_step(lambda run: step(run) and None)
+
+
+def test_generator_step_check_is_fast():
+    checks.check_generator_step(reference.toy_generator_step)  # imports and first calls
+    start = time.perf_counter()
+    checks.check_generator_step(reference.toy_generator_step)
+    assert time.perf_counter() - start < 1.0

@@ -6,7 +6,6 @@ import torch
 
 from fdistill_lab import divergences as D
 from fdistill_lab.losses import (
-    FDistillWeighting,
     denoising_loss,
     distillation_gradient,
     dmd2_loss,
@@ -16,6 +15,7 @@ from fdistill_lab.losses import (
     gan_generator_loss,
     r1_penalty,
 )
+from fdistill_lab.method import FDistillWeighting
 from fdistill_lab.ratio import RatioNormalizer, normalize_weights, ratio_from_logits
 
 

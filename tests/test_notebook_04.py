@@ -49,6 +49,7 @@ def test_smoke_run_records_metrics_then_corrupted_teacher_cache_is_refused(tmp_p
     _check_metrics(rec["teacher"])
     assert rec["teacher"]["cached"] is False and rec["teacher"]["nfe"] == 35
     assert set(rec["students"]) == {"js"}
+    assert rec["generator_step_by_hand_equals_trainer"] is True  # section 4: the step written out = the trainer's
     for m in rec["students"].values():
         _check_metrics(m)
         assert m["train_s"] > 0

@@ -11,7 +11,7 @@ from fdistill_lab import divergences
 from fdistill_lab.mixtures import GaussianMixture, ring, unequal_weights
 from fdistill_lab.toy import (
     ToyConfig,
-    ToyDistiller,
+    ToyTrainer,
     assign_modes,
     evaluate_samples,
     kde_log_prob,
@@ -25,7 +25,7 @@ from fdistill_lab.toy.trainer import score_disagreement
 
 matplotlib.use("Agg")
 
-SMALL = dict(batch=32, hidden=16, depth=2, critic_warmup=0, eval_samples=64, oracle_samples=32)
+SMALL = dict(batch_size=32, hidden=16, depth=2, critic_warmup=0, eval_samples=64, oracle_samples=32)
 
 
 @pytest.fixture(scope="module")
@@ -43,54 +43,63 @@ def _changed(before, module):
 
 @pytest.mark.parametrize("div", divergences.PAPER_NAMES + ("neyman",))
 def test_one_step_per_divergence_changes_parameters(teacher, div):
-    run = ToyDistiller(teacher, ToyConfig(divergence=div, **SMALL))
-    g0, f0, d0 = _params(run.generator), _params(run.fake_score), _params(run.discriminator)
+    run = ToyTrainer(teacher, ToyConfig(divergence=div, **SMALL))
+    g0, f0, d0 = _params(run.student), _params(run.fake_score), _params(run.disc)
     logs = run.critic_step()
-    assert _changed(f0, run.fake_score) and _changed(d0, run.discriminator)
-    assert not _changed(g0, run.generator)
-    assert math.isfinite(logs["dsm_loss"]) and math.isfinite(logs["disc_loss"])
-    d1 = _params(run.discriminator)
+    assert _changed(f0, run.fake_score) and _changed(d0, run.disc)
+    assert not _changed(g0, run.student)
+    assert math.isfinite(logs["loss_dsm"]) and math.isfinite(logs["loss_d"])
+    d1 = _params(run.disc)
     logs = run.generator_step()
-    assert _changed(g0, run.generator)
-    assert not _changed(d1, run.discriminator), "the generator step must not move the discriminator"
-    assert math.isfinite(logs["gen_loss"]) and logs["weight_max"] >= 1.0 - 1e-6
+    assert _changed(g0, run.student)
+    assert not _changed(d1, run.disc), "the generator step must not move the discriminator"
+    assert math.isfinite(logs["loss_f"]) and logs["weight_max"] >= 1.0 - 1e-6
+    assert math.isfinite(logs["grad_norm_student"]) and logs["grad_norm_student"] > 0
 
 
 def test_gan_weight_and_oracle_steps(teacher):
-    run = ToyDistiller(teacher, ToyConfig(divergence="js", gan_weight=0.1, **SMALL))
+    run = ToyTrainer(teacher, ToyConfig(divergence="js", gan_weight_gen=0.1, **SMALL))
     run.critic_step()
-    assert run.generator_step()["gan_gen_loss"] > 0
-    orc = ToyDistiller(teacher, ToyConfig(divergence="fkl", oracle=True, gan_weight=0.1, **SMALL))
-    g0 = _params(orc.generator)
+    assert run.generator_step()["loss_gan_g"] > 0
+    orc = ToyTrainer(teacher, ToyConfig(divergence="fkl", oracle=True, gan_weight_gen=0.1, **SMALL))
+    g0 = _params(orc.student)
     orc.generator_step()
-    assert _changed(g0, orc.generator)
+    assert _changed(g0, orc.student)
     with pytest.raises(RuntimeError, match="oracle"):
         orc.critic_step()
 
 
-def test_train_schedule_and_history(teacher):
-    cfg = ToyConfig(divergence="rkl", steps=4, critic_steps=2, eval_every=2, **SMALL)
-    run = ToyDistiller(teacher, cfg)
-    calls = {"critic": 0}
-    step = run.critic_step
-
-    def counted():
-        calls["critic"] += 1
-        return step()
-
-    run.critic_step = counted
-    hist = run.train(progress=False)
-    assert calls["critic"] == 8 and run.num_generator_steps == 4
-    assert hist["step"] == [1, 2, 3, 4] and hist["eval_step"] == [2, 4]
-    assert all(0 <= c <= 8 for c in hist["eval_modes_covered"])
+def test_fit_follows_the_schedule_and_logs_every_iteration(teacher):
+    """After the critic warm-up, cycles of K iterations: K-1 critic updates, then a generator update (the default
+    ``critic_first`` schedule); one history row per iteration, with the image trainer's keys."""
+    cfg = ToyConfig(**{**SMALL, "divergence": "rkl", "steps": 11, "critic_warmup": 2, "student_update_freq": 3,
+                       "eval_every": 4})
+    run = ToyTrainer(teacher, cfg).fit(progress=False)
+    gen = [r["step"] for r in run.history if r["generator_step"]]
+    assert [r["step"] for r in run.history] == list(range(11)) and gen == [4.0, 7.0, 10.0]
+    assert all("loss_dsm" in r and "loss_f" not in r for r in run.history if not r["generator_step"])
+    assert [e["step"] for e in run.evaluations] == [4.0, 8.0, 11.0]
+    assert all(0 <= e["modes_covered"] <= 8 for e in run.evaluations)
+    assert run.curve("loss_f")[0] == gen and run.curve("mass_tv")[0] == [4.0, 8.0, 11.0]
+    dmd2 = ToyTrainer(teacher, cfg.replace(schedule="dmd2", critic_warmup=0)).fit(until=4, progress=False)
+    assert [("loss_f" in r, "loss_dsm" in r) for r in dmd2.history] == [(True, True), (False, True), (False, True),
+                                                                       (True, True)]
+    oracle = ToyTrainer(teacher, cfg.replace(oracle=True)).fit(progress=False)
+    assert [r["step"] for r in oracle.history if r["generator_step"]] == gen  # critic iterations do nothing
+    assert not any("loss_dsm" in r for r in oracle.history)
+    with pytest.raises(ValueError, match="until must lie in"):
+        run.fit(until=3)
 
 
 def test_config_rejects_bad_input():
     with pytest.raises(ValueError, match="valid names: rkl"):
         ToyConfig(divergence="nonsense")
-    with pytest.raises(ValueError, match="critic_steps"):
-        ToyConfig(critic_steps=0)
-    ToyConfig(critic_steps=0, oracle=True)
+    with pytest.raises(ValueError, match="student_update_freq must be >= 2"):
+        ToyConfig(student_update_freq=1)
+    ToyConfig(student_update_freq=1, oracle=True)
+    ToyConfig(student_update_freq=1, schedule="dmd2")
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        ToyConfig(schedule="ttur")
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):
         ToyConfig(sigma_min=5.0, sigma_max=1.0)
     with pytest.raises(ValueError, match="fake_score_weighting"):
@@ -100,10 +109,10 @@ def test_config_rejects_bad_input():
 
 def test_oracle_ratio_is_exact_mixture_ratio(teacher):
     """The oracle logit is log p_sigma - log q_sigma for the KDE noised at sigma (bandwidth^2 + sigma^2)."""
-    run = ToyDistiller(teacher, ToyConfig(oracle=True, **SMALL))
+    run = ToyTrainer(teacher, ToyConfig(oracle=True, **SMALL))
     g = torch.Generator().manual_seed(3)
     centers = torch.randn(40, 2, generator=g, dtype=torch.float64)
-    bw = run.cfg.oracle_bandwidth
+    bw = run.config.oracle_bandwidth
     kde = student_kde(centers, bw)
     x = torch.randn(25, 2, generator=g) * 2
     for sigma in (0.02, 0.5, 4.0):
@@ -114,7 +123,7 @@ def test_oracle_ratio_is_exact_mixture_ratio(teacher):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(got.double(), teacher.log_ratio(kde, x.double(), sigma), rtol=1e-5, atol=1e-4)
     # the KDE of independent fresh samples: the oracle model has oracle_samples centres
-    assert run.oracle_model().num_components == run.cfg.oracle_samples
+    assert run.oracle_model().num_components == run.config.oracle_samples
 
 
 def test_assign_modes_known_points(teacher):
@@ -195,27 +204,25 @@ def test_evaluations_do_not_change_training(teacher):
     """Evaluation draws from its own generator: how often and how much a run is evaluated leaves its training,
     and so its result, exactly as it is; so do Fig. 2 analyses of an oracle run."""
     def trained(**kw):
-        run = ToyDistiller(teacher, ToyConfig(**{**SMALL, "steps": 6, **kw}))
-        run.train(progress=False)
-        return run
+        return ToyTrainer(teacher, ToyConfig(**{**SMALL, "steps": 6, **kw})).fit(progress=False)
 
     base = trained(eval_every=6, eval_samples=100)
     for other in (trained(eval_every=1, eval_samples=300), trained(eval_every=2, eval_samples=100)):
-        for a, b in zip(base.generator.parameters(), other.generator.parameters()):
+        for a, b in zip(base.student.parameters(), other.student.parameters()):
             assert torch.equal(a, b)
-    oracle = ToyDistiller(teacher, ToyConfig(oracle=True, **SMALL))
+    oracle = ToyTrainer(teacher, ToyConfig(oracle=True, **SMALL))
     state = oracle.rng.get_state()
     a, b = (score_disagreement(oracle, sigma=0.5, n=100, seed=3)["log_r"] for _ in range(2))
     assert torch.equal(a, b) and torch.equal(oracle.rng.get_state(), state)
 
 
 def test_edm_fake_score_weighting_uses_the_toy_sigma_data(teacher, monkeypatch):
-    import fdistill_lab.toy.trainer as toy_train
+    from fdistill_lab import method
 
     seen = []
-    real = toy_train.denoising_loss
-    monkeypatch.setattr(toy_train, "denoising_loss", lambda *a, **k: seen.append(a[4:] or k) or real(*a, **k))
-    ToyDistiller(teacher, ToyConfig(fake_score_weighting="edm", sigma_data=1.4, **SMALL)).critic_step()
+    real = method.denoising_loss
+    monkeypatch.setattr(method, "denoising_loss", lambda *a, **k: seen.append(a[4:] or k) or real(*a, **k))
+    ToyTrainer(teacher, ToyConfig(fake_score_weighting="edm", sigma_data=1.4, **SMALL)).critic_step()
     assert seen == [(1.4,)]
 
 
@@ -223,7 +230,7 @@ def test_score_disagreement_and_plots(teacher):
     from fdistill_lab.toy import plots as toy_plots
 
     for oracle in (False, True):
-        run = ToyDistiller(teacher, ToyConfig(oracle=oracle, **SMALL))
+        run = ToyTrainer(teacher, ToyConfig(oracle=oracle, **SMALL))
         data = score_disagreement(run, sigma=0.5, n=200)
         assert data["x_t"].shape == (200, 2) and data["disagreement"].shape == (200,)
         for k in ("h_rkl", "h_js", "h_fkl"):
@@ -235,8 +242,8 @@ def test_score_disagreement_and_plots(teacher):
     figs = [
         toy_plots.plot_samples({"rkl": teacher.sample(100), "fkl": teacher.sample(100)}, teacher),
         toy_plots.plot_mode_mass({"rkl": np.full((2, 8), 1 / 8), "fkl": np.full(8, 1 / 8)}, teacher.weights),
-        toy_plots.plot_training_curves({"rkl": [run.history or {"step": [1, 2], "gen_loss": [1.0, 0.5]}]},
-                                       keys=("gen_loss",)),
+        toy_plots.plot_training_curves({"rkl": [ToyTrainer(teacher, ToyConfig(steps=4, **SMALL)).fit(progress=False)]},
+                                       keys=("loss_f", "mass_tv")),
         toy_plots.plot_score_disagreement(data, teacher, 0.5),
     ]
     assert all(isinstance(f, matplotlib.figure.Figure) for f in figs)
@@ -257,12 +264,12 @@ def test_resolve_divergences():
 def test_run_comparison_tiny(teacher):
     from fdistill_lab.toy import run_comparison
 
-    cfg = ToyConfig(steps=3, eval_every=3, **SMALL)
+    cfg = ToyConfig(steps=9, student_update_freq=3, eval_every=3, **SMALL)
     threads = torch.get_num_threads()
     res = run_comparison(teacher, ["rkl", "fkl"], [0, 1], cfg, eval_samples=200, progress=False, threads=1)
     assert torch.get_num_threads() == threads
     assert list(res.metrics) == ["rkl", "fkl"] and [m["seed"] for m in res.metrics["fkl"]] == [0, 1]
-    assert res.runs["fkl"][1].cfg.divergence == "fkl" and res.runs["fkl"][1].cfg.seed == 1
+    assert res.runs["fkl"][1].config.divergence == "fkl" and res.runs["fkl"][1].config.seed == 1
     assert res.samples["rkl"][0].shape == (200, 2)
     s = res.summary()
     assert set(s) == {"rkl", "fkl"} and s["rkl"]["modes_covered"]["std"] >= 0
@@ -274,8 +281,9 @@ def test_run_comparison_tiny(teacher):
 def test_forward_kl_covers_more_than_reverse_kl(teacher):
     """Classroom setting (notebook 02 defaults), 3 seeds: forward KL covers more modes than reverse KL on average.
 
-    Measured (400 steps, 2 critic steps, std-0.2 ring, 3000 eval samples): fkl 7/7/8 modes, rkl 5/7/5. At 300
-    steps reverse KL does as well (notebook 02), so this guards the recorded behaviour rather than a robust effect.
+    Measured (400 generator steps, 2 critic updates each, std-0.2 ring, 3000 eval samples): fkl 7/7/8 modes, rkl
+    5/7/5. At 300 generator steps reverse KL does as well (notebook 02), so this guards the recorded behaviour
+    rather than a robust effect.
     """
     from fdistill_lab.toy import default_teacher, run_comparison
 

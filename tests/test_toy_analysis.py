@@ -1,4 +1,4 @@
-"""Notebook 03's measurement helpers (toy_analysis) and the one-factor-at-a-time design (sensitivity)."""
+"""Notebook 03's measurement helpers (toy.analysis) and the one-factor-at-a-time design (toy.sensitivity)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def teacher():
 
 @pytest.fixture(scope="module")
 def short_run(teacher):
-    cfg = toy.ToyConfig(divergence="js", steps=12, batch=64, critic_warmup=5, eval_every=6, eval_samples=200)
+    cfg = toy.ToyConfig(divergence="js", steps=41, batch_size=64, critic_warmup=5, eval_every=6, eval_samples=200)
     return toy_analysis.train_and_evaluate(teacher, cfg, eval_samples=300, progress=False)
 
 
@@ -37,12 +37,11 @@ def test_fluctuation():
         toy_analysis.fluctuation([1.0, 2.0])
 
 
-def test_instrumented_run_logs_grad_norms(short_run):
-    h = short_run["history"]
-    assert len(h["grad_norm"]) == 12 and all(math.isfinite(v) and v > 0 for v in h["grad_norm"])
+def test_train_and_evaluate_logs_grad_norms(short_run):
+    _, norms = short_run["run"].curve("grad_norm_student")
+    assert len(norms) == 12 and all(math.isfinite(v) and v > 0 for v in norms)  # (41 - 5) / 3 generator steps
     assert short_run["sec_per_iter"] > 0 and short_run["metrics"]["modes_covered"] >= 1
-    assert short_run["run"].cfg.critic_warmup == 5  # restored after training
-    assert set(short_run["fluctuation"]) == {"gen_loss", "grad_norm"}
+    assert set(short_run["fluctuation"]) == {"loss_f", "grad_norm_student"}
 
 
 def test_gradient_variance_matched_state(short_run):
@@ -53,7 +52,7 @@ def test_gradient_variance_matched_state(short_run):
     assert all(v["trace_var"] > 0 and v["rel_var"] > 0 for v in out.values())
     again = toy_analysis.gradient_variance(snap, ["fkl"], num_batches=6, batch=128)
     assert again["fkl"]["trace_var"] == pytest.approx(out["fkl"]["trace_var"], rel=1e-5)  # same seed, same batches
-    assert snap.generator is not short_run["run"].generator
+    assert snap.student is not short_run["run"].student
     with pytest.raises(ValueError, match="valid"):
         toy_analysis.gradient_variance(snap, ["nope"], num_batches=2)
 
@@ -89,7 +88,7 @@ def test_ratio_calibration_against_a_constant_discriminator(short_run):
         def forward(self, x, sigma):
             return torch.zeros(x.shape[0])
 
-    snap.discriminator = Zero()
+    snap.disc = Zero()
     cal = toy_analysis.ratio_calibration(snap, [0.3, 2.0], n=400, kde_samples=600)
     rows = pd.DataFrame(cal["rows"])
     assert set(rows.variant) == {"raw", "clipped", "clipped+bins", "true (KDE)"}
@@ -110,7 +109,7 @@ def test_peak_tensor_bytes_and_cost(teacher):
         return b.sum()
 
     assert toy_analysis.peak_tensor_bytes(two_big) >= 2 * 512 * 512 * 4
-    cost = toy_analysis.iteration_cost(teacher, toy.ToyConfig(divergence="fkl", batch=32), iters=2, warmup=1)
+    cost = toy_analysis.iteration_cost(teacher, toy.ToyConfig(divergence="fkl", batch_size=32), iters=2, warmup=1)
     assert all(v > 0 for v in cost.values())
     assert cost["gen_step_s"] <= cost["sec_per_iter"]
 
@@ -122,10 +121,14 @@ DEFAULTS = {"lr": 0.002, "ratio_min": 0.1, "ratio_max": 20.0}
 def test_ofat_points_share_the_default_runs():
     pts = sensitivity.ofat_points(["js", "fkl"], [0, 1], AXES, DEFAULTS)
     assert len(pts) == 2 * 2 * 3  # default + one other setting per axis
-    assert {"div": "js", "seed": 0, "lr": 0.005, "ratio_min": 0.1, "ratio_max": 20.0} in pts
+    assert {"divergence": "js", "seed": 0, "lr": 0.005, "ratio_min": 0.1, "ratio_max": 20.0} in pts
     with pytest.raises(ValueError, match="no default"):
         sensitivity.ofat_points(["js"], [0], {"gan_weight": [0.0]}, DEFAULTS)
     assert sensitivity.setting_label({"ratio_min": 0.1, "ratio_max": 20.0}) == "0.1-20"
+    assert sensitivity.setting_label({"student_update_freq": 2, "steps": 650, "label": "2"}) == "2"
+    labelled = sensitivity.ofat_points(["js"], [0], {"k": [{"k": 3, "steps": 9, "label": "3"}]},
+                                       {"k": 3, "steps": 9})
+    assert labelled == [{"divergence": "js", "seed": 0, "k": 3, "steps": 9}]  # the label is not a setting
 
 
 def test_axis_summary_and_heatmaps():
@@ -146,18 +149,18 @@ def test_axis_summary_and_heatmaps():
 
 
 def test_train_with_snapshots(teacher):
-    cfg = toy.ToyConfig(divergence="fkl", steps=6, batch=32, critic_warmup=2, eval_every=3, eval_samples=100)
-    run, snaps = toy_analysis.train_with_snapshots(teacher, cfg, [0, 4], progress=False)
-    assert sorted(snaps) == [0, 4] and run.num_generator_steps == 6 and snaps[4].num_generator_steps == 4
-    assert run.cfg.steps == 6 and run.cfg.critic_warmup == 2
-    w0, w4 = (next(s.generator.parameters()) for s in (snaps[0], snaps[4]))
-    assert not torch.equal(w0, w4) and not torch.equal(w4, next(run.generator.parameters()))
+    cfg = toy.ToyConfig(divergence="fkl", steps=20, batch_size=32, critic_warmup=2, eval_every=3, eval_samples=100)
+    run, snaps = toy_analysis.train_with_snapshots(teacher, cfg, [2, 14], progress=False)
+    assert sorted(snaps) == [2, 14] and run.step_count == 20 and snaps[14].step_count == 14
+    w2, w14 = (next(s.student.parameters()) for s in (snaps[2], snaps[14]))
+    assert not torch.equal(w2, w14) and not torch.equal(w14, next(run.student.parameters()))
+    assert snaps[14].history == [] and len(run.history) == 20
     with pytest.raises(ValueError, match="snapshot steps"):
-        toy_analysis.train_with_snapshots(teacher, cfg, [7])
+        toy_analysis.train_with_snapshots(teacher, cfg, [21])
 
 
 def test_learned_critic_analyses_refuse_an_oracle_run(teacher):
-    run = toy.ToyDistiller(teacher, toy.ToyConfig(oracle=True, steps=2, batch=32, eval_every=2, eval_samples=100))
+    run = toy.ToyTrainer(teacher, toy.ToyConfig(oracle=True, steps=2, batch_size=32, eval_every=2, eval_samples=100))
     x, s = torch.zeros(4, 2), torch.full((4,), 0.5)
     for call in (lambda: toy_analysis.log_ratio_estimates(run, x, s),
                  lambda: toy_analysis.ratio_calibration(run, [0.5], n=10, kde_samples=20),
@@ -167,9 +170,9 @@ def test_learned_critic_analyses_refuse_an_oracle_run(teacher):
 
 
 def test_snapshots_do_not_change_the_trained_run(teacher):
-    cfg = dict(divergence="js", steps=8, batch=32, critic_warmup=3, eval_every=8, eval_samples=100)
+    cfg = dict(divergence="js", steps=27, batch_size=32, critic_warmup=3, eval_every=8, eval_samples=100)
     whole = toy_analysis.train_and_evaluate(teacher, toy.ToyConfig(**cfg), eval_samples=100, progress=False)["run"]
-    chunked, snaps = toy_analysis.train_with_snapshots(teacher, toy.ToyConfig(**cfg), at=[0, 3, 5], progress=False)
-    assert sorted(snaps) == [0, 3, 5]
-    for a, b in zip(whole.generator.parameters(), chunked.generator.parameters()):
+    chunked, snaps = toy_analysis.train_with_snapshots(teacher, toy.ToyConfig(**cfg), at=[3, 12, 18], progress=False)
+    assert sorted(snaps) == [3, 12, 18]
+    for a, b in zip(whole.student.parameters(), chunked.student.parameters()):
         assert torch.equal(a, b)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -59,3 +60,37 @@ def check_mode_prediction(prediction: Mapping[str, int] | Callable[[], Mapping[s
              "compare the weight where the student misses mass (r >> 1) with the weight on the light mode it sits "
              "on (r <= 1): growing with r is not enough at 80/20 (h = r + 1 still keeps one mode); what does h(r) "
              "do as r -> 0, and which h weighs large r most against it?")
+
+
+def check_generator_step(step_fn: Callable[[Any], Mapping[str, Any]]) -> None:
+    """Exercise 02.1: ``step_fn(run)`` must make the toy trainer's generator update: from the same state, two updates
+    of ``step_fn`` and two of :meth:`~fdistill_lab.toy.trainer.ToyTrainer.generator_step` draw the same random
+    numbers and give the same student (to float32 rounding), with the GAN term on, so that its gradient counts."""
+    from ..toy import ToyConfig, ToyTrainer, default_teacher
+
+    name = "check_generator_step"
+    config = ToyConfig(divergence="fkl", steps=12, critic_warmup=4, batch_size=64, hidden=32, gan_weight_gen=0.1,
+                       eval_every=12, seed=1)
+    mine, ref = ToyTrainer(default_teacher(), config), ToyTrainer(default_teacher(), config)
+    for run in (mine, ref):
+        run.fit(until=6, progress=False)  # trained critics, one generator update done
+    disc = [p.detach().clone() for p in mine.disc.parameters()]
+    for _ in range(2):
+        stats = step_fn(mine)
+        ref.generator_step()
+    if not isinstance(stats, Mapping) or "loss_f" not in stats:
+        _verdict(name, False, f"expected the statistics dict of method.generator_objective, got {type(stats).__name__}",
+                 "return the second value that method.generator_objective returns")
+    if not torch.equal(mine.rng.get_state(), ref.rng.get_state()):
+        _verdict(name, False, "your step drew other random numbers than the library's",
+                 "draw x = run.student.sample(b, run.rng), then sigma = run.sample_sigma(b), then "
+                 "eps = run.randn(x.shape), and nothing else from run.rng")
+    diff = max(float((a - b).detach().abs().max()) for a, b in zip(mine.student.parameters(), ref.student.parameters()))
+    moved = any(not torch.equal(a, b) for a, b in zip(disc, mine.disc.parameters()))
+    _verdict(name, diff <= 1e-6 and not moved,
+             f"max |student - library| = {diff:.1e} over the student's weights after 2 updates"
+             + ("; the discriminator changed" if moved else ""),
+             "draw x, sigma and eps in this order; predict(x_t) returns (run.teacher_x0(x_t, sigma), the fake "
+             "score's x0 under torch.no_grad(), "
+             "run.disc(x_t, sigma)); the loss is method.generator_objective(x, sigma, eps, predict, run.weighting, "
+             "c.gan_weight_gen); then zero_grad, backward and run.opt_student.step(), only the student's optimiser")

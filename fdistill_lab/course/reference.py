@@ -1,8 +1,7 @@
 """Reference solutions of the notebook exercises, and ``fallback`` for unfinished student code.
 
 Later cells call ``fallback(student_fn, reference_fn)`` so a student can run the whole notebook before
-finishing an exercise: the student's function is used unless it raises ``NotImplementedError``
-(notebook_conventions.md section 6).
+finishing an exercise: the student's function is used unless it raises nbgrader's stub ``NotImplementedError``.
 """
 
 from __future__ import annotations
@@ -55,3 +54,8 @@ def fallback(student_fn: Callable[..., Any], reference_fn: Callable[..., Any]) -
 
     wrapper.uses_reference = lambda: state["use_reference"]  # type: ignore[attr-defined]
     return wrapper
+
+
+def toy_generator_step(run: Any) -> dict[str, float]:
+    """Exercise 02.1 (reference): the toy trainer's own generator update."""
+    return run.generator_step()

@@ -1,13 +1,15 @@
-"""The 2-D toy lab of notebook 02: distil an analytic Gaussian-mixture teacher into a one-step MLP
-generator with any f-divergence, and measure mode coverage.
+"""Lab of notebooks 02-03: distil an analytic Gaussian-mixture teacher in 2-D into a one-step MLP with any
+f-divergence, and measure mode coverage.
 
 - ``models``: generator, fake score (EDM denoiser), discriminator, the oracle's KDE of the student.
-- ``train``: ``ToyConfig``, ``ToyDistiller`` (critic / generator steps), ``train_toy``.
+- ``trainer``: ``ToyConfig``, ``ToyTrainer`` (the image trainer's schedule and names), ``train_toy``.
 - ``metrics``: modes covered, precision, recall, mode-mass error, KDE-based KL estimates.
-- ``experiment``: the notebook's teacher and the divergences x seeds sweep.
+- ``experiment``: the notebook's teacher and the divergences x seeds comparison.
+- ``analysis``: ratio calibration, gradient variance, loss fluctuation and cost (notebook 03); ``plots``: figures.
+- ``sensitivity`` and ``grid``: one-factor-at-a-time studies run as parallel, resumable grids of toy runs.
 """
 
-from .experiment import COMPARISON, Comparison, default_teacher, resolve_divergences, run_comparison
+from .experiment import COMPARISON, Comparison, default_teacher, final_samples, resolve_divergences, run_comparison
 from .metrics import (
     assign_modes,
     evaluate_samples,
@@ -18,12 +20,12 @@ from .metrics import (
     select_bandwidth,
     summarize,
 )
-from .models import Generator, ToyDenoiser, ToyDiscriminator, student_kde
-from .trainer import ToyConfig, ToyDistiller, score_disagreement, train_toy
+from .models import ToyDenoiser, ToyDiscriminator, ToyGenerator, student_kde
+from .trainer import EVALUATION_KEYS, ToyConfig, ToyTrainer, score_disagreement, train_toy
 
 __all__ = [
-    "COMPARISON", "Comparison", "default_teacher", "resolve_divergences", "run_comparison", "score_disagreement",
-    "Generator", "ToyConfig", "ToyDenoiser", "ToyDiscriminator", "ToyDistiller", "assign_modes",
-    "evaluate_samples", "kde_log_prob", "kl_estimates", "mode_metrics", "recall", "select_bandwidth",
-    "student_kde", "summarize", "train_toy",
+    "COMPARISON", "Comparison", "EVALUATION_KEYS", "ToyConfig", "ToyDenoiser", "ToyDiscriminator", "ToyGenerator",
+    "ToyTrainer", "assign_modes", "default_teacher", "evaluate_samples", "final_samples", "kde_log_prob",
+    "kl_estimates", "mode_metrics", "recall", "resolve_divergences", "run_comparison", "score_disagreement",
+    "select_bandwidth", "student_kde", "summarize", "train_toy",
 ]

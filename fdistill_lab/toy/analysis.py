@@ -1,8 +1,7 @@
 """Measurements on the 2-D toy for notebook 03: ratio calibration, loss and gradient fluctuation,
 gradient variance at matched states, per-iteration cost and peak tensor memory.
 
-Built on ``fdistill_lab.toy`` (notebook 02's training code) without changing it:
-- ``InstrumentedDistiller`` logs the generator's gradient norm each step (a pre-step hook on its optimiser).
+Built on the toy trainer of notebook 02 without changing it:
 - ``ratio_calibration`` compares the discriminator's r = exp(logit) with the "true" p_sigma / q_sigma,
   where q_sigma is a Gaussian KDE of fresh student samples (bandwidth by held-out likelihood), noised
   exactly; paper section 4 (ratio from logits) and section 5 (stage-1 normalisation).
@@ -25,30 +24,16 @@ from contextlib import contextmanager
 import torch
 
 from .. import divergences
-from ..losses import FDistillWeighting, fdistill_loss
+from ..losses import fdistill_loss
+from ..method import FDistillWeighting, noisy
 from ..mixtures import GaussianMixture
 from ..ratio import ratio_from_logits
-from . import ToyConfig, ToyDistiller, evaluate_samples, select_bandwidth, student_kde
+from .experiment import final_samples
+from .metrics import evaluate_samples, select_bandwidth
+from .models import student_kde
+from .trainer import ToyConfig, ToyTrainer
 
 RATIO_VARIANTS = ("raw", "clipped", "clipped+bins")
-
-
-class InstrumentedDistiller(ToyDistiller):
-    """``ToyDistiller`` whose history also holds ``grad_norm``: the generator's gradient L2 norm per step."""
-
-    def __init__(self, teacher: GaussianMixture, config: ToyConfig) -> None:
-        super().__init__(teacher, config)
-        self._grad_norm = float("nan")
-        self.opt_gen.register_step_pre_hook(self._record_grad_norm)
-
-    def _record_grad_norm(self, optimizer, args, kwargs) -> None:
-        grads = [p.grad.detach().norm() for p in self.generator.parameters() if p.grad is not None]
-        self._grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
-
-    def generator_step(self) -> dict[str, float]:
-        logs = super().generator_step()
-        logs["grad_norm"] = self._grad_norm
-        return logs
 
 
 def peak_rss_mb() -> float:
@@ -58,57 +43,39 @@ def peak_rss_mb() -> float:
 
 def train_and_evaluate(teacher: GaussianMixture, config: ToyConfig, eval_samples: int = 4000,
                        progress: bool = True, desc: str | None = None) -> dict:
-    """Train one instrumented run and evaluate ``eval_samples`` final samples (``toy.evaluate_samples``).
+    """Train one run and evaluate ``eval_samples`` final samples (``toy.evaluate_samples``).
 
-    Returns ``metrics``, ``history`` (incl. ``grad_norm``), ``seconds`` (warm-up + training),
-    ``sec_per_iter`` (training with its periodic ``eval_every`` evaluations, without the warm-up, divided by the
-    generator steps), ``fluctuation`` and the ``run``.
+    Returns ``metrics``, ``seconds`` (warm-up + training), ``sec_per_iter`` (the iterations after the critic
+    warm-up, with their periodic ``eval_every`` evaluations, per iteration), ``fluctuation`` of the surrogate loss
+    ``loss_f`` and of the student's gradient norm ``grad_norm_student`` over the generator steps, the final
+    ``samples`` and the ``run`` (its ``history`` and ``evaluations``).
     """
-    run = InstrumentedDistiller(teacher, config)
-    c = run.cfg
+    run = ToyTrainer(teacher, config)
+    c = run.config
     t0 = time.perf_counter()
-    if not c.oracle:
-        for _ in range(c.critic_warmup):
-            run.critic_step()
+    run.fit(until=min(c.critic_warmup, c.steps), progress=False)
     t1 = time.perf_counter()
-    warm, c.critic_warmup = c.critic_warmup, 0  # train() would warm up again
-    run.train(progress=progress, desc=desc)
-    c.critic_warmup = warm
+    run.fit(progress=progress, desc=desc)
     t2 = time.perf_counter()
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(10_000 + c.seed)
-        x = run.generator(torch.randn(eval_samples, c.z_dim, generator=g))
-    h = run.history
-    return {"metrics": evaluate_samples(x, teacher, seed=c.seed), "history": h, "seconds": t2 - t0,
-            "sec_per_iter": (t2 - t1) / c.steps, "samples": x,
-            "fluctuation": {k: fluctuation(h[k]) for k in ("gen_loss", "grad_norm")}, "run": run}
+    x = final_samples(run, eval_samples)
+    return {"metrics": evaluate_samples(x, teacher, seed=c.seed), "seconds": t2 - t0,
+            "sec_per_iter": (t2 - t1) / max(1, c.steps - run.config.critic_warmup), "samples": x,
+            "fluctuation": {k: fluctuation(run.curve(k)[1]) for k in ("loss_f", "grad_norm_student")}, "run": run}
 
 
 def train_with_snapshots(teacher: GaussianMixture, config: ToyConfig, at: Sequence[int],
-                         progress: bool = True) -> tuple[InstrumentedDistiller, dict[int, ToyDistiller]]:
-    """Train one instrumented run and keep frozen copies (``snapshot``) after the generator steps in ``at``
-    (0 = right after the critic warm-up). The schedule is the same as ``ToyDistiller.train``."""
+                         progress: bool = True) -> tuple[ToyTrainer, dict[int, ToyTrainer]]:
+    """Train one run and keep frozen copies (``snapshot``) after the iterations in ``at``; the training is the same
+    as without them."""
     marks = sorted(set(int(a) for a in at))
     if not marks or marks[0] < 0 or marks[-1] > config.steps:
         raise ValueError(f"snapshot steps must lie in [0, steps={config.steps}]; got {list(at)}")
-    run = InstrumentedDistiller(teacher, config)
-    c = run.cfg
-    if not c.oracle:
-        for _ in range(c.critic_warmup):
-            run.critic_step()
-    total, warm = c.steps, c.critic_warmup
-    snaps, done = {}, 0
-    try:
-        c.critic_warmup = 0
-        for mark in [*marks, total]:
-            if mark > done:
-                c.steps = mark - done
-                run.train(progress=progress, desc=f"{c.divergence} steps {done}-{mark}")
-                done = mark
-            if mark in marks and mark not in snaps:
-                snaps[mark] = snapshot(run)
-    finally:
-        c.steps, c.critic_warmup = total, warm
+    run = ToyTrainer(teacher, config)
+    snaps = {}
+    for mark in marks:
+        run.fit(until=mark, progress=progress, desc=f"{config.divergence} to iteration {mark}")
+        snaps[mark] = snapshot(run)
+    run.fit(progress=progress)
     return run, snaps
 
 
@@ -127,27 +94,27 @@ def fluctuation(values: Sequence[float], burn_in: float = 0.2) -> dict[str, floa
 
 
 # ---------------------------------------------------------------------------------------- density ratio
-def _require_trained_critics(run: ToyDistiller, what: str) -> None:
+def _require_trained_critics(run: ToyTrainer, what: str) -> None:
     """The analyses of the learned ratio and fake score need them trained; an oracle run never trains them."""
-    if run.cfg.oracle:
+    if run.config.oracle:
         raise ValueError(f"{what} studies the run's trained discriminator and fake score, but this run has "
                          "oracle=True (exact critics; its networks were never trained): use a run with oracle=False")
 
 
-def log_ratio_estimates(run: ToyDistiller, x_t: torch.Tensor, sigma: torch.Tensor) -> dict[str, torch.Tensor]:
+def log_ratio_estimates(run: ToyTrainer, x_t: torch.Tensor, sigma: torch.Tensor) -> dict[str, torch.Tensor]:
     """log r from the run's discriminator: raw exp(logit), clipped (logit and ratio clip), and clipped
     then divided by the run's stage-1 per-bin running mean (its state after training, not updated)."""
-    c = run.cfg
+    c = run.config
     _require_trained_critics(run, "log_ratio_estimates")
     with torch.no_grad():
-        logit = run.discriminator(x_t, sigma).double()
+        logit = run.disc(x_t, sigma).double()
         r = ratio_from_logits(logit, c.logit_clip, c.ratio_min, c.ratio_max)
         binned = run.weighting.normalizer(r, sigma, update=False) if c.normalize_ratio else r
     return {"raw": logit, "clipped": r.log(), "clipped+bins": binned.log()}
 
 
 @torch.no_grad()
-def ratio_calibration(run: ToyDistiller, sigmas: Sequence[float], n: int = 2000, kde_samples: int = 4000,
+def ratio_calibration(run: ToyTrainer, sigmas: Sequence[float], n: int = 2000, kde_samples: int = 4000,
                       seed: int = 0) -> dict:
     """Discriminator ratio vs the KDE-based "true" log p_sigma / q_sigma on noisy student samples.
 
@@ -159,16 +126,16 @@ def ratio_calibration(run: ToyDistiller, sigmas: Sequence[float], n: int = 2000,
     """
     _require_trained_critics(run, "ratio_calibration")
     g = torch.Generator().manual_seed(seed)
-    z_dim = run.generator.z_dim
-    fit = run.generator(torch.randn(kde_samples, z_dim, generator=g)).double()
-    held = run.generator(torch.randn(kde_samples // 2, z_dim, generator=g)).double()
+    z_dim = run.student.z_dim
+    fit = run.student(torch.randn(kde_samples, z_dim, generator=g)).double()
+    held = run.student(torch.randn(kde_samples // 2, z_dim, generator=g)).double()
     bw = select_bandwidth(fit, held)
     kde = student_kde(fit, bw)
     rows, points = [], {}
     for s in sigmas:
         if s <= 0:
             raise ValueError(f"sigmas must be > 0; got {s}")
-        x = run.generator(torch.randn(n, z_dim, generator=g)).double()
+        x = run.student(torch.randn(n, z_dim, generator=g)).double()
         sig = torch.full((n,), float(s), dtype=torch.float64)
         x_t = x + s * torch.randn(x.shape, generator=g, dtype=torch.float64)
         true = run.teacher.log_ratio(kde, x_t, sig)
@@ -185,12 +152,12 @@ def ratio_calibration(run: ToyDistiller, sigmas: Sequence[float], n: int = 2000,
 
 
 # ---------------------------------------------------------------------------------------- gradient variance
-def snapshot(run: ToyDistiller) -> ToyDistiller:
+def snapshot(run: ToyTrainer) -> ToyTrainer:
     """A frozen copy of the run's networks and ratio state (shares teacher and config; no optimiser use)."""
     snap = copy.copy(run)
-    for name in ("generator", "fake_score", "discriminator", "weighting"):
+    for name in ("student", "fake_score", "disc", "weighting"):
         setattr(snap, name, copy.deepcopy(getattr(run, name)))
-    snap.history = {}
+    snap.history, snap.evaluations = [], []
     return snap
 
 
@@ -199,7 +166,7 @@ def _flat_grad(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in grads])
 
 
-def gradient_variance(run: ToyDistiller, divs: Sequence[str], num_batches: int = 32, batch: int | None = None,
+def gradient_variance(run: ToyTrainer, divs: Sequence[str], num_batches: int = 32, batch: int | None = None,
                       seed: int = 0) -> dict[str, dict[str, float]]:
     """Spread of the generator's f-distill gradient over ``num_batches`` mini-batches, per divergence.
 
@@ -212,15 +179,15 @@ def gradient_variance(run: ToyDistiller, divs: Sequence[str], num_batches: int =
     if num_batches < 2:
         raise ValueError(f"num_batches must be >= 2; got {num_batches}")
     _require_trained_critics(run, "gradient_variance")
-    c = run.cfg
+    c = run.config
     names = [divergences.canonical_name(d) for d in divs]
     weightings = {}
     for d in names:
         w = FDistillWeighting.from_config(c, d)
         w.load_state_dict(run.weighting.state_dict())
         weightings[d] = w
-    params = [p for p in run.generator.parameters() if p.requires_grad]
-    b = batch or c.batch
+    params = [p for p in run.student.parameters() if p.requires_grad]
+    b = batch or c.batch_size
     g = torch.Generator().manual_seed(seed)
     grads: dict[str, list[torch.Tensor]] = {d: [] for d in names}
     wvar: dict[str, list[float]] = {d: [] for d in names}
@@ -228,13 +195,13 @@ def gradient_variance(run: ToyDistiller, divs: Sequence[str], num_batches: int =
     run.rng = g  # the run's own sampling helpers, fed by this seed
     try:
         for _ in range(num_batches):
-            x = run.generator.sample(b, g)
+            x = run.student.sample(b, g)
             sigma = run.sample_sigma(b)
-            x_t = run.noise(x.detach(), sigma)
+            x_t = noisy(x.detach(), sigma, run.randn(x.shape))
             x0_teacher = run.teacher_x0(x_t, sigma)
             with torch.no_grad():
                 x0_fake = run.fake_score(x_t, sigma)
-                logits = run.discriminator(x_t, sigma)
+                logits = run.disc(x_t, sigma)
             for d in names:
                 h, _ = weightings[d](logits, sigma, update=False)
                 grads[d].append(_flat_grad(fdistill_loss(x, x0_fake, x0_teacher, h), params))
@@ -299,40 +266,40 @@ def peak_tensor_bytes(fn: Callable[[], object]) -> int:
 
 def iteration_cost(teacher: GaussianMixture, config: ToyConfig, iters: int = 20, warmup: int = 3,
                    weighting_reps: int = 200) -> dict[str, float]:
-    """Wall time of one training iteration (critic_steps critic updates + 1 generator update) and of its
-    generator update alone (medians over ``iters``), the time of the weighting h_norm alone (mean of
-    ``weighting_reps`` calls), and the peak tensor memory of one iteration. Fresh networks from ``config``."""
+    """Wall time per iteration over a cycle of the schedule (``student_update_freq`` iterations: one generator
+    update and its critic updates) and of the generator update alone (medians over ``iters`` cycles, after
+    ``warmup`` cycles), the time of the weighting h_norm alone (mean of ``weighting_reps`` calls), and the peak
+    tensor memory of one cycle. Fresh networks from ``config``, its schedule started after the critic warm-up."""
     if iters < 1 or warmup < 0 or weighting_reps < 1:
         raise ValueError(f"need iters >= 1, warmup >= 0, weighting_reps >= 1; got {iters}, {warmup}, {weighting_reps}")
-    run = ToyDistiller(teacher, config)
+    run = ToyTrainer(teacher, config.replace(critic_warmup=0, steps=10**9))
+    k = run.config.student_update_freq
 
-    def iteration() -> None:
-        if not run.cfg.oracle:
-            for _ in range(run.cfg.critic_steps):
-                run.critic_step()
-        run.generator_step()
+    def cycle() -> float:
+        """K iterations; returns the time of its generator update."""
+        gen_s = 0.0
+        for _ in range(k):
+            t = time.perf_counter()
+            logs = run.step()
+            if logs["generator_step"]:
+                gen_s += time.perf_counter() - t
+        return gen_s
 
     for _ in range(warmup):
-        iteration()
+        cycle()
     it, gen = [], []
     for _ in range(iters):
         t0 = time.perf_counter()
-        if not run.cfg.oracle:
-            for _ in range(run.cfg.critic_steps):
-                run.critic_step()
-        t1 = time.perf_counter()
-        run.generator_step()
-        t2 = time.perf_counter()
-        it.append(t2 - t0)
-        gen.append(t2 - t1)
-    logits = torch.randn(config.batch)
-    sigma = run.sample_sigma(config.batch)
+        gen.append(cycle())
+        it.append((time.perf_counter() - t0) / k)
+    logits = torch.randn(config.batch_size)
+    sigma = run.sample_sigma(config.batch_size)
     t0 = time.perf_counter()
     for _ in range(weighting_reps):
         run.weighting(logits, sigma, update=False)
     weight_s = (time.perf_counter() - t0) / weighting_reps
     return {"sec_per_iter": _median(it), "gen_step_s": _median(gen), "weighting_s": weight_s,
-            "peak_tensor_mb": peak_tensor_bytes(iteration) / 2**20}
+            "peak_tensor_mb": peak_tensor_bytes(cycle) / 2**20}
 
 
 def _median(values: list[float]) -> float:

@@ -1,4 +1,4 @@
-"""Notebook 02's experiment: the teacher, the divergence list, and the divergences x seeds sweep."""
+"""Notebook 02's experiment: the teacher, the divergence list, and the divergences x seeds comparison."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from .. import divergences
 from ..mixtures import GaussianMixture, ring, unequal_weights
 from .metrics import evaluate_samples, summarize
-from .trainer import ToyConfig, ToyDistiller
+from .trainer import ToyConfig, ToyTrainer
 
 COMPARISON: tuple[str, ...] = divergences.PAPER_NAMES  # rkl, srkl, js, sh, fkl, jeffreys
 
@@ -32,14 +32,20 @@ def default_teacher(num_modes: int = 8, radius: float = 2.0, std: float = 0.2, l
     return ring(num_modes, radius, std, unequal_weights(num_modes, largest, smallest))
 
 
+def final_samples(run: ToyTrainer, n: int) -> torch.Tensor:
+    """The ``n`` samples a finished run is evaluated on, seeded by 10000 + its seed (apart from every training and
+    evaluation stream), so runs of one seed are compared on the same latents."""
+    return run.sample(n, torch.Generator().manual_seed(10_000 + run.config.seed))
+
+
 @dataclass
 class Comparison:
-    """Results of ``run_comparison``: per-run metrics, histories, final samples and the runs themselves."""
+    """Results of ``run_comparison``: per-run metrics, final samples and the runs themselves (their ``history`` and
+    ``evaluations``), per divergence in seed order."""
 
     metrics: dict[str, list[dict]] = field(default_factory=dict)
-    histories: dict[str, list[dict]] = field(default_factory=dict)
     samples: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    runs: dict[str, list[ToyDistiller]] = field(default_factory=dict)
+    runs: dict[str, list[ToyTrainer]] = field(default_factory=dict)
     seconds: dict[str, list[float]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, dict]:
@@ -75,14 +81,11 @@ def _sweep(teacher: GaussianMixture, divs: list[str], seeds: list[int], config: 
     for d, s in tqdm(jobs, desc="runs", **({} if progress else {"disable": True})):
         cfg = ToyConfig(**{**config.to_dict(), "divergence": d, "seed": s})
         t0 = time.perf_counter()
-        run = ToyDistiller(teacher, cfg)
-        run.train(progress=progress)
-        with torch.no_grad():
-            x = run.generator(torch.randn(eval_samples, cfg.z_dim, generator=torch.Generator().manual_seed(10_000 + s)))
+        run = ToyTrainer(teacher, cfg).fit(progress=progress)
+        x = final_samples(run, eval_samples)
         name = cfg.divergence
         out.metrics.setdefault(name, []).append({"seed": s, **evaluate_samples(x, teacher, seed=s)})
         out.seconds.setdefault(name, []).append(time.perf_counter() - t0)
-        out.histories.setdefault(name, []).append(run.history)
         out.samples.setdefault(name, []).append(x)
         out.runs.setdefault(name, []).append(run)
     return out

@@ -2,7 +2,7 @@
 and the exact "oracle" model of the student (a Gaussian kernel density of its samples).
 
 All three networks are small SiLU MLPs. Noise levels enter as Fourier features of
-c_noise = ln(sigma) / 4 (EDM's noise conditioning). See ``fdistill_paper.md`` sections 6-8.
+c_noise = ln(sigma) / 4 (EDM's noise conditioning). Paper sections 6-8.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class SigmaEmbedding(nn.Module):
         return torch.cat([c, arg.cos(), arg.sin()], dim=1)
 
 
-class Generator(nn.Module):
+class ToyGenerator(nn.Module):
     """One-step student x = G(z), z ~ N(0, I_{z_dim}).
 
     ``init_center`` / ``init_scale`` place the initial samples: the output layer is scaled by

@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 
 from ..divergences import get as get_divergence
 from ..mixtures import GaussianMixture
+from .trainer import EVALUATION_KEYS
 
 
 def _label(name: str) -> str:
@@ -93,36 +94,38 @@ def plot_mode_mass(mass: Mapping[str, np.ndarray], weights: torch.Tensor | np.nd
     return fig
 
 
-def plot_training_curves(histories: Mapping[str, Sequence[Mapping[str, list]]],
-                         keys: Sequence[str] = ("eval_modes_covered", "eval_mass_tv", "eval_precision", "weight_std"),
+def plot_training_curves(runs: Mapping[str, Sequence], keys: Sequence[str] = ("modes_covered", "mass_tv", "precision",
+                                                                            "weight_std"),
                          smooth: int = 25) -> Figure:
-    """Curves per divergence (mean over seeds, band = min..max). ``histories[name]`` is a list of run histories.
+    """Curves per divergence (mean over seeds, band = min..max); ``runs[name]`` is a list of trained
+    :class:`~fdistill_lab.toy.trainer.ToyTrainer` (``Comparison.runs``), each read with its ``curve(key)``.
 
-    Keys starting with ``eval_`` are plotted against ``eval_step``; others against ``step``, smoothed
-    with a moving average of ``smooth`` points. ``weight_std`` is the in-batch std of the normalised h
+    Evaluation metrics are plotted at their evaluations; logged quantities at the iterations that log them,
+    smoothed with a moving average of ``smooth`` points. ``weight_std`` is the in-batch std of the normalised h
     (0 for reverse KL; large for forward KL and Jeffreys, the paper's "high variance").
     """
-    if not histories:
-        raise ValueError("histories must not be empty")
+    if not runs:
+        raise ValueError("runs must not be empty")
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2), squeeze=False)
     palette = plt.get_cmap("tab10")
     for ax, key in zip(axes[0], keys):
-        xkey = "eval_step" if key.startswith("eval_") else "step"
-        for i, (name, runs) in enumerate(histories.items()):
-            curves = [np.asarray(h[key], dtype=float) for h in runs if key in h]
+        for i, (name, trained) in enumerate(runs.items()):
+            curves = [run.curve(key) for run in trained]
+            curves = [(np.asarray(x, dtype=float), np.asarray(y, dtype=float)) for x, y in curves if len(y)]
             if not curves:
                 continue
-            n = min(len(c) for c in curves)
-            y = np.stack([c[:n] for c in curves])
-            if xkey == "step" and smooth > 1 and n >= smooth:
+            n = min(len(y) for _, y in curves)
+            y = np.stack([c[:n] for _, c in curves])
+            x = curves[0][0][:n]
+            if key not in EVALUATION_KEYS and smooth > 1 and n >= smooth:
                 kern = np.ones(smooth) / smooth
                 y = np.stack([np.convolve(c, kern, mode="valid") for c in y])
-            x = np.asarray(runs[0][xkey], dtype=float)[-y.shape[1]:]
+                x = x[-y.shape[1]:]
             ax.plot(x, y.mean(0), color=palette(i % 10), label=_label(name))
             if y.shape[0] > 1:
                 ax.fill_between(x, y.min(0), y.max(0), color=palette(i % 10), alpha=0.15)
-        ax.set_title({"weight_std": "std of normalised h in the batch"}.get(key, key.replace("eval_", "")))
-        ax.set_xlabel("generator step")
+        ax.set_title({"weight_std": "std of normalised h in the batch"}.get(key, key))
+        ax.set_xlabel("iteration")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     return fig

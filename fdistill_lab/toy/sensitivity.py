@@ -1,10 +1,10 @@
-"""One-factor-at-a-time sensitivity study on top of ``fdistill_lab.sweep`` (notebook 03, section 6).
+"""One-factor-at-a-time sensitivity study on top of the toy grid (:mod:`fdistill_lab.toy.grid`; notebook 03).
 
-An *axis* is a hyperparameter with a list of settings; each setting is a dict of notebook parameters
-(one parameter, or several that move together, e.g. ``ratio_min`` and ``ratio_max``). The design
-varies one axis at a time with the others at their defaults, for every divergence and seed; points
-shared by several axes (all defaults) run once. ``axis_summary`` turns the sweep table into
-divergence x setting tables of the mean and seed std of a metric; ``plot_heatmaps`` draws them.
+An *axis* is a hyperparameter with a list of settings; each setting is a dict of toy settings (one, or several
+that move together, e.g. ``ratio_min`` and ``ratio_max``), with an optional ``"label"`` for tables. The design
+varies one axis at a time with the others at their defaults, for every divergence and seed; points shared by
+several axes (all defaults) run once. ``axis_summary`` turns the grid's table into divergence x setting tables
+of the mean and seed std of a metric; ``plot_heatmaps`` draws them.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 Setting = dict[str, Any]
+LABEL = "label"  # a setting's optional name in tables (not a toy setting)
 
 
 def _settings(axis: str, values: Sequence[Any]) -> list[Setting]:
@@ -23,8 +24,15 @@ def _settings(axis: str, values: Sequence[Any]) -> list[Setting]:
     return [dict(v) if isinstance(v, Mapping) else {axis: v} for v in values]
 
 
+def _params(setting: Mapping[str, Any]) -> Setting:
+    return {k: v for k, v in setting.items() if k != LABEL}
+
+
 def setting_label(setting: Mapping[str, Any]) -> str:
-    """Short label: the value for one parameter, ``a-b`` for two (e.g. a clip range 0.1-20)."""
+    """Short label: its ``"label"`` if it has one, else the value for one parameter, ``a-b`` for two (e.g. a clip
+    range 0.1-20)."""
+    if LABEL in setting:
+        return str(setting[LABEL])
     return "-".join(f"{v:g}" if isinstance(v, float) else str(v) for v in setting.values())
 
 
@@ -36,7 +44,7 @@ def ofat_points(divs: Sequence[str], seeds: Sequence[int], axes: Mapping[str, Se
     base = dict(defaults)
     for axis, values in axes.items():
         for s in _settings(axis, values):
-            missing = [k for k in s if k not in base]
+            missing = [k for k in _params(s) if k not in base]
             if missing:
                 raise ValueError(f"axis {axis!r}: no default for {missing}; defaults: {sorted(base)}")
     points, seen = [], set()
@@ -44,7 +52,7 @@ def ofat_points(divs: Sequence[str], seeds: Sequence[int], axes: Mapping[str, Se
         for s in _settings(axis, values):
             for d in divs:
                 for seed in seeds:
-                    p = {"div": d, "seed": seed, **base, **s}
+                    p = {"divergence": d, "seed": seed, **base, **_params(s)}
                     key = tuple(sorted((k, repr(v)) for k, v in p.items()))
                     if key not in seen:
                         seen.add(key)
@@ -78,20 +86,21 @@ def axis_summary(table, axis: str, values: Sequence[Any], defaults: Mapping[str,
     others = {k: v for a in axes if a != axis for k, v in _settings(a, [defaults_for(a, axes, defaults)])[0].items()}
     frames = []
     for s in _settings(axis, values):
-        rows = done[_matches(done, {**others, **s})]
-        frames.append(pd.DataFrame({"div": rows["div"], "setting": setting_label(s), "value": rows[metric]}))
+        rows = done[_matches(done, {**others, **_params(s)})]
+        frames.append(pd.DataFrame({"divergence": rows["divergence"], "setting": setting_label(s),
+                                    "value": rows[metric]}))
     long = pd.concat(frames, ignore_index=True)
     order = [setting_label(s) for s in _settings(axis, values)]
-    stats = long.groupby(["div", "setting"])["value"].agg(["mean", "std", "count"]).reset_index()
-    divs = list(dict.fromkeys(table["div"]))
-    pivot = {k: stats.pivot(index="div", columns="setting", values=k).reindex(index=divs, columns=order)
+    stats = long.groupby(["divergence", "setting"])["value"].agg(["mean", "std", "count"]).reset_index()
+    divs = list(dict.fromkeys(table["divergence"]))
+    pivot = {k: stats.pivot(index="divergence", columns="setting", values=k).reindex(index=divs, columns=order)
              for k in ("mean", "std", "count")}
     return pivot["mean"], pivot["std"], pivot["count"]
 
 
 def defaults_for(axis: str, axes: Mapping[str, Sequence[Any]], defaults: Mapping[str, Any]) -> Setting:
     """The default setting of ``axis``: its parameters' values in ``defaults``."""
-    keys = list(_settings(axis, axes[axis])[0])
+    keys = list(_params(_settings(axis, axes[axis])[0]))
     return {k: defaults[k] for k in keys}
 
 
@@ -120,7 +129,9 @@ def plot_heatmaps(table, axes: Mapping[str, Sequence[Any]], defaults: Mapping[st
                 annot.iat[i, j] = text + (f"\n±{s:.2f}" if np.isfinite(m) and np.isfinite(s) else "")
         sns.heatmap(mean.astype(float), annot=annot.to_numpy(), fmt="", cmap=cmap, vmin=vmin, vmax=vmax, ax=ax,
                     cbar=True, annot_kws={"fontsize": 8})
-        default = setting_label(defaults_for(axis, axes, defaults))
+        default = defaults_for(axis, axes, defaults)
+        default = next((setting_label(s) for s in _settings(axis, values) if _params(s) == default),
+                       setting_label(default))
         seeds = int(np.nanmax(count.to_numpy(dtype=float))) if count.size else 0
         ax.set_title(f"{(titles or {}).get(axis, axis)} (default {default}; {seeds} seeds)")
         ax.set_xlabel("")

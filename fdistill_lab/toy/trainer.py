@@ -1,17 +1,15 @@
-"""Training loop of the 2-D toy lab: f-distill of an analytic Gaussian-mixture teacher into a one-step MLP.
+"""The toy trainer: f-distill of an analytic Gaussian-mixture teacher into a one-step MLP (notebooks 02-03).
 
-One iteration = ``critic_steps`` critic updates (fake score by denoising score matching on detached
-student samples + discriminator by the GAN loss on noisy teacher vs student samples), then one
-generator update with the f-distill surrogate (paper section 6):
-    g = h_norm(r) * (x0_fake - x0_teacher) / mean|x - x0_teacher|,  L = 0.5 mean(x - sg(x - g))^2
-      + gan_weight * mean softplus(-l_fake),
-with x0_teacher the exact mixture denoiser, r = exp(logit) from the discriminator and h_norm the
-two-stage normalised weight (``FDistillWeighting``).
+The same algorithm and vocabulary as the image trainer (:class:`fdistill_lab.train.trainer.FDistillTrainer`): each
+of ``steps`` iterations updates the student or the critics (fake score by denoising score matching on detached
+student samples, discriminator by the GAN loss on noisy teacher vs student samples) by the schedule of
+:func:`~fdistill_lab.method.iteration_updates`, with the objectives of :mod:`fdistill_lab.method`. The toy's
+defaults: ``critic_warmup`` = 100 critic iterations, then cycles of K = 3 (``"critic_first"``: two critic updates,
+then one generator update), so 1300 iterations make 400 generator updates. The teacher's x0 is its exact denoiser.
 
-``oracle=True`` replaces both learned critics by exact quantities of a model of the student: a
-Gaussian KDE of a fresh batch of ``oracle_samples`` student samples (``student_kde``). The fake score
-is that KDE's exact denoiser at sigma, the logit is the exact log p_sigma - log q_hat_sigma. The
-teacher score is always exact. No critic is trained then.
+``oracle=True`` replaces both learned critics by exact quantities of a model of the student: a Gaussian KDE of a
+fresh batch of ``oracle_samples`` student samples (``student_kde``). The fake score is that KDE's exact denoiser at
+sigma, the logit is the exact log p_sigma - log q_hat_sigma. No critic is trained then: critic iterations do nothing.
 
 Noise levels: sigma is drawn uniformly over the indices of a 1000-point Karras grid (rho = 7) on
 [sigma_min, sigma_max] = [0.01, 8] by default: 8 is 4x the ring radius (p_sigma is then nearly one
@@ -27,31 +25,39 @@ from tqdm.auto import tqdm
 
 from .. import divergences
 from ..edm import sample_sigma_grid
-from ..losses import (
-    FAKE_SCORE_WEIGHTINGS,
+from ..losses import FAKE_SCORE_WEIGHTINGS
+from ..method import (
+    SCHEDULES,
     FDistillWeighting,
-    denoising_loss,
-    fdistill_loss,
-    gan_discriminator_loss,
-    gan_generator_loss,
+    WeightingConfig,
+    critic_objective,
+    frozen,
+    generator_objective,
+    iteration_updates,
 )
 from ..mixtures import GaussianMixture
 from ..ratio import ratio_from_logits
 from .metrics import mode_metrics
-from .models import Generator, ToyDenoiser, ToyDiscriminator, student_kde
+from .models import ToyDenoiser, ToyDiscriminator, ToyGenerator, student_kde
+
+EVALUATION_KEYS = ("modes_covered", "mass_tv", "precision")
 
 
 @dataclass
-class ToyConfig:
-    """Settings of one toy run (defaults: the notebook's classroom run)."""
+class ToyConfig(WeightingConfig):
+    """Settings of one toy run (defaults: the notebook's classroom run); names as in the image trainer's
+    ``DistillConfig``. The weighting settings are inherited; the toy bins its ratios by log sigma (its noise
+    levels span three decades) with a running mean (``bin_ema`` 0.5), as the ImageNet-64 preset does."""
 
-    divergence: str = "js"
-    steps: int = 400  # generator updates
-    critic_steps: int = 2  # critic (fake score + discriminator) updates per generator update
-    critic_warmup: int = 100  # critic updates before the first generator update
-    batch: int = 256
-    lr_gen: float = 2e-3
-    lr_critic: float = 2e-3
+    bin_ema: float = 0.5
+    bin_spacing: str = "log"
+    steps: int = 1300  # iterations (each updates the student or the critics)
+    schedule: str = "critic_first"
+    student_update_freq: int = 3  # K: one generator update per K iterations after the warm-up
+    critic_warmup: int = 100  # critic-only iterations first
+    batch_size: int = 256
+    lr_student: float = 2e-3
+    lr_critic: float = 2e-3  # fake score and discriminator (one Adam)
     betas: tuple[float, float] = (0.5, 0.999)
     hidden: int = 64
     depth: int = 3
@@ -61,75 +67,78 @@ class ToyConfig:
     sigma_min: float = 0.01
     sigma_max: float = 8.0
     sigma_data: float = 1.4
-    gan_weight: float = 0.0
+    gan_weight_gen: float = 0.0
     oracle: bool = False
     oracle_samples: int = 256
     oracle_bandwidth: float = 0.05
     fake_score_weighting: str = "none"
-    logit_clip: float = 10.0
-    ratio_min: float = 0.1
-    ratio_max: float = 20.0
-    normalize_ratio: bool = True
-    normalize_weight: bool = True
-    num_bins: int = 10
-    bin_ema: float = 0.5
-    bin_spacing: str = "log"
-    eval_every: int = 50
+    eval_every: int = 150  # iterations between evaluations of the student
     eval_samples: int = 2000
     seed: int = 0
 
     def __post_init__(self) -> None:
         self.divergence = divergences.canonical_name(self.divergence)
-        for name in ("steps", "batch", "hidden", "depth", "z_dim", "eval_every", "eval_samples", "oracle_samples"):
+        for name in ("steps", "batch_size", "hidden", "depth", "z_dim", "eval_every", "eval_samples",
+                     "oracle_samples", "student_update_freq"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        for name in ("critic_steps", "critic_warmup"):
-            if int(getattr(self, name)) < 0:
-                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
+        if int(self.critic_warmup) < 0:
+            raise ValueError(f"critic_warmup must be >= 0; got {self.critic_warmup}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}; got {self.schedule!r}")
+        if not self.oracle and self.schedule != "dmd2" and self.student_update_freq < 2:
+            raise ValueError(f"student_update_freq must be >= 2 with schedule={self.schedule!r} unless oracle=True "
+                             "(K-1 critic updates per generator update: the critics must be trained)")
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max; got {self.sigma_min}, {self.sigma_max}")
-        if self.gan_weight < 0:
-            raise ValueError(f"gan_weight must be >= 0; got {self.gan_weight}")
+        if self.gan_weight_gen < 0:
+            raise ValueError(f"gan_weight_gen must be >= 0; got {self.gan_weight_gen}")
         if self.fake_score_weighting not in FAKE_SCORE_WEIGHTINGS:
             raise ValueError(f"fake_score_weighting must be one of {FAKE_SCORE_WEIGHTINGS}; "
                              f"got {self.fake_score_weighting!r}")
-        if not self.oracle and self.critic_steps == 0:
-            raise ValueError("critic_steps must be >= 1 unless oracle=True (the critics must be trained)")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def replace(self, **changes) -> ToyConfig:
+        """A copy with some settings changed (validated)."""
+        return ToyConfig(**{**self.to_dict(), **changes})
 
-class ToyDistiller:
-    """State of one toy run: generator, critics, weighting, optimisers and history.
 
-    Use ``critic_step()`` / ``generator_step()`` for single updates, ``train()`` for the full schedule.
+class ToyTrainer:
+    """One toy run: the networks ``student``, ``fake_score`` and ``disc``, the ``weighting``, the optimisers
+    ``opt_student`` and ``opt_critic``, the training stream ``rng`` and the logs: ``history`` (one row per
+    iteration, the image trainer's keys) and ``evaluations`` (mode metrics every ``eval_every`` iterations).
+
+    :meth:`step` runs one iteration, :meth:`fit` the schedule; :meth:`generator_step` and :meth:`critic_step`
+    are single updates.
     """
 
     def __init__(self, teacher: GaussianMixture, config: ToyConfig) -> None:
-        self.teacher, self.cfg = teacher, config
+        self.teacher, self.config = teacher, config
         c = config
         torch.manual_seed(c.seed)
         self.rng = torch.Generator().manual_seed(c.seed + 1)  # training batches only
         self.eval_rng = torch.Generator().manual_seed(c.seed + 2)  # evaluations: they must not shift training
-        self.generator = Generator(c.z_dim, c.hidden, c.depth, teacher.dim, c.init_center, c.init_scale)
+        self.student = ToyGenerator(c.z_dim, c.hidden, c.depth, teacher.dim, c.init_center, c.init_scale)
         self.fake_score = ToyDenoiser(teacher.dim, c.hidden, c.depth, c.sigma_data)
-        self.discriminator = ToyDiscriminator(teacher.dim, c.hidden, c.depth, c.sigma_data)
+        self.disc = ToyDiscriminator(teacher.dim, c.hidden, c.depth, c.sigma_data)
         self.weighting = FDistillWeighting.from_config(c)
-        self.opt_gen = torch.optim.Adam(self.generator.parameters(), c.lr_gen, betas=c.betas, foreach=True)
-        critic_params = list(self.fake_score.parameters()) + list(self.discriminator.parameters())
+        self.opt_student = torch.optim.Adam(self.student.parameters(), c.lr_student, betas=c.betas, foreach=True)
+        critic_params = list(self.fake_score.parameters()) + list(self.disc.parameters())
         self.opt_critic = torch.optim.Adam(critic_params, c.lr_critic, betas=c.betas, foreach=True)
-        self.history: dict[str, list[float]] = {}
-        self.num_generator_steps = 0
+        self.history: list[dict[str, float]] = []
+        self.evaluations: list[dict[str, float]] = []
+        self.step_count = 0
 
-    # ------------------------------------------------------------------ pieces
+    # ------------------------------------------------------------------ draws and exact quantities
     def sample_sigma(self, n: int) -> torch.Tensor:
         """Noise levels of the toy (float32): uniform index into a Karras grid on [sigma_min, sigma_max]."""
-        return sample_sigma_grid(n, 0, 999, 1000, self.cfg.sigma_min, self.cfg.sigma_max,
+        return sample_sigma_grid(n, 0, 999, 1000, self.config.sigma_min, self.config.sigma_max,
                                  generator=self.rng).float()
 
-    def noise(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return x + sigma.reshape(-1, 1) * torch.randn(x.shape, generator=self.rng)
+    def randn(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(shape, generator=self.rng)
 
     def teacher_x0(self, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Exact teacher denoiser E_p[x0 | x_t] (float64 maths, float32 result)."""
@@ -137,115 +146,132 @@ class ToyDistiller:
 
     def oracle_model(self, generator: torch.Generator | None = None) -> GaussianMixture:
         """KDE of a fresh batch of student samples (independent of the batch being updated), drawn with
-        ``generator`` (default: the run's training generator)."""
+        ``generator`` (default: the run's training stream)."""
         with torch.no_grad():
-            z = torch.randn(self.cfg.oracle_samples, self.generator.z_dim,
+            z = torch.randn(self.config.oracle_samples, self.student.z_dim,
                             generator=self.rng if generator is None else generator)
-            return student_kde(self.generator(z), self.cfg.oracle_bandwidth)
+            return student_kde(self.student(z), self.config.oracle_bandwidth)
 
     def oracle_logit(self, kde: GaussianMixture, x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """Exact log p_sigma(x_t) - log q_hat_sigma(x_t) (differentiable in x_t)."""
         return self.teacher.log_ratio(kde, x_t.double(), sigma.double()).float()
 
-    def _log(self, **values: float) -> None:
-        for k, v in values.items():
-            self.history.setdefault(k, []).append(float(v))
-
     # ------------------------------------------------------------------ updates
     def critic_step(self) -> dict[str, float]:
-        """One update of the fake score (DSM on detached student samples) and the discriminator."""
-        if self.cfg.oracle:
+        """One update of the fake score and the discriminator (:func:`~fdistill_lab.method.critic_objective`)."""
+        c = self.config
+        if c.oracle:
             raise RuntimeError("oracle=True uses exact critics; there is nothing to train")
-        b = self.cfg.batch
+        b = c.batch_size
         with torch.no_grad():
-            x = self.generator.sample(b, self.rng)
+            x = self.student.sample(b, self.rng)
         sigma = self.sample_sigma(b)
-        x_t = self.noise(x, sigma)
-        dsm = denoising_loss(self.fake_score(x_t, sigma), x, sigma.reshape(-1, 1), self.cfg.fake_score_weighting,
-                             self.cfg.sigma_data)
+        eps = self.randn(x.shape)
         real = self.teacher.sample(b, generator=self.rng).float()
-        sigma_real = self.sample_sigma(b)  # independent noise level for the real batch
-        real_t = self.noise(real, sigma_real)
-        disc = gan_discriminator_loss(self.discriminator(real_t, sigma_real), self.discriminator(x_t, sigma))
+        sigma_real = self.sample_sigma(b)  # an independent noise level for the real batch
+        eps_real = self.randn(real.shape)
+
+        def predict(x_t: torch.Tensor, x_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return self.fake_score(x_t, sigma), self.disc(x_t, sigma), self.disc(x_r, sigma_real)
+
+        loss, stats = critic_objective(x, sigma, eps, real, sigma_real, eps_real, predict, c.fake_score_weighting,
+                                       c.sigma_data)
         self.opt_critic.zero_grad(set_to_none=True)
-        (dsm + disc).backward()
+        loss.backward()
         self.opt_critic.step()
-        return {"dsm_loss": float(dsm.detach()), "disc_loss": float(disc.detach())}
+        return {k: float(v) for k, v in stats.items()}
 
     def generator_step(self) -> dict[str, float]:
-        """One f-distill update of the generator (paper section 6)."""
-        b = self.cfg.batch
-        x = self.generator.sample(b, self.rng)
+        """One update of the student (:func:`~fdistill_lab.method.generator_objective`)."""
+        c = self.config
+        b = c.batch_size
+        x = self.student.sample(b, self.rng)
         sigma = self.sample_sigma(b)
-        x_t = self.noise(x, sigma)  # keeps the graph to x for the GAN term
-        x0_teacher = self.teacher_x0(x_t, sigma)
-        if self.cfg.oracle:
-            kde = self.oracle_model()
-            x0_fake = kde.denoise(x_t.detach().double(), sigma.double()).float()
-            with torch.set_grad_enabled(self.cfg.gan_weight > 0):  # gradient only for the GAN term
-                logits = self.oracle_logit(kde, x_t, sigma)
-        else:
+        eps = self.randn(x.shape)
+
+        def predict(x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            if c.oracle:
+                kde = self.oracle_model()
+                x0_fake = kde.denoise(x_t.detach().double(), sigma.double()).float()
+                return self.teacher_x0(x_t, sigma), x0_fake, self.oracle_logit(kde, x_t, sigma)
             with torch.no_grad():
                 x0_fake = self.fake_score(x_t.detach(), sigma)
-            logits = self.discriminator(x_t, sigma)
-        h_norm, stats = self.weighting(logits.detach(), sigma)
-        loss_f = fdistill_loss(x, x0_fake, x0_teacher, h_norm)
-        loss = loss_f
-        loss_gan = torch.zeros(())
-        if self.cfg.gan_weight > 0:
-            loss_gan = gan_generator_loss(logits)
-            loss = loss + self.cfg.gan_weight * loss_gan
-        self.opt_gen.zero_grad(set_to_none=True)
-        if not self.cfg.oracle:
-            self.discriminator.requires_grad_(False)
-        loss.backward()
-        self.discriminator.requires_grad_(True)
-        self.opt_gen.step()
-        self.num_generator_steps += 1
-        return {"gen_loss": float(loss_f.detach()), "gan_gen_loss": float(loss_gan.detach()), **stats.summary()}
+            return self.teacher_x0(x_t, sigma), x0_fake, self.disc(x_t, sigma)
 
-    # ------------------------------------------------------------------ schedule
+        with frozen(self.disc):
+            loss, stats = generator_objective(x, sigma, eps, predict, self.weighting, c.gan_weight_gen)
+            self.opt_student.zero_grad(set_to_none=True)
+            loss.backward()
+        grads = [p.grad.detach().float().norm() for p in self.student.parameters() if p.grad is not None]
+        self.opt_student.step()
+        return {**{k: float(v) for k, v in stats.items()},
+                "grad_norm_student": float(torch.stack(grads).norm()) if grads else 0.0}
+
+    def updates(self, i: int | None = None) -> tuple[bool, bool]:
+        """(generator?, critic?) at iteration ``i`` (default: the next); critics are never updated with the oracle."""
+        c = self.config
+        gen, critic = iteration_updates(self.step_count if i is None else i, c.schedule, c.student_update_freq,
+                                        c.critic_warmup)
+        return gen, critic and not c.oracle
+
+    def step(self) -> dict[str, float]:
+        """One iteration of the schedule; returns (and appends to ``history``) its logs."""
+        gen, critic = self.updates()
+        logs: dict[str, float] = {"step": float(self.step_count), "generator_step": float(gen)}
+        if gen:
+            logs.update(self.generator_step())
+        if critic:
+            logs.update(self.critic_step())
+        self.step_count += 1
+        self.history.append(logs)
+        return logs
+
+    # ------------------------------------------------------------------ schedule and evaluation
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` one-step samples, drawn with ``generator`` (default: the evaluation stream)."""
+        return self.student.sample(n, self.eval_rng if generator is None else generator)
+
     @torch.no_grad()
     def evaluate(self, n: int | None = None) -> dict:
         """Mode metrics of ``n`` fresh student samples (see ``metrics.mode_metrics``), drawn with the run's
-        evaluation generator, so how often and how much a run is evaluated does not change its training."""
-        x = self.generator.sample(n or self.cfg.eval_samples, self.eval_rng)
-        return mode_metrics(x, self.teacher)
+        evaluation stream, so how often and how much a run is evaluated does not change its training."""
+        return mode_metrics(self.sample(n or self.config.eval_samples), self.teacher)
 
-    def train(self, progress: bool = True, desc: str | None = None) -> dict[str, list[float]]:
-        """Warm up the critics, then ``steps`` x (``critic_steps`` critic updates + 1 generator update)."""
-        c = self.cfg
-        if not c.oracle:
-            for _ in range(c.critic_warmup):
-                self.critic_step()
+    def fit(self, until: int | None = None, progress: bool = True, desc: str | None = None) -> ToyTrainer:
+        """Run iterations until ``until`` (default: ``steps``) are done, evaluating every ``eval_every`` iterations
+        and after the last one."""
+        c = self.config
+        until = c.steps if until is None else until
+        if not self.step_count <= until <= c.steps:
+            raise ValueError(f"until must lie in [{self.step_count}, steps={c.steps}]; got {until}")
         quiet = {} if progress else {"disable": True}  # leave the default so TQDM_DISABLE=1 still works
-        bar = tqdm(range(c.steps), desc=desc or f"{c.divergence} seed {c.seed}", leave=False, **quiet)
-        for i in bar:
-            logs: dict[str, float] = {}
-            if not c.oracle:
-                for _ in range(c.critic_steps):
-                    logs = self.critic_step()
-            logs.update(self.generator_step())
-            self._log(step=self.num_generator_steps, **logs)
-            if (i + 1) % c.eval_every == 0 or i + 1 == c.steps:
+        bar = tqdm(range(self.step_count, until), desc=desc or f"{c.divergence} seed {c.seed}", leave=False, **quiet)
+        for _ in bar:
+            self.step()
+            if self.step_count % c.eval_every == 0 or self.step_count == c.steps:
                 m = self.evaluate()
-                self._log(eval_step=self.num_generator_steps, eval_modes_covered=m["modes_covered"],
-                          eval_mass_tv=m["mass_tv"], eval_precision=m["precision"])
+                self.evaluations.append({"step": float(self.step_count), **{k: m[k] for k in EVALUATION_KEYS}})
                 bar.set_postfix(modes=m["modes_covered"], tv=f"{m['mass_tv']:.2f}")
-        return self.history
+        return self
+
+    def curve(self, key: str) -> tuple[list[float], list[float]]:
+        """(iterations, values) of an evaluation metric (``EVALUATION_KEYS``) or of a logged training quantity
+        (the iterations that log it: ``loss_f`` on generator steps, ``loss_dsm`` on critic steps, ...)."""
+        rows = self.evaluations if key in EVALUATION_KEYS else self.history
+        pairs = [(r["step"], r[key]) for r in rows if key in r]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
 def train_toy(teacher: GaussianMixture, config: ToyConfig | None = None, progress: bool = True,
-              **overrides) -> ToyDistiller:
-    """Build a ``ToyDistiller`` from ``config`` (with keyword overrides) and run its schedule."""
+              **overrides) -> ToyTrainer:
+    """Build a :class:`ToyTrainer` from ``config`` (with keyword overrides) and run its schedule."""
     cfg = ToyConfig(**{**(config.to_dict() if config else {}), **overrides})
-    run = ToyDistiller(teacher, cfg)
-    run.train(progress=progress)
-    return run
+    return ToyTrainer(teacher, cfg).fit(progress=progress)
 
 
 @torch.no_grad()
-def score_disagreement(run: ToyDistiller, sigma: float, n: int = 2000,
+def score_disagreement(run: ToyTrainer, sigma: float, n: int = 2000,
                        divergences_: tuple[str, ...] = ("rkl", "js", "fkl"), seed: int = 0) -> dict[str, torch.Tensor]:
     """Paper Fig. 2 analogue at one noise level, on n noisy student samples x_t.
 
@@ -257,20 +283,20 @@ def score_disagreement(run: ToyDistiller, sigma: float, n: int = 2000,
     if sigma <= 0:
         raise ValueError(f"sigma must be > 0; got {sigma}")
     g = torch.Generator().manual_seed(seed)
-    x = run.generator(torch.randn(n, run.generator.z_dim, generator=g))
+    x = run.student(torch.randn(n, run.student.z_dim, generator=g))
     s = torch.full((n,), float(sigma))
     x_t = x + sigma * torch.randn(x.shape, generator=g)
     x0_t = run.teacher_x0(x_t, s)
-    if run.cfg.oracle:
-        kde = run.oracle_model(g)  # seeded like the samples; the run's training generator is left alone
+    if run.config.oracle:
+        kde = run.oracle_model(g)  # seeded like the samples; the run's training stream is left alone
         x0_f = kde.denoise(x_t.double(), s.double()).float()
         log_r = run.oracle_logit(kde, x_t, s)
     else:
         x0_f = run.fake_score(x_t, s)
-        log_r = run.discriminator(x_t, s)
+        log_r = run.disc(x_t, s)
     log_p = run.teacher.log_prob(x_t.double(), s.double()).float()
     out = {"x_t": x_t, "disagreement": (x0_f - x0_t).norm(dim=1), "log_p": log_p, "log_r": log_r}
-    c = run.cfg
+    c = run.config
     r = ratio_from_logits(log_r, c.logit_clip, c.ratio_min, c.ratio_max)
     for name in divergences_:
         h = divergences.get(name).h(r)

@@ -35,9 +35,9 @@ import torch
 
 from ..files import CheckpointError, lock_file, lock_holder
 from . import dist as fdist
+from .config import DistillConfig
 from .data import EDMImageDataset, ImageNetNpzDataset, to_model_range
 from .fid import compute_fid, latents_from_seeds, load_detector, load_reference_stats
-from .parallel_trainer import DataParallelTrainer
 from .presets import PRESETS, RunConfig, describe, get_preset, parse_overrides, resolve
 from .run_folder import (
     LogWindow,
@@ -55,7 +55,7 @@ from .run_folder import (
     write_json_atomic,
 )
 from .teachers import load_edm
-from .trainer import DistillConfig
+from .trainer import FDistillTrainer
 
 EXIT_INTERRUPTED = 143
 SAMPLE_SEED = 20250221
@@ -165,7 +165,7 @@ def _ignore_sigterm(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _set_lr(trainer: DataParallelTrainer, cfg: DistillConfig, step: int, warmup: int) -> None:
+def _set_lr(trainer: FDistillTrainer, cfg: DistillConfig, step: int, warmup: int) -> None:
     scale = min(1.0, (step + 1) / warmup) if warmup else 1.0
     for opt, lr in ((trainer.opt_student, cfg.lr_student), (trainer.opt_fake, cfg.lr_fake),
                     (trainer.opt_disc, cfg.lr_disc)):
@@ -173,24 +173,22 @@ def _set_lr(trainer: DataParallelTrainer, cfg: DistillConfig, step: int, warmup:
             group["lr"] = lr * scale
 
 
-def _save(trainer: DataParallelTrainer, emas: StudentEMAs, ckpt_dir: Path, rcfg: RunConfig, env: fdist.DistEnv,
+def _save(trainer: FDistillTrainer, emas: StudentEMAs, ckpt_dir: Path, rcfg: RunConfig, env: fdist.DistEnv,
           fid_state: dict[str, Any]) -> Path:
     """Gather every rank's RNG states, write the checkpoint atomically on rank 0, then move the pointer."""
     rank_rng = fdist.gather_objects(fdist.rng_state())
-    trainer_rng = fdist.gather_objects(trainer.generator.get_state())
-    noise_rng = fdist.gather_objects(trainer.noise_generator.get_state().cpu()
-                                     if trainer.noise_generator is not None else None)
+    trainer_rng = fdist.gather_objects(trainer.rng.state_dict())
     path = checkpoint_path(ckpt_dir, trainer.step_count)
     if env.is_main:
-        extra = {"world_size": env.world_size, "rank_rng": rank_rng, "trainer_rng": trainer_rng, "noise_rng": noise_rng,
-                 "emas": emas.state_dict(), "fid": fid_state}
+        extra = {"world_size": env.world_size, "rank_rng": rank_rng, "trainer_rng": [s["cpu"] for s in trainer_rng],
+                 "noise_rng": [s["device"] for s in trainer_rng], "emas": emas.state_dict(), "fid": fid_state}
         trainer.save_checkpoint(path, extra=extra)
         commit_checkpoint(ckpt_dir, path, trainer.step_count, rcfg.keep_checkpoints)
     fdist.barrier()
     return path
 
 
-def _resume(trainer: DataParallelTrainer, emas: StudentEMAs, ckpt_dir: Path, env: fdist.DistEnv) -> dict[str, Any]:
+def _resume(trainer: FDistillTrainer, emas: StudentEMAs, ckpt_dir: Path, env: fdist.DistEnv) -> dict[str, Any]:
     path = latest_checkpoint(ckpt_dir)
     if path is None:
         return {}
@@ -198,12 +196,11 @@ def _resume(trainer: DataParallelTrainer, emas: StudentEMAs, ckpt_dir: Path, env
     if extra.get("world_size") != env.world_size:
         raise ValueError(f"{path} was written by {extra.get('world_size')} processes, this run has "
                          f"{env.world_size}: exact resume needs the same number (or start a new --out)")
-    trainer.generator.set_state(extra["trainer_rng"][env.rank])
     noise = extra.get("noise_rng", [None] * env.world_size)[env.rank]
-    if (noise is None) != (trainer.noise_generator is None):
-        raise ValueError(f"{path} was written with another rng_mode; resume with the same rng_mode")
-    if trainer.noise_generator is not None:
-        trainer.noise_generator.set_state(noise)
+    try:
+        trainer.rng.load_state_dict({"cpu": extra["trainer_rng"][env.rank], "device": noise})
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     fdist.set_rng_state(extra["rank_rng"][env.rank])
     emas.load_state_dict(extra["emas"])
     trainer.history.clear()
@@ -224,7 +221,7 @@ def init_checkpoint(source: Path) -> Path:
     return source
 
 
-def _init_from(trainer: DataParallelTrainer, extra_betas: tuple[float, ...], path: Path, env: fdist.DistEnv
+def _init_from(trainer: FDistillTrainer, extra_betas: tuple[float, ...], path: Path, env: fdist.DistEnv
                ) -> tuple[dict[str, Any], StudentEMAs]:
     """Load another run's networks into a fresh run (:meth:`FDistillTrainer.load_weights`). Extra EMAs of the
     same rates carry over; otherwise they start from the loaded student, as in a fresh run."""
@@ -241,7 +238,7 @@ def _init_from(trainer: DataParallelTrainer, extra_betas: tuple[float, ...], pat
     return {"checkpoint": str(path), "step": int(state["step"]), "changed": changed}, emas
 
 
-def _fid(trainer: DataParallelTrainer, rcfg: RunConfig, detector: Any, ref: Any) -> float:
+def _fid(trainer: FDistillTrainer, rcfg: RunConfig, detector: Any, ref: Any) -> float:
     shape = (trainer.teacher.img_channels, trainer.teacher.img_resolution, trainer.teacher.img_resolution)
 
     def generate(labels: torch.Tensor | None, seeds: torch.Tensor) -> torch.Tensor:
@@ -329,7 +326,7 @@ def _train(preset: str, dcfg: DistillConfig, rcfg: RunConfig, teacher_path: Path
     ref = load_reference_stats(rcfg.fid_ref) if rcfg.fid_every else None
 
     fdist.seed_for_rank(dcfg.seed, 0)  # identical initial weights (discriminator heads) on every rank
-    trainer = DataParallelTrainer(net, dcfg, env.device, env.rank, env.world_size, rcfg.rng_mode)
+    trainer = FDistillTrainer(net, dcfg, env.device, env.rank, env.world_size, rcfg.rng_mode)
     emas = StudentEMAs(trainer.student, rcfg.extra_ema_betas)
     fdist.seed_for_rank(dcfg.seed, env.rank)  # dropout and other global randomness: distinct per rank
 

@@ -1,8 +1,8 @@
 """Training presets (paper Table 5, FastGen and DMD2 settings) and ``key=value`` overrides.
 
-A run is a :class:`~fdistill_lab.distill.DistillConfig` (the trainer's settings) plus a :class:`RunConfig`
-(batch, steps, intervals, FID, data loading). Presets (fdistill_paper.md section 10,
-reference_implementations.md section 2):
+A run is a :class:`~fdistill_lab.train.config.DistillConfig` (the trainer's settings) plus a :class:`RunConfig`
+(batch, steps, intervals, FID, data loading). Presets (paper Table 5, FastGen's f-distill configs, DMD2's
+ImageNet-64 recipe):
 
 * ``imagenet64``: f-distill JS on EDM ImageNet-64 (Table 5): batch 512, lr 2e-6, GAN weight 3e-3,
   K = 5 (4 critic steps per student step), bin EMA 0.5, 10 bins, ratio clip [0.1, 20], AdamW wd 0.01,
@@ -31,7 +31,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from .trainer import DistillConfig
+from .config import DistillConfig
 
 FID_QUANTIZE = ("round", "trunc")
 RNG_MODES = ("shared", "per_rank")

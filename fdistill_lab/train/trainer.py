@@ -1,228 +1,49 @@
-"""Image-scale f-distill trainer: teacher -> one-step student (fdistill_paper.md sections 6-10).
+"""The image trainer: f-distill of a frozen teacher into a one-step student, in one process or on each of several
+data-parallel ranks (paper sections 6-9).
 
 Network-agnostic: any denoiser with the EDMPrecond interface ``net(x, sigma, class_labels,
 return_features=False) -> x0`` or ``(x0, features)`` (attributes ``img_resolution``, ``img_channels``,
-``label_dim``). Student and fake score start as copies of the frozen teacher (section 9). One
-iteration is a generator step or a critic step (fake-score DSM + discriminator), by ``schedule``:
+``label_dim``). Student and fake score start as copies of the frozen teacher (section 9). Each iteration updates
+the student, the critic (fake score + discriminator heads) or both, by the schedule of
+:func:`~fdistill_lab.method.iteration_updates`; the losses are :mod:`fdistill_lab.method`'s, and this module makes
+the network calls around them: micro-batches, mixed precision, data parallelism, EMA, checkpoints.
 
-* ``"fastgen"``: iteration i is a generator step if i % K == 0, else a critic step (K-1 : 1);
-* ``"dmd2"``: the critic is updated every iteration, the generator also when i % K == 0 (K : 1).
-
-All randomness (latents, noise levels, noise, uniform labels) comes from the trainer's own CPU
-``torch.Generator``, saved in checkpoints, so a resumed run repeats an uninterrupted one exactly.
-Under bf16 autocast the networks run in bf16 while ratio, weight and loss maths stay in fp32.
-DDP: pass ``wrap`` (e.g. ``lambda m: DistributedDataParallel(m)``) for the trainable networks; the
-ratio normaliser and weight mean already all-reduce.
+All randomness (latents, noise levels, noise, uniform labels) comes from one :class:`~fdistill_lab.train.rng.
+TrainerRNG`, saved in checkpoints, so a resumed run repeats an uninterrupted one exactly. Under bf16 autocast the
+networks run in bf16 while ratio, weight and loss maths stay in fp32. With ``world_size`` > 1 the trainable
+networks are wrapped in ``DistributedDataParallel`` (gradients averaged over ranks); the ratio normaliser and the
+weight mean all-reduce themselves, so the two-stage normalisation sees the global batch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import functools
-import math
+import inspect
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from .. import divergences
-from ..edm import SIGMA_MAX, sample_sigma_grid
 from ..files import atomic_save, load_file
-from ..losses import (
-    FAKE_SCORE_WEIGHTINGS,
-    FDistillWeighting,
-    denoising_loss,
-    fdistill_loss,
-    gan_discriminator_loss,
-    gan_generator_loss,
-    r1_penalty,
-)
+from ..method import FDistillWeighting, critic_objective, frozen, generator_objective, iteration_updates, noisy
 from ..networks import EDMPrecond
 from ..networks.discriminator import Discriminator
 from ..networks.layers import twice_differentiable, use_compiled_norms
+from .config import DistillConfig, _int_at_least
+from .rng import TrainerRNG
 
-SCHEDULES = ("fastgen", "dmd2")
-DISC_PLACEMENTS = ("teacher", "fake_score")
-GENERATOR_LABELS = ("real", "uniform")
-PRECISIONS = ("fp32", "bf16")
-BIN_SPACINGS = ("linear", "log")
 CHECKPOINT_FORMAT = "fdistill-trainer-v1"
-# settings that change speed, not results: a resumed run may change them (and older checkpoints lack them)
-SPEED_ONLY_SETTINGS = ("compile_norms",)
 Scalars = dict[str, torch.Tensor]  # logged 0-d tensors on the training device, read back once per step
-
-
-@dataclass
-class DistillConfig:
-    """Every setting of the trainer (paper Table 5 / FastGen defaults where they exist).
-
-    Schedule: ``student_update_freq`` K and ``schedule`` (see module docstring). Optimisers: AdamW with
-    ``betas``, ``weight_decay`` 0.01, one per network (student, fake score, discriminator). The student
-    gradient norm is clipped to ``grad_clip`` (FastGen 10; None disables). ``ema_beta``: constant-rate
-    EMA of the student, updated after each generator step. GAN: generator weight ``gan_weight_gen``
-    (0 = ratio-only mode, the discriminator is still trained), discriminator weight ``gan_weight_disc``
-    (FastGen 1, DMD2 1e-2), R1 weight ``r1_gamma``. Discriminator heads on ``disc_features`` of the
-    frozen teacher (``disc_placement="teacher"``) or of the fake score (``"fake_score"``, which trains its
-    encoder too). Noise levels: uniform indices [``min_index``, ``max_index``] of the 1000-point Karras
-    grid for the generator, [``fake_min_index``, ``fake_max_index``] for the critic; real GAN images at an
-    independent level unless ``real_same_t``. Ratio and weights: see :class:`FDistillWeighting`.
-    ``student_sigma``: the student maps ``student_sigma * z`` at that noise level (80, as DMD2).
-    ``accum_steps`` splits each batch into micro-batches (gradient accumulation). ``compile_norms`` (speed only, the
-    same maths up to rounding) runs each U-Net GroupNorm with its scale/shift and SiLU as ``torch.compile``d fused
-    kernels (:func:`~fdistill_lab.networks.layers.use_compiled_norms`); the first iterations compile.
-    """
-
-    divergence: str = "js"
-    schedule: str = "fastgen"
-    student_update_freq: int = 5
-    lr_student: float = 1e-4
-    lr_fake: float = 1e-4
-    lr_disc: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.01
-    adam_eps: float = 1e-8
-    grad_clip: float | None = 10.0
-    critic_grad_clip: float | None = None
-    ema_beta: float = 0.999
-    gan_weight_gen: float = 1e-3
-    gan_weight_disc: float = 1.0
-    r1_gamma: float = 0.0
-    disc_placement: str = "teacher"
-    disc_features: tuple[str, ...] = ("bottleneck",)
-    disc_hidden: int | None = None
-    min_index: int = 2
-    max_index: int = 998
-    fake_min_index: int = 2
-    fake_max_index: int = 998
-    num_grid: int = 1000
-    real_same_t: bool = False
-    fake_score_weighting: str = "none"
-    logit_clip: float | None = 10.0
-    ratio_min: float | None = 0.1
-    ratio_max: float | None = 20.0
-    normalize_ratio: bool = True
-    normalize_weight: bool = True
-    num_bins: int = 10
-    bin_ema: float = 0.0
-    bin_spacing: str = "linear"
-    dmd_normalize: bool = True
-    student_sigma: float = SIGMA_MAX
-    generator_labels: str = "real"
-    precision: str = "fp32"
-    compile_norms: bool = False
-    accum_steps: int = 1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
-        self.disc_features = (self.disc_features,) if isinstance(self.disc_features, str) else tuple(
-            self.disc_features)
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError naming the bad setting and its valid values."""
-        self.divergence = divergences.canonical_name(self.divergence)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("disc_placement", self.disc_placement, DISC_PLACEMENTS)
-        _choice("generator_labels", self.generator_labels, GENERATOR_LABELS)
-        _choice("precision", self.precision, PRECISIONS)
-        for f in dataclasses.fields(self):  # every switch (annotated bool) is a real bool
-            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
-                raise ValueError(f"{f.name} must be True or False; got {getattr(self, f.name)!r}")
-        _choice("bin_spacing", self.bin_spacing, BIN_SPACINGS)
-        _choice("fake_score_weighting", self.fake_score_weighting, FAKE_SCORE_WEIGHTINGS)
-        _int_at_least("student_update_freq", self.student_update_freq, 1)
-        if self.schedule == "fastgen" and self.student_update_freq < 2:
-            raise ValueError("student_update_freq must be >= 2 with schedule='fastgen' (K-1 critic steps per "
-                             "generator step; K=1 would never train the critic); use schedule='dmd2' for 1:1")
-        _int_at_least("accum_steps", self.accum_steps, 1)
-        _int_at_least("num_bins", self.num_bins, 1)
-        _int_at_least("num_grid", self.num_grid, 2)
-        _int_at_least("seed", self.seed, 0)
-        for lo, hi in (("min_index", "max_index"), ("fake_min_index", "fake_max_index")):
-            a, b = getattr(self, lo), getattr(self, hi)
-            if not (isinstance(a, int) and isinstance(b, int) and 0 <= a <= b < self.num_grid):
-                raise ValueError(f"need integers 0 <= {lo} <= {hi} < num_grid={self.num_grid}; got {a}, {b}")
-        for name in ("lr_student", "lr_fake", "lr_disc", "student_sigma", "gan_weight_disc"):
-            _positive(name, getattr(self, name))
-        for name in ("weight_decay", "gan_weight_gen", "r1_gamma"):
-            _non_negative(name, getattr(self, name))
-        _positive("adam_eps", self.adam_eps)
-        for name in ("grad_clip", "critic_grad_clip", "logit_clip"):
-            v = getattr(self, name)
-            if v is not None:
-                _positive(name, v)
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1); got {self.betas}")
-        if not 0.0 <= self.ema_beta < 1.0:
-            raise ValueError(f"ema_beta must be in [0, 1); got {self.ema_beta}")
-        if not 0.0 <= self.bin_ema < 1.0:
-            raise ValueError(f"bin_ema must be in [0, 1); got {self.bin_ema}")
-        if (self.ratio_min is not None and self.ratio_max is not None
-                and not 0.0 < self.ratio_min < self.ratio_max):
-            raise ValueError(f"need 0 < ratio_min < ratio_max; got {self.ratio_min}, {self.ratio_max}")
-        if not self.disc_features or not all(isinstance(k, str) and k for k in self.disc_features):
-            raise ValueError(f"disc_features must be a non-empty list of feature names such as 'bottleneck' "
-                             f"or '8x8'; got {self.disc_features!r}")
-        if self.disc_hidden is not None:
-            _int_at_least("disc_hidden", self.disc_hidden, 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["betas"], d["disc_features"] = list(self.betas), list(self.disc_features)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DistillConfig:
-        """Build from a dict; unknown keys raise ValueError listing the valid ones."""
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown DistillConfig setting(s) {unknown}; valid: {', '.join(valid)}")
-        return cls(**d)
-
-    def replace(self, **changes: Any) -> DistillConfig:
-        """A copy with some settings changed (validated; unknown names raise ValueError)."""
-        return DistillConfig.from_dict({**self.to_dict(), **changes})
-
-
-def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"{name} must be one of {valid}; got {value!r}")
-
-
-def _int_at_least(name: str, value: Any, lo: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}; got {value!r}")
-
-
-def _positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
-
-
-def _non_negative(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
-
-
-@contextlib.contextmanager
-def _frozen(*modules: nn.Module) -> Iterator[None]:
-    """Temporarily stop gradients into the parameters of ``modules`` (inputs can still get gradients)."""
-    saved = [(p, p.requires_grad) for m in modules for p in m.parameters()]
-    for p, _ in saved:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
+# the networks' buffers are constants: no buffer broadcast in every forward (torch >= 2.13 renamed the option)
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+                   else {"broadcast_buffers": False})
 
 
 def _freeze_unfed_inputs(net: nn.Module) -> None:
@@ -251,26 +72,18 @@ def _grad_norm(params: Iterable[nn.Parameter], device: torch.device) -> torch.Te
 
 
 class FDistillTrainer:
-    """f-distill training of a one-step student from a frozen teacher (sections 6-9).
+    """f-distill training of a one-step student from a frozen teacher (sections 6-9), as rank ``rank`` of
+    ``world_size`` data-parallel processes (one process by default; each rank holds its share of the batch).
 
-    ``teacher``: EDMPrecond-like denoiser (frozen here). ``student`` / ``fake_score`` default to copies
-    of it. ``wrap`` (optional) wraps the trainable networks for the forward passes (DDP). Use
-    :meth:`step` with one real batch per iteration, :meth:`sample` for images, and
-    :meth:`save_checkpoint` / :meth:`load_checkpoint` (atomic) to resume exactly.
+    ``teacher``: EDMPrecond-like denoiser (frozen here). ``student`` / ``fake_score`` default to copies of it.
+    ``rng_mode``: how ranks draw their random numbers (:class:`~fdistill_lab.train.rng.TrainerRNG`). Use
+    :meth:`step` with one real batch per iteration, :meth:`sample` for images, and :meth:`save_checkpoint` /
+    :meth:`load_checkpoint` (atomic) to resume exactly.
     """
 
-    noise_generator: torch.Generator | None = None  # a device generator for latents and noise (data-parallel)
-
-    def __init__(
-        self,
-        teacher: nn.Module,
-        config: DistillConfig | None = None,
-        device: torch.device | str | None = None,
-        student: nn.Module | None = None,
-        fake_score: nn.Module | None = None,
-        wrap: Callable[[nn.Module], nn.Module] | None = None,
-        rng_offset: int = 0,
-    ) -> None:
+    def __init__(self, teacher: nn.Module, config: DistillConfig | None = None,
+                 device: torch.device | str | None = None, rank: int = 0, world_size: int = 1, rng_mode: str = "shared",
+                 student: nn.Module | None = None, fake_score: nn.Module | None = None) -> None:
         self.config = cfg = config if config is not None else DistillConfig()
         if not isinstance(cfg, DistillConfig):
             raise TypeError(f"config must be a DistillConfig; got {type(cfg).__name__}")
@@ -278,6 +91,8 @@ class FDistillTrainer:
             if not hasattr(teacher, attr):
                 raise TypeError(f"teacher lacks attribute {attr!r}: it must follow the EDMPrecond interface")
         self.device = torch.device(device) if device is not None else next(teacher.parameters()).device
+        self.rng = TrainerRNG(cfg.seed, self.device, rank, world_size, rng_mode)
+        self.rank, self.world_size = rank, world_size
         self.teacher = teacher.to(self.device).eval().requires_grad_(False)
         self.student = (student if student is not None else copy.deepcopy(teacher)).to(self.device).train()
         self.fake_score = (fake_score if fake_score is not None else copy.deepcopy(teacher)).to(self.device).train()
@@ -292,30 +107,29 @@ class FDistillTrainer:
             torch.default_generator.manual_seed(cfg.seed)  # the CPU stream only: CUDA RNGs are not forked here
             self.disc = Discriminator.for_network(feat_net, cfg.disc_features, cfg.disc_hidden).to(self.device).train()
         self.weighting = FDistillWeighting.from_config(cfg).to(self.device)
-        wrap = wrap or (lambda m: m)
-        self._student_fwd, self._fake_fwd, self._disc_fwd = wrap(self.student), wrap(self.fake_score), wrap(self.disc)
+        self._student_fwd, self._fake_fwd, self._disc_fwd = (self._wrap(m) for m in (self.student, self.fake_score,
+                                                                                       self.disc))
         adam = dict(betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
         self.opt_student = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr_student, **adam)
         self.opt_fake = torch.optim.AdamW(self.fake_score.parameters(), lr=cfg.lr_fake, **adam)
         self.opt_disc = torch.optim.AdamW(self.disc.parameters(), lr=cfg.lr_disc, **adam)
-        self.generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rng_offset)
         self.label_dim = int(getattr(teacher, "label_dim", 0))
         self.step_count = 0
         self.history: list[dict[str, float]] = []
 
-    # ------------------------------------------------------------------ helpers
+    def _wrap(self, net: nn.Module) -> nn.Module:
+        """The network as called in training: DDP-wrapped on several ranks (gradients averaged), else itself."""
+        if self.world_size == 1:
+            return net
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(net, device_ids=ids, gradient_as_bucket_view=True, **_NO_BUFFER_SYNC)
+
+    # ------------------------------------------------------------------ network calls
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.config.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
-
-    def _randn(self, *shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=self.generator).to(self.device)
-
-    def _sigma(self, n: int, lo: int, hi: int) -> torch.Tensor:
-        s = sample_sigma_grid(n, lo, hi, self.config.num_grid, generator=self.generator)
-        return s.to(device=self.device, dtype=torch.float32)
 
     def _shape(self, n: int) -> tuple[int, int, int, int]:
         return (n, self.teacher.img_channels, self.teacher.img_resolution, self.teacher.img_resolution)
@@ -325,11 +139,11 @@ class FDistillTrainer:
         if self.label_dim == 0:
             return None
         if self.config.generator_labels == "uniform" or real_labels is None:
-            return torch.randint(0, self.label_dim, (n,), generator=self.generator).to(self.device)
+            return self.rng.labels(n, self.label_dim)
         return real_labels.to(self.device)
 
     def _generate(self, n: int, labels: torch.Tensor | None, net: nn.Module | None = None) -> torch.Tensor:
-        z = self._randn(*self._shape(n))
+        z = self.rng.randn(*self._shape(n))
         s = self.config.student_sigma
         with self._autocast():
             x = (net or self._student_fwd)(z * s, torch.full((n,), s, device=self.device), labels)
@@ -366,77 +180,50 @@ class FDistillTrainer:
         labs = labels.to(self.device).chunk(k) if labels is not None else (None,) * k
         return list(zip(imgs, labs))
 
-    # ------------------------------------------------------------------ losses
+    # ------------------------------------------------------------------ the two objectives
+
+    def _generator_draws(self, real_labels: torch.Tensor | None, n: int
+                         ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(labels, x = G(80 z), sigma, eps) of a generator micro-batch, in this order of draws."""
+        labels = self._labels(real_labels, n)
+        x = self._generate(n, labels)
+        sigma = self.rng.sigma(n, self.config.min_index, self.config.max_index, self.config.num_grid)
+        return labels, x, sigma, self.rng.randn(*x.shape)
+
+    def _generator_predict(self, sigma: torch.Tensor, labels: torch.Tensor | None
+                           ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """x_t -> (x0_teacher, x0_fake, logit): the discriminator reads the features of the network that
+        ``disc_placement`` names, in the same call as its x0. Frozen critics, called unwrapped (DDP-safe)."""
+        def predict(x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            if self.config.disc_placement == "teacher":
+                with torch.no_grad():
+                    x0_fake = self._denoise(self.fake_score, x_t, sigma, labels)
+                x0_teacher, feats = self._features(self.teacher, x_t, sigma, labels, decoder="no_grad")
+            else:
+                with torch.no_grad():
+                    x0_teacher = self._denoise(self.teacher, x_t, sigma, labels)
+                x0_fake, feats = self._features(self.fake_score, x_t, sigma, labels, decoder="no_grad")
+            return x0_teacher, x0_fake, self._logits(feats, self.disc)
+        return predict
 
     def _generator_loss(self, real_labels: torch.Tensor | None, n: int,
                         weights: tuple[torch.Tensor, Scalars] | None = None) -> tuple[torch.Tensor, Scalars]:
-        """Section 6: x = G(80 z); x_t = x + sigma eps; g = h_norm (x0_fake - x0_teacher) / mean|x - x0_teacher|.
-
-        ``weights``: (h_norm of these n samples, weight statistics) computed beforehand over the whole batch
-        (:meth:`_batch_weights`); None computes them here from this batch's logits."""
+        """:func:`~fdistill_lab.method.generator_objective` on one micro-batch. ``weights``: (h_norm, statistics)
+        computed beforehand over the whole batch (:meth:`_batch_weights`); None computes them from this one."""
         cfg = self.config
-        labels, x, sigma, x_t = self._generator_inputs(real_labels, n)
-        use_gan = cfg.gan_weight_gen > 0
-        # fake score and heads are frozen here and called unwrapped: no parameter gradients (DDP-safe)
-        if cfg.disc_placement == "teacher":
-            with torch.no_grad():
-                x0_fake = self._denoise(self.fake_score, x_t, sigma, labels)
-            with torch.set_grad_enabled(use_gan):
-                x0_teacher, feats = self._features(self.teacher, x_t if use_gan else x_t.detach(), sigma, labels,
-                                                   decoder="no_grad")
-                logits = self._logits(feats, self.disc)
-        else:
-            with torch.no_grad():
-                x0_teacher = self._denoise(self.teacher, x_t, sigma, labels)
-            with torch.set_grad_enabled(use_gan):
-                x0_fake, feats = self._features(self.fake_score, x_t if use_gan else x_t.detach(), sigma, labels,
-                                                decoder="no_grad")
-                logits = self._logits(feats, self.disc)
-        if weights is None:
-            h, wstats = self.weighting(logits.detach(), sigma, update=True)
-            weight_stats = wstats.summary_tensors()
-        else:
-            h, weight_stats = weights
-        loss_f = fdistill_loss(x, x0_fake.detach(), x0_teacher.detach(), h, cfg.dmd_normalize)
-        loss_gan = gan_generator_loss(logits) if use_gan else torch.zeros((), device=self.device)
-        loss = loss_f + cfg.gan_weight_gen * loss_gan
-        stats = {**weight_stats, "loss_f": loss_f.detach(), "loss_gan_g": loss_gan.detach(),
-                 "loss_g": loss.detach(), "logit_gen_mean": logits.detach().mean()}
-        return loss, stats
-
-    def _generator_inputs(self, real_labels: torch.Tensor | None, n: int
-                          ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(labels, x = G(80 z), sigma, x_t = x + sigma eps) of a generator micro-batch, in this order of draws."""
-        labels = self._labels(real_labels, n)
-        x = self._generate(n, labels)
-        sigma = self._sigma(n, self.config.min_index, self.config.max_index)
-        return labels, x, sigma, x + sigma.view(-1, 1, 1, 1) * self._randn(*x.shape)
+        labels, x, sigma, eps = self._generator_draws(real_labels, n)
+        return generator_objective(x, sigma, eps, self._generator_predict(sigma, labels), self.weighting,
+                                   cfg.gan_weight_gen, cfg.dmd_normalize, weights)
 
     @torch.no_grad()
     def _generator_logits(self, real_labels: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and noise levels of one generator micro-batch, with the same draws as :meth:`_generator_loss`
         makes from the same random states (the networks drawing nothing in between: the teacher is in eval mode,
         and the fake score's no-grad denoising comes after the draws that reach the logits)."""
-        labels, _, sigma, x_t = self._generator_inputs(real_labels, n)
+        labels, x, sigma, eps = self._generator_draws(real_labels, n)
         net = self.teacher if self.config.disc_placement == "teacher" else self.fake_score
-        _, feats = self._features(net, x_t, sigma, labels, decoder="skip")
+        _, feats = self._features(net, noisy(x, sigma, eps), sigma, labels, decoder="skip")
         return self._logits(feats, self.disc), sigma
-
-    def _rng_states(self) -> list[Any]:
-        """States of every random stream a generator micro-batch draws from: the trainer's generator, the
-        device noise generator (if any) and the global streams that dropout uses."""
-        noise = self.noise_generator
-        return [self.generator.get_state(), noise.get_state() if noise is not None else None, torch.get_rng_state(),
-                torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None]
-
-    def _set_rng_states(self, states: list[Any]) -> None:
-        gen, noise, cpu, cuda = states
-        self.generator.set_state(gen)
-        if noise is not None:
-            self.noise_generator.set_state(noise)
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, self.device)
 
     def _batch_weights(self, chunks: list[tuple[torch.Tensor, torch.Tensor | None]]
                        ) -> tuple[list[list[Any]], list[tuple[torch.Tensor, Scalars]]]:
@@ -446,7 +233,7 @@ class FDistillTrainer:
         Returns (random states before each micro-batch, (h, statistics) of each micro-batch)."""
         states, logits, sigmas = [], [], []
         for imgs, labs in chunks:
-            states.append(self._rng_states())
+            states.append(self.rng.snapshot())
             lg, sg = self._generator_logits(labs, imgs.shape[0])
             logits.append(lg)
             sigmas.append(sg)
@@ -455,53 +242,42 @@ class FDistillTrainer:
         return states, [(part, summary) for part in h.split([lg.shape[0] for lg in logits])]
 
     def _critic_loss(self, real: torch.Tensor, real_labels: torch.Tensor | None) -> tuple[torch.Tensor, Scalars]:
-        """Sections 7-8: fake-score DSM on detached student samples + discriminator loss (real positive)."""
+        """:func:`~fdistill_lab.method.critic_objective` on detached student samples and one real micro-batch."""
         cfg = self.config
         n = real.shape[0]
         labels = self._labels(real_labels, n)
         with torch.no_grad():
             x_fake = self._generate(n, labels, self.student)
-        sigma = self._sigma(n, cfg.fake_min_index, cfg.fake_max_index)
-        eps = self._randn(*x_fake.shape)
-        x_t = x_fake + sigma.view(-1, 1, 1, 1) * eps
+        sigma = self.rng.sigma(n, cfg.fake_min_index, cfg.fake_max_index, cfg.num_grid)
+        eps = self.rng.randn(*x_fake.shape)
         if cfg.real_same_t:
             sigma_r, eps_r = sigma, eps
         else:
-            sigma_r = self._sigma(n, cfg.fake_min_index, cfg.fake_max_index)
-            eps_r = self._randn(*real.shape)
-        x_r = real + sigma_r.view(-1, 1, 1, 1) * eps_r
+            sigma_r = self.rng.sigma(n, cfg.fake_min_index, cfg.fake_max_index, cfg.num_grid)
+            eps_r = self.rng.randn(*real.shape)
         use_r1 = cfg.r1_gamma > 0
-        if use_r1:
-            x_r = x_r.detach().requires_grad_(True)
-        # fake and real go through each network in one batched call (one forward per backward: DDP-safe)
-        both_x, both_sigma = torch.cat([x_t, x_r]), torch.cat([sigma, sigma_r])
         both_labels = torch.cat([labels, real_labels.to(self.device)]) if labels is not None else None
-        # R1 differentiates the discriminator's input gradient: attention without the fused kernels
-        twice = twice_differentiable() if use_r1 else contextlib.nullcontext()
-        if cfg.disc_placement == "teacher":
-            x0_pred = self._denoise(self._fake_fwd, x_t, sigma, labels)
-            with torch.set_grad_enabled(use_r1), twice:
-                _, feats = self._features(self.teacher, both_x, both_sigma, both_labels, decoder="skip")
-            if not use_r1:
-                feats = {k: v.detach() for k, v in feats.items()}
-        else:
-            with twice:
-                x0_both, feats = self._features(self._fake_fwd, both_x, both_sigma, both_labels)
-            x0_pred = x0_both[:n]
-        loss_dsm = denoising_loss(x0_pred, x_fake, sigma, cfg.fake_score_weighting)
-        logits_fake, logits_real = self._logits(feats).split([n, n])
-        loss_d = gan_discriminator_loss(logits_real, logits_fake)
-        loss = loss_dsm + cfg.gan_weight_disc * loss_d
-        r1 = r1_penalty(logits_real, x_r) if use_r1 else None
-        if r1 is not None:
-            loss = loss + 0.5 * cfg.r1_gamma * r1
-        lr_, lf_ = logits_real.detach(), logits_fake.detach()
-        stats = {"loss_dsm": loss_dsm.detach(), "loss_d": loss_d.detach(), "logit_real_mean": lr_.mean(),
-                 "logit_fake_mean": lf_.mean(), "disc_acc": 0.5 * ((lr_ > 0).float().mean() + (lf_ < 0).float().mean())}
-        if r1 is not None:
-            stats["r1"] = r1.detach()
-        stats["loss_critic"] = loss.detach()
-        return loss, stats
+
+        def predict(x_t: torch.Tensor, x_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            # fake and real go through each network in one batched call (one forward per backward: DDP-safe)
+            both_x, both_sigma = torch.cat([x_t, x_r]), torch.cat([sigma, sigma_r])
+            # R1 differentiates the discriminator's input gradient: attention without the fused kernels
+            twice = twice_differentiable() if use_r1 else contextlib.nullcontext()
+            if cfg.disc_placement == "teacher":
+                x0_fake = self._denoise(self._fake_fwd, x_t, sigma, labels)
+                with torch.set_grad_enabled(use_r1), twice:
+                    _, feats = self._features(self.teacher, both_x, both_sigma, both_labels, decoder="skip")
+                if not use_r1:
+                    feats = {k: v.detach() for k, v in feats.items()}
+            else:
+                with twice:
+                    x0_both, feats = self._features(self._fake_fwd, both_x, both_sigma, both_labels)
+                x0_fake = x0_both[:n]
+            logits_fake, logits_real = self._logits(feats).split([n, n])
+            return x0_fake, logits_fake, logits_real
+
+        return critic_objective(x_fake, sigma, eps, real, sigma_r, eps_r, predict, cfg.fake_score_weighting,
+                                gan_weight=cfg.gan_weight_disc, r1_gamma=cfg.r1_gamma)
 
     # ------------------------------------------------------------------ steps
 
@@ -513,12 +289,12 @@ class FDistillTrainer:
         self.opt_student.zero_grad(set_to_none=True)
         logs: list[Scalars] = []
         chunks = self._micro_batches(images, labels)
-        with _frozen(self.fake_score, self.disc):
+        with frozen(self.fake_score, self.disc):
             # with micro-batches, the weights are normalised over the whole batch first (not per micro-batch)
             states, weights = self._batch_weights(chunks) if len(chunks) > 1 else ([], [])
             for i, (imgs, labs) in enumerate(chunks):
                 if states:
-                    self._set_rng_states(states[i])
+                    self.rng.restore(states[i])
                 with _local_grads_unless(i == len(chunks) - 1, self._student_fwd):
                     loss, stats = self._generator_loss(labs, imgs.shape[0], weights[i] if weights else None)
                     (loss / cfg.accum_steps).backward()
@@ -553,19 +329,20 @@ class FDistillTrainer:
         self.opt_disc.step()
         return _read_logs(logs, grad_norm_critic=gnorm)
 
-    def is_generator_iteration(self, i: int | None = None) -> bool:
-        """Whether iteration ``i`` (default: the next) updates the student: i % K == 0."""
-        i = self.step_count if i is None else i
-        return i % self.config.student_update_freq == 0
+    def updates(self, i: int | None = None) -> tuple[bool, bool]:
+        """(generator?, critic?) at iteration ``i`` (default: the next); see :func:`.method.iteration_updates`."""
+        cfg = self.config
+        return iteration_updates(self.step_count if i is None else i, cfg.schedule, cfg.student_update_freq,
+                                 cfg.critic_warmup)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
         """One iteration of the schedule on one real batch; returns (and appends to ``history``) its logs."""
         t0 = time.perf_counter()
-        gen = self.is_generator_iteration()
+        gen, critic = self.updates()
         logs: dict[str, float] = {"step": float(self.step_count), "generator_step": float(gen)}
         if gen:
             logs.update(self.generator_step(images, labels))
-        if not gen or self.config.schedule == "dmd2":
+        if critic:
             logs.update(self.critic_step(images, labels))
         self.step_count += 1
         dt = time.perf_counter() - t0
@@ -615,7 +392,8 @@ class FDistillTrainer:
             "fake_score": self.fake_score.state_dict(), "disc": self.disc.state_dict(),
             "weighting": self.weighting.state_dict(), "opt_student": self.opt_student.state_dict(),
             "opt_fake": self.opt_fake.state_dict(), "opt_disc": self.opt_disc.state_dict(),
-            "rng": self.generator.get_state(), "history": [dict(h) for h in self.history],
+            "rng": self.rng.cpu.get_state(), "device_rng": self.rng.state_dict()["device"],
+            "history": [dict(h) for h in self.history],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -623,9 +401,7 @@ class FDistillTrainer:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"not an f-distill trainer state (format {state.get('format')!r}, "
                              f"expected {CHECKPOINT_FORMAT!r})")
-        mine = self.config.to_dict()
-        diff = {k: (state["config"].get(k), v) for k, v in mine.items()
-                if k not in SPEED_ONLY_SETTINGS and state["config"].get(k) != v}
+        diff = self.config.differences(state["config"])
         if diff:
             raise ValueError("checkpoint was written with another configuration (setting: (checkpoint, "
                              f"current)): {diff}")
@@ -637,7 +413,10 @@ class FDistillTrainer:
         self.opt_student.load_state_dict(state["opt_student"])
         self.opt_fake.load_state_dict(state["opt_fake"])
         self.opt_disc.load_state_dict(state["opt_disc"])
-        self.generator.set_state(state["rng"])
+        if "device_rng" in state:  # (checkpoints before the merged trainer kept the device stream in ``extra``)
+            self.rng.load_state_dict({"cpu": state["rng"], "device": state["device_rng"]})
+        else:
+            self.rng.cpu.set_state(state["rng"])
         self.step_count = int(state["step"])
         self.history = [dict(h) for h in state.get("history", [])]
 
@@ -721,3 +500,6 @@ def fit(
         if "loss_f" in out:
             bar.set_postfix(loss_f=f"{out['loss_f']:.3g}", ratio=f"{out['ratio_mean']:.2f}", refresh=False)
     return logs
+
+
+__all__ = ["CHECKPOINT_FORMAT", "DistillConfig", "FDistillTrainer", "fit"]  # DistillConfig: from .config
