@@ -1,8 +1,8 @@
 """EDM diffusion maths (Karras et al. 2022): preconditioning, noise levels, Heun sampler.
 
-Used by every teacher, student and fake score in the package. Notation follows
-``fdistill_paper.md`` section 9 and ``reference_implementations.md`` section 1.1:
-x_t = x_0 + sigma * eps, denoiser D(x; sigma) is the x0-prediction, score = (D - x) / sigma^2.
+Used by every teacher, student and fake score in the package. Notation of EDM (its section 2 and Table 1) and of
+the f-distill paper (section 9): x_t = x_0 + sigma * eps, denoiser D(x; sigma) is the x0-prediction,
+score = (D - x) / sigma^2.
 """
 
 from __future__ import annotations

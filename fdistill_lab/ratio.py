@@ -1,9 +1,9 @@
 """Density ratio r = p_t / q_t from discriminator logits and the two-stage normalisation.
 
-Paper section "two-stage normalization" (fdistill_paper.md sections 4 and 5): the ratio comes from the
-GAN discriminator (r = exp(logit) for a real-positive discriminator), stage 1 normalises r per noise
-level bin with a running EMA (kept as a module buffer so checkpoints carry it, and averaged over all
-ranks), stage 2 divides h by its (global) batch mean. All maths in float32 or higher and detached.
+The paper takes the ratio from the GAN discriminator (Fig. 1; r = exp(logit) for a real-positive discriminator)
+and normalises it in two stages (Fig. 4b): stage 1 normalises r per noise-level bin with a running EMA (kept as a
+module buffer so checkpoints carry it, and averaged over all ranks), stage 2 divides h by its (global) batch mean.
+All maths in float32 or higher and detached.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 ``python -m fdistill_lab.handouts [--smoke] [--only 01_f_divergences ...] [--build build]`` writes, under
 ``<build>/handouts/<full|smoke>/``, ``executed/<nb>.ipynb``, ``html/instructor/<nb>.html`` and
-``html/student/<nb>.html`` (solution regions replaced by the exercise stub; notebook_conventions.md sections 5
-and 6). Each notebook runs in a fresh ``outputs/<nb>`` folder there, so a handout shows a complete run (notebook
-04 retrains its small teacher). Notebooks in ``ALWAYS_SMOKE`` (05: its full run is days of multi-GPU training)
+``html/student/<nb>.html`` (solution regions replaced by the exercise stub, as :mod:`.student` does). Each notebook
+runs in a fresh ``outputs/<nb>`` folder there, so a handout shows a complete run (notebook 04 retrains its small
+teacher). Notebooks in ``ALWAYS_SMOKE`` (05: its full run is days of multi-GPU training)
 run in smoke mode in both builds. A notebook that fails is still rendered, with its error, and the next
 ones run; the command then exits with status 1.
 """

@@ -3,7 +3,7 @@
 Every notebook has one cell tagged ``parameters`` holding annotated literals only
 (``steps: int = 3000  # help``) and calls ``cfg = setup_notebook(globals())`` in the next cell.
 papermill injects overrides as plain assignments in a cell starting with ``# Parameters`` and only
-*warns* about unknown names; ``setup_notebook`` turns that into an error (notebook_conventions.md 4).
+*warns* about unknown names; ``setup_notebook`` turns that into an error.
 
 Validation happens before anything is written: ``cfg.output_dir`` is created only after every
 parameter has been checked. Relative paths start in ``notebooks/`` however a notebook is launched: Jupyter runs

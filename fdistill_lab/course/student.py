@@ -4,7 +4,7 @@
 ``### BEGIN SOLUTION`` .. ``### END SOLUTION`` region becomes ``# YOUR CODE HERE`` plus
 ``raise NotImplementedError()`` (same indentation; ``YOUR ANSWER HERE`` in markdown cells),
 ``### BEGIN HIDDEN TESTS`` .. ``### END HIDDEN TESTS`` regions are deleted, outputs, execution counts and
-widget state are cleared (notebook_conventions.md section 6). As in nbgrader, a marker is any line containing
+widget state are cleared. As in nbgrader, a marker is any line containing
 ``BEGIN SOLUTION`` (etc.), whatever its comment prefix; a cell tagged ``solution`` without a region is an
 error, never copied whole.
 """

@@ -2,8 +2,8 @@
 
 Notebook 01 uses these to make the paper's claims concrete without any learned network:
 
-* ``fdistill_gradient``: the f-distill estimator -E_q[h(r) (s_p - s_q) dx/dtheta] (paper Fig. 1,
-  fdistill_paper.md section 2) with exact scores and the exact ratio r = p/q, for theta = (mean, std)
+* ``fdistill_gradient``: the f-distill estimator -E_q[h(r) (s_p - s_q) dx/dtheta] (paper Fig. 1 and its
+  gradient theorem) with exact scores and the exact ratio r = p/q, for theta = (mean, std)
   of q = N(mean, std^2), optionally at a noise level sigma (x_t = x + sigma * eps).
 * ``divergence_value`` and ``finite_difference_gradient``: D_f(p||q) by quadrature and its central
   differences, to check the identity (section 12 reference numbers).

@@ -1,4 +1,4 @@
-"""Optional ipywidgets controls on top of the static figures (notebook_conventions.md section 5).
+"""Optional ipywidgets controls on top of the static figures: the lesson stands on the figure alone.
 
 The import of ipywidgets is guarded: without it the functions print how to get the control and
 return None (the static figure above the call already carries the lesson).

@@ -1,6 +1,6 @@
 """ADM U-Net (Dhariwal & Nichol 2021) as configured by EDM: ``DhariwalUNet``, the ImageNet-64 teacher.
 
-Written from reference_implementations.md section 1.2-1.3 (names, order, widths); no EDM code.
+Written from EDM's network appendix and its checkpoints' parameter names (order, widths); no EDM code.
 """
 
 from __future__ import annotations

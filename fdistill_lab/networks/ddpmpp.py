@@ -1,6 +1,6 @@
 """DDPM++ / NCSN++ U-Net (Song et al. 2021) as configured by EDM: ``SongUNet``, the CIFAR-10 teachers.
 
-Written from reference_implementations.md section 1.2-1.3 (names, order, widths); no EDM code.
+Written from EDM's network appendix and its checkpoints' parameter names (order, widths); no EDM code.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Building blocks of EDM's U-Nets, written from the published formulas and parameter names.
 
-Source: Karras et al. 2022 (EDM), appendix on network architectures; layer facts and pitfalls in
-``shared/reference/reference_implementations.md`` section 1.3 and ``shared/reference/edm/README.md``.
-Parameter and buffer names/shapes equal EDM's so that released checkpoints load with ``strict=True``.
+Source: Karras et al. 2022 (EDM), appendix on network architectures, and the parameter names of EDM's released
+checkpoints. Parameter and buffer names/shapes equal EDM's so that released checkpoints load with ``strict=True``.
 """
 
 from __future__ import annotations
@@ -325,7 +324,7 @@ def twice_differentiable() -> Iterator[None]:
 def attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Multi-head self-attention over the pixels of ``qkv`` [B, 3C, H, W].
 
-    EDM layout (reference_implementations.md 1.3.1): channels are viewed as [B*heads, C/heads, 3, HW] and
+    EDM's layout: channels are viewed as [B*heads, C/heads, 3, HW] and
     split on the size-3 axis, so q, k, v are interleaved per channel inside each head. For float32/float64
     input the logits q.k / sqrt(C/heads) and the softmax are computed as EDM does, in float32 (float64 for
     float64 input) with autocast disabled. For bf16/fp16 input (mixed-precision training) the same
@@ -350,7 +349,7 @@ def attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 class UNetBlock(nn.Module):
     """Residual block shared by ADM and DDPM++: GroupNorm-SiLU-conv, embedding injection, GroupNorm-SiLU-
-    dropout-conv, skip, optional self-attention (reference_implementations.md 1.3.4-5).
+    dropout-conv, skip, optional self-attention (EDM's network appendix).
 
     Submodules in EDM's order: norm0, conv0, affine, norm1, conv1, [skip], [norm2, qkv, proj].
     """

@@ -1,6 +1,6 @@
 """Readers for ImageNet-64 (and any EDM-format dataset) and for downsampled-ImageNet npz batches.
 
-EDM dataset format (``dataset_tool.py``; reference_implementations.md 1.6): an uncompressed ZIP (or a
+EDM dataset format (written by EDM's ``dataset_tool.py``): an uncompressed ZIP (or a
 folder) of PNGs named ``{idx//1000:05d}/img{idx:08d}.png`` plus ``dataset.json`` =
 ``{"labels": [["00000/img00000000.png", 6], ...]}`` or ``{"labels": null}``. Images are read in sorted
 name order as uint8 [C, H, W]; training maps pixels to [-1, 1] with x / 127.5 - 1.

@@ -2,11 +2,10 @@
 
 EDM stores every network object through ``torch_utils.persistence._reconstruct_persistent_obj(meta)``,
 whose ``meta`` carries the Python source of the defining module; the stock loader executes it. This
-reader never does: :class:`EDMUnpickler` resolves globals from an allowlist only
-(``shared/reference/edm/pickle_format.md`` section 2), the persistence hook becomes a passive
-:class:`PersistentRecord` (class name + state), and tensor storages are decoded with
-``torch.load(weights_only=True)``. Any other global raises :class:`UnsafePickleError` before anything
-runs. Design: ``reference_implementations.md`` section 1.5.
+reader never does: :class:`EDMUnpickler` resolves globals from an allowlist only (``ALLOWED_GLOBALS``: the
+containers, numpy scalars and torch storage classes that EDM's pickles hold), the persistence hook becomes a
+passive :class:`PersistentRecord` (class name + state), and tensor storages are decoded with
+``torch.load(weights_only=True)``. Any other global raises :class:`UnsafePickleError` before anything runs.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Build EDM's ImageNet-64 dataset zip from an ImageNet train folder (or from npz batches).
 
-Same result as EDM's ``dataset_tool.py convert --transform=center-crop --resolution=64x64``
-(reference_implementations.md 1.6): images in sorted path order; labels = index of the sorted top-level
+Same result as EDM's ``dataset_tool.py convert --transform=center-crop --resolution=64x64``: images in sorted
+path order; labels = index of the sorted top-level
 folder names (wnids, 0..999); each image converted to RGB, center-cropped to a square of side
 min(H, W), resized with PIL LANCZOS, stored as an uncompressed PNG ``{idx//1000:05d}/img{idx:08d}.png``
 in an uncompressed zip with ``dataset.json``. EDM's FID reference statistics were computed on this zip.

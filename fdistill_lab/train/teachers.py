@@ -1,10 +1,10 @@
 """Load released EDM teachers (``edm-imagenet-64x64-cond-adm.pkl``, ``edm-cifar10-32x32-*-vp.pkl``) into
 our own :class:`fdistill_lab.networks.EDMPrecond`, safely and with a fast-reload cache.
 
-The pickle is read by :mod:`fdistill_lab.edm_pickle` (allowlisting unpickler, stored source code never
+The pickle is read by :mod:`fdistill_lab.train.edm_pickle` (allowlisting unpickler, stored source code never
 runs); the architecture comes from the recorded ``EDMPrecond`` constructor keywords; weights load with
 ``strict=True``. A plain ``.pt`` cache ({config, state_dict}) is written to the cache directory and
-reloaded with ``torch.load(weights_only=True)``. Reference: reference_implementations.md 1.5.
+reloaded with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
