@@ -47,3 +47,23 @@ def test_ci_script_installs_and_guards_exit_code_5():
     assert '"$rc" -eq 5' in text
     readme = (ROOT / "README.md").read_text()
     assert "python -m pytest" in readme and "python -m pytest" in text
+
+
+def test_entry_points_answer_help():
+    """The commands users type keep working after the layout change: each prints its help and exits 0."""
+    import shutil
+    import subprocess
+    import sys
+
+    import fdistill_lab.divergences
+
+    commands = [[sys.executable, "-m", f"fdistill_lab.{m}", "--help"]
+                for m in ("train", "download", "sweep", "student", "handouts", "train.prepare_imagenet")]
+    scripts = _pyproject()["project"]["scripts"]
+    assert scripts == {"fdistill-train": "fdistill_lab.train.cli:main"}
+    if shutil.which("fdistill-train"):
+        commands.append(["fdistill-train", "--help"])
+    for cmd in commands:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0 and "usage:" in res.stdout, (cmd, res.stderr[-500:])
+    assert fdistill_lab.divergences.get("js").name == "js"

@@ -1,7 +1,5 @@
-"""EDM-compatible networks (own implementation): EDMPrecond with ADM (DhariwalUNet) or DDPM++ (SongUNet).
-
-Parameter names, shapes and buffers equal EDM's, so released checkpoints load with ``strict=True``
-(see :func:`fdistill_lab.teachers.load_edm`).
+"""EDM-compatible networks (own implementation): EDMPrecond with ADM (DhariwalUNet) or DDPM++ (SongUNet), whose
+names and shapes equal EDM's so released checkpoints load strictly; and the discriminator heads (``discriminator``).
 """
 
 from .adm import DhariwalUNet

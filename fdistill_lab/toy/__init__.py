@@ -1,13 +1,5 @@
-"""Lab of notebooks 02-03: distil an analytic Gaussian-mixture teacher in 2-D into a one-step MLP with any
-f-divergence, and measure mode coverage.
-
-- ``models``: generator, fake score (EDM denoiser), discriminator, the oracle's KDE of the student.
-- ``trainer``: ``ToyConfig``, ``ToyTrainer`` (the image trainer's schedule and names), ``train_toy``.
-- ``metrics``: modes covered, precision, recall, mode-mass error, KDE-based KL estimates.
-- ``experiment``: the notebook's teacher and the divergences x seeds comparison.
-- ``analysis``: ratio calibration, gradient variance, loss fluctuation and cost (notebook 03); ``plots``: figures.
-- ``sensitivity`` and ``grid``: one-factor-at-a-time studies run as parallel, resumable grids of toy runs.
-"""
+"""Lab of notebooks 02-03: f-distill of an analytic 2-D Gaussian mixture into a one-step MLP (``trainer``, ``models``),
+its metrics, comparisons, analyses and plots, and parallel resumable grids of runs (``grid``, ``sensitivity``)."""
 
 from .experiment import COMPARISON, Comparison, default_teacher, final_samples, resolve_divergences, run_comparison
 from .metrics import (

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from ..divergences import names
+
 Setting = dict[str, Any]
 LABEL = "label"  # a setting's optional name in tables (not a toy setting)
 
@@ -92,7 +94,8 @@ def axis_summary(table, axis: str, values: Sequence[Any], defaults: Mapping[str,
     long = pd.concat(frames, ignore_index=True)
     order = [setting_label(s) for s in _settings(axis, values)]
     stats = long.groupby(["divergence", "setting"])["value"].agg(["mean", "std", "count"]).reset_index()
-    divs = list(dict.fromkeys(table["divergence"]))
+    seen = list(dict.fromkeys(table["divergence"]))  # rows in the paper's order, then any others as they come
+    divs = [d for d in names() if d in seen] + [d for d in seen if d not in names()]
     pivot = {k: stats.pivot(index="divergence", columns="setting", values=k).reindex(index=divs, columns=order)
              for k in ("mean", "std", "count")}
     return pivot["mean"], pivot["std"], pivot["count"]

@@ -13,7 +13,7 @@ resumes exactly from ``<out>/checkpoints`` (step counter, every rank's RNG state
 states, EMAs, data position). SIGTERM saves a checkpoint and exits with code 143. Data-parallel: each
 rank holds ``batch_size / world_size`` images, split into micro-batches of ``per_gpu_batch`` (gradient
 accumulation); networks run under bf16 autocast while ratio, weight and loss maths stay in fp32.
-Files written: see :mod:`fdistill_lab.train_io`.
+Files written: see :mod:`fdistill_lab.train.run_folder`.
 """
 
 from __future__ import annotations
@@ -78,12 +78,12 @@ def open_dataset(path: str | Path, xflip: bool = False, npz_label_map: str = "")
     """EDM-format zip/folder, or downsampled-ImageNet npz file/folder; clear error when missing.
 
     ``npz_label_map`` (npz data only): path of the devkit's ``map_clsloc.txt`` or ``identity``; see
-    :class:`~fdistill_lab.data.imagenet.ImageNetNpzDataset`.
+    :class:`~fdistill_lab.train.data.ImageNetNpzDataset`.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"training data not found: {path}. Build EDM's ImageNet-64 zip with "
-                                "`python -m fdistill_lab.data.prepare_imagenet --source <ILSVRC train folder> "
+                                "`python -m fdistill_lab.train.prepare_imagenet --source <ILSVRC train folder> "
                                 "--dest datasets/imagenet-64x64.zip` (docs/edm_data_and_fid.md)")
     if path.suffix == ".npz" or (path.is_dir() and any(path.glob("*.npz"))):
         if xflip:

@@ -37,7 +37,7 @@ __all__ = [
 
 EDM_FORMAT = ("EDM dataset format: an uncompressed .zip (or a folder) of PNG images with optional "
               "dataset.json {'labels': [[name, int], ...] | null}, as written by "
-              "`python -m fdistill_lab.data.prepare_imagenet` or EDM's dataset_tool.py")
+              "`python -m fdistill_lab.train.prepare_imagenet` or EDM's dataset_tool.py")
 NPZ_FORMAT = ("downsampled-ImageNet npz batches: train_data_batch_*.npz (or one .npz) with 'data' uint8 "
               "[N, 3*R*R] in CHW-flattened order and 'labels' 1-based class ids [N]")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")

@@ -8,9 +8,9 @@ in an uncompressed zip with ``dataset.json``. EDM's FID reference statistics wer
 
 Usage::
 
-    python -m fdistill_lab.data.prepare_imagenet --source ILSVRC/Data/CLS-LOC/train \\
+    python -m fdistill_lab.train.prepare_imagenet --source ILSVRC/Data/CLS-LOC/train \\
         --dest datasets/imagenet-64x64.zip --resolution 64 --workers 16
-    python -m fdistill_lab.data.prepare_imagenet --source Imagenet64_train_npz/ --label-map map_clsloc.txt \\
+    python -m fdistill_lab.train.prepare_imagenet --source Imagenet64_train_npz/ --label-map map_clsloc.txt \\
         --dest datasets/imagenet-64x64.zip
 """
 
@@ -93,7 +93,7 @@ def _process(args: tuple[str, int]) -> bytes:
 
 def build_zip(dest: str | Path, pngs: Iterable[bytes], labels: list[int] | None, total: int,
               progress: bool = True) -> Path:
-    """Write EDM's dataset zip (ZIP_STORED) atomically (:func:`~fdistill_lab.records.atomic_file`: an error or an
+    """Write EDM's dataset zip (ZIP_STORED) atomically (:func:`~fdistill_lab.files.atomic_file`: an error or an
     interruption leaves no partial zip behind)."""
     dest = Path(dest)
     names = []
@@ -147,7 +147,7 @@ def prepare_from_npz(source: str | Path, dest: str | Path, max_images: int | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fdistill_lab.data.prepare_imagenet",
+    parser = argparse.ArgumentParser(prog="python -m fdistill_lab.train.prepare_imagenet",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", required=True,
                         help="ImageNet train folder (ILSVRC/Data/CLS-LOC/train) or folder/file of npz batches")

@@ -136,7 +136,7 @@ PRESETS: dict[str, Preset] = {
         run=dict(batch_size=512, per_gpu_batch=64, steps=380_000, extra_ema_betas=(0.99995, 0.9996), log_every=10,
                  ckpt_every=2000, sample_every=2000, fid_every=20_000, fid_images=50_000),
         teacher_hint=_EDM_TEACHER.format(group="imagenet64") + " -> downloads/edm/edm-imagenet-64x64-cond-adm.pkl",
-        data_hint="python -m fdistill_lab.data.prepare_imagenet --source <ILSVRC train folder> "
+        data_hint="python -m fdistill_lab.train.prepare_imagenet --source <ILSVRC train folder> "
                   "--dest datasets/imagenet-64x64.zip (see docs/edm_data_and_fid.md)",
         paper_fid={"f-distill JS (paper)": 1.16, "DMD2 reverse KL (paper)": 1.27, "FastGen f-distill JS": 1.11}),
     "cifar10": Preset(
@@ -158,7 +158,7 @@ PRESETS: dict[str, Preset] = {
         run=dict(batch_size=280, per_gpu_batch=0, steps=200_000, warmup_steps=500, extra_ema_betas=(), log_every=10,
                  ckpt_every=2000, sample_every=2000, fid_every=20_000, fid_images=50_000, fid_quantize="trunc"),
         teacher_hint=_EDM_TEACHER.format(group="imagenet64") + " -> downloads/edm/edm-imagenet-64x64-cond-adm.pkl",
-        data_hint="python -m fdistill_lab.data.prepare_imagenet --source <ILSVRC train folder> "
+        data_hint="python -m fdistill_lab.train.prepare_imagenet --source <ILSVRC train folder> "
                   "--dest datasets/imagenet-64x64.zip",
         paper_fid={"DMD2 (its paper, two-stage)": 1.28, "DMD2 GAN from scratch (its paper)": 1.51}),
     "tiny": Preset(
@@ -169,8 +169,8 @@ PRESETS: dict[str, Preset] = {
         run=dict(batch_size=8, per_gpu_batch=0, steps=6, extra_ema_betas=(0.5,), log_every=1, ckpt_every=3,
                  sample_every=3, sample_count=16, fid_every=3, fid_images=32, fid_batch=16, num_workers=0,
                  rng_mode="shared", tf32=False, cpu_threads=1, keep_checkpoints=2),
-        teacher_hint="fdistill_lab.smoke_assets.make_smoke_assets(folder) writes a tiny random teacher",
-        data_hint="fdistill_lab.smoke_assets.make_smoke_assets(folder) writes a tiny EDM-format zip"),
+        teacher_hint="fdistill_lab.train.smoke_assets.make_smoke_assets(folder) writes a tiny random teacher",
+        data_hint="fdistill_lab.train.smoke_assets.make_smoke_assets(folder) writes a tiny EDM-format zip"),
 }
 
 ALIASES: dict[str, tuple[str, ...]] = {"lr": ("lr_student", "lr_fake", "lr_disc"), "div": ("divergence",)}

@@ -4,7 +4,7 @@
 
 * ``data.zip``: an EDM-format dataset zip of small labelled images (class k = a coloured square of
   colour k at a random place on a dark background);
-* ``teacher.pt``: a randomly initialised tiny ADM ``EDMPrecond`` in :func:`fdistill_lab.teachers.load_edm`'s
+* ``teacher.pt``: a randomly initialised tiny ADM ``EDMPrecond`` in :func:`fdistill_lab.train.teachers.load_edm`'s
   ``.pt`` format (it is *not* a trained model: it only exercises the code path);
 * ``detector.pt``: a TorchScript stand-in for the Inception detector (fixed random projection of the pixels,
   called as ``detector(uint8 images, return_features=True)``);
