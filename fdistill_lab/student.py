@@ -1,6 +1,6 @@
-"""``python -m fdistill_lab.student``: the command of :mod:`fdistill_lab.course.student`."""
+"""``python -m fdistill_lab.student``: the command of :mod:`fdistill_lab.course.student_copies`."""
 
-from .course.student import main
+from .course.student_copies import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -12,7 +12,8 @@ import torch
 from nbclient import NotebookClient
 from notebook_harness import NOTEBOOKS, prepare_environment
 
-from fdistill_lab.course import checks, reference, student
+from fdistill_lab.course import checks, reference
+from fdistill_lab.course import student_copies as student
 from fdistill_lab.course.records import read_records
 
 NB01 = NOTEBOOKS / "01_f_divergences.ipynb"
@@ -74,7 +75,7 @@ def test_fallback_uses_reference_only_when_not_implemented(capsys):
 
     f = reference.fallback(todo, reference.h_js)
     assert torch.equal(f(torch.tensor([1.0, 3.0])), torch.tensor([0.5, 0.75])) and f.uses_reference()
-    assert "todo is not implemented yet: using fl.reference.h_js" in capsys.readouterr().out
+    assert "todo is not implemented yet: using fdistill_lab.course.reference.h_js" in capsys.readouterr().out
     g = reference.fallback(lambda r: r * 0, reference.h_js)
     assert torch.equal(g(torch.tensor([2.0])), torch.tensor([0.0])) and not g.uses_reference()
 
@@ -161,7 +162,7 @@ def test_student_copy_stops_at_first_exercise_and_later_cells_fall_back(tmp_path
     assert [nb.cells[i].source.strip() for i, _ in errors] == [
         "checks.check_h_js(h_js)", "checks.check_mode_prediction(predict_modes_kept, modes_imbalanced)"]
     streams = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert "h_js is not implemented yet: using fl.reference.h_js" in streams
+    assert "h_js is not implemented yet: using fdistill_lab.course.reference.h_js" in streams
     rec = read_records(out)
     assert rec["js_weight_sigmoid_max_gap"] < 1e-12 and "summary" in rec  # cells after the exercises ran
 
@@ -215,7 +216,7 @@ def test_wrong_generator_steps_are_rejected_with_hints():
         loss.backward()
         run.opt_student.step()
         if critic_optimiser:  # the GAN term's gradient also reached the discriminator
-            run.opt_critic.step()
+            run.opt_disc.step()
         return stats
 
     for wrong in (dict(gan=False), dict(order="x-eps-sigma")):

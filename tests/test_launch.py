@@ -1,4 +1,4 @@
-"""The notebook launcher's child environment (fdistill_lab.launch.follow)."""
+"""The notebook launcher's child environment (fdistill_lab.train.launch.follow)."""
 
 import sys
 

@@ -145,3 +145,17 @@ def test_older_checkpoints_load(tmp_path):
     torch.save(state, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="critic_warmup"):
         other.load_checkpoint(tmp_path / "other.pt")
+
+
+def test_resume_with_another_rng_mode_is_refused_before_anything_loads(tmp_path):
+    torch.manual_seed(0)
+    teacher = build_edm(**tiny_adm_config(img_resolution=8, img_channels=1, label_dim=0, model_channels=8,
+                                          attn_resolutions=[]))
+    tr = FDistillTrainer(teacher, DistillConfig(student_update_freq=2), "cpu", rng_mode="per_rank")
+    tr.step(torch.rand(4, 1, 8, 8) * 2 - 1)
+    tr.save_checkpoint(tmp_path / "c.pt")
+    other = FDistillTrainer(teacher, DistillConfig(student_update_freq=2), "cpu", rng_mode="shared")
+    before = [p.detach().clone() for p in other.student.parameters()]
+    with pytest.raises(ValueError, match=r"c\.pt: checkpoint was written with another rng_mode"):
+        other.load_checkpoint(tmp_path / "c.pt")
+    assert all(torch.equal(a, b) for a, b in zip(before, other.student.parameters())) and other.step_count == 0

@@ -74,6 +74,7 @@ def test_smoke_single_divergence_oracle_gan(tmp_path):
     ({"div": "all", "num_seeds": 2}, "num_seeds must be >= 3"),
     ({"stepz": 3}, "unknown parameter(s) 'stepz'; valid parameter names"),
     ({"student_update_freq": 1}, "student_update_freq must be >= 2"),
+    ({"steps": 10}, "steps must be >= 23 (20 critic warm-up iterations"),  # smoke mode: a 20-iteration warm-up
 ])
 def test_bad_input_stops_in_first_code_cell(tmp_path, params, message):
     assert_rejected_before_writing(NAME, tmp_path, params, message)

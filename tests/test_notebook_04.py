@@ -71,6 +71,14 @@ def test_smoke_run_records_metrics_then_corrupted_teacher_cache_is_refused(tmp_p
     assert caches[0].read_bytes() == b"corrupted teacher checkpoint"
 
 
+@pytest.mark.timeout(300)
+def test_smoke_with_the_heads_on_the_fake_score(tmp_path):
+    """DMD2's placement: the by-hand step of section 4 still equals the trainer's."""
+    _, rec = run_notebook(NAME, tmp_path, parameters={"disc_placement": "fake_score"}, budget_s=90.0)
+    assert rec["config"]["trainer"]["disc_placement"] == "fake_score"
+    assert rec["generator_step_by_hand_equals_trainer"] is True
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(("params", "message"), [
     ({"div": "nonsense"}, "unknown divergence 'nonsense'; valid names: rkl, srkl, js"),

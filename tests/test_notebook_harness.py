@@ -1,4 +1,4 @@
-"""Unit tests of fdistill_lab.notebook (parameter validation) and fdistill_lab.records (atomic JSON)."""
+"""Unit tests of fdistill_lab.course.notebook (parameter validation) and fdistill_lab.course.records (JSON records)."""
 
 from __future__ import annotations
 

@@ -73,7 +73,7 @@ def check_generator_step(step_fn: Callable[[Any], Mapping[str, Any]]) -> None:
                        eval_every=12, seed=1)
     mine, ref = ToyTrainer(default_teacher(), config), ToyTrainer(default_teacher(), config)
     for run in (mine, ref):
-        run.fit(until=6, progress=False)  # trained critics, one generator update done
+        run.fit(6, progress=False)  # the critics trained for 6 updates
     disc = [p.detach().clone() for p in mine.disc.parameters()]
     for _ in range(2):
         stats = step_fn(mine)

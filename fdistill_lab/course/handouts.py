@@ -2,9 +2,9 @@
 
 ``python -m fdistill_lab.handouts [--smoke] [--only 01_f_divergences ...] [--build build]`` writes, under
 ``<build>/handouts/<full|smoke>/``, ``executed/<nb>.ipynb``, ``html/instructor/<nb>.html`` and
-``html/student/<nb>.html`` (solution regions replaced by the exercise stub, as :mod:`.student` does). Each notebook
-runs in a fresh ``outputs/<nb>`` folder there, so a handout shows a complete run (notebook 04 retrains its small
-teacher). Notebooks in ``ALWAYS_SMOKE`` (05: its full run is days of multi-GPU training)
+``html/student/<nb>.html`` (solution regions replaced by the exercise stub, as :mod:`.student_copies` does). Each
+notebook runs in a fresh ``outputs/<nb>`` folder there, so a handout shows a complete run (notebook 04 retrains its
+small teacher). Notebooks in ``ALWAYS_SMOKE`` (05: its full run is days of multi-GPU training)
 run in smoke mode in both builds. A notebook that fails is still rendered, with its error, and the next
 ones run; the command then exits with status 1.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import nbformat
 
-from .student import student_notebook
+from .student_copies import student_notebook
 
 ROOT = Path(__file__).resolve().parents[2]
 ALWAYS_SMOKE = {"05_imagenet": "its full run is days of multi-GPU ImageNet training"}

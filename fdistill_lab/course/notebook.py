@@ -174,8 +174,8 @@ NOTEBOOKS_DIR = Path(__file__).resolve().parents[2] / "notebooks"  # in a checko
 
 def use_notebooks_folder() -> Path | None:
     """Change the working folder to ``notebooks/`` when it is this checkout's root (``papermill notebooks/NN.ipynb
-    out.ipynb`` from the root), so that relative paths (runner notebooks, ``../downloads/...`` defaults, output
-    folders) mean the same as under Jupyter; returns the new folder, or None if nothing changed."""
+    out.ipynb`` from the root), so that relative paths (``../downloads/...`` defaults, output folders) mean the
+    same as under Jupyter; returns the new folder, or None if nothing changed."""
     if NOTEBOOKS_DIR.is_dir() and Path.cwd().resolve() == NOTEBOOKS_DIR.parent:
         os.chdir(NOTEBOOKS_DIR)
         return NOTEBOOKS_DIR

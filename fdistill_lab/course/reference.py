@@ -49,7 +49,7 @@ def fallback(student_fn: Callable[..., Any], reference_fn: Callable[..., Any]) -
                 state["use_reference"] = True
                 name = getattr(reference_fn, "__qualname__", repr(reference_fn))
                 print(f"{getattr(student_fn, '__name__', 'exercise')} is not implemented yet: "
-                      f"using fl.reference.{name} instead")
+                      f"using fdistill_lab.course.reference.{name} instead")
         return reference_fn(*args, **kwargs)
 
     wrapper.uses_reference = lambda: state["use_reference"]  # type: ignore[attr-defined]

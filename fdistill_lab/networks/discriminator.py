@@ -4,7 +4,7 @@ One head per feature resolution: Conv4x4 stride 2 (+ GroupNorm + SiLU) repeated 
 Conv4x4 stride 4 (+ GroupNorm + SiLU) to 1x1, then a 1x1 conv to one logit. The logits of all heads
 are averaged. Real images are the positive class, so at the optimum logit = log(p_t / q_t) and the
 density ratio is r = exp(logit) (section 4). The heads sit either on the frozen teacher's features
-(the authors' public implementation) or on the fake-score network's (DMD2); see ``distill.py``.
+(the authors' public implementation) or on the fake-score network's (DMD2); see ``train/trainer.py``.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ def train_and_evaluate(teacher: GaussianMixture, config: ToyConfig, eval_samples
     run = ToyTrainer(teacher, config)
     c = run.config
     t0 = time.perf_counter()
-    run.fit(until=min(c.critic_warmup, c.steps), progress=False)
+    run.fit(min(c.critic_warmup, c.steps), progress=False)
     t1 = time.perf_counter()
     run.fit(progress=progress, desc=desc)
     t2 = time.perf_counter()
@@ -73,7 +73,7 @@ def train_with_snapshots(teacher: GaussianMixture, config: ToyConfig, at: Sequen
     run = ToyTrainer(teacher, config)
     snaps = {}
     for mark in marks:
-        run.fit(until=mark, progress=progress, desc=f"{config.divergence} to iteration {mark}")
+        run.fit(mark - run.step_count, progress=progress, desc=f"{config.divergence} to iteration {mark}")
         snaps[mark] = snapshot(run)
     run.fit(progress=progress)
     return run, snaps

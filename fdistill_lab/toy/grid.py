@@ -6,9 +6,10 @@
 A grid is a list of points, each a dict of :class:`~fdistill_lab.toy.trainer.ToyConfig` settings laid over a base
 config. :func:`run_grid` trains every point that has no finished result yet in a pool of ``jobs`` processes (one
 torch thread each) and writes ``<out>/runs/<name>.json`` when a run ends (atomically: a file there is a whole
-result). A run that raises, or whose process dies, is written with ``status`` "failed" and its error and does not
-stop the others; running the grid again retries exactly the failed and missing runs. :func:`table` reads the
-results into a DataFrame (one row per run, its settings as columns plus ``metrics.*`` and ``cost.*``).
+result; the name comes from the run's whole configuration, so grids that share a run share its file). A run that
+raises, or whose process dies, is written with ``status`` "failed" and its error and does not stop the others;
+running the grid again retries exactly the failed and missing runs. :func:`table` reads the results into a
+DataFrame (one row per run, its settings as columns plus ``metrics.*`` and ``cost.*``).
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ import hashlib
 import itertools
 import json
 import multiprocessing
+import os
 import re
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +48,16 @@ def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
 
 
-def run_name(params: Mapping[str, Any], varying: Sequence[str]) -> str:
-    """File name of a run: a readable slug of the ``varying`` settings plus a hash of all of them."""
-    digest = hashlib.sha1(json.dumps(dict(params), sort_keys=True).encode()).hexdigest()[:10]
-    slug = re.sub(r"[^A-Za-z0-9._+-]+", "-", "_".join(f"{k}-{params[k]}" for k in varying if k in params))
-    return f"{slug.strip('-_.')[:60]}-{digest}" if slug else digest
+def run_name(params: Mapping[str, Any]) -> str:
+    """File name of a run, fixed by its configuration alone: a readable slug of the settings that differ from
+    ToyConfig's defaults plus a hash of the whole configuration (so ``steps=1300`` written out or left at its
+    default name the same run, whatever grid it belongs to)."""
+    config = json.loads(json.dumps(ToyConfig(**params).to_dict()))  # defaults filled in, tuples as lists
+    defaults = json.loads(json.dumps(ToyConfig().to_dict()))
+    digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
+    changed = "_".join(f"{k}-{v}" for k, v in config.items() if v != defaults[k])
+    slug = re.sub(r"[^A-Za-z0-9._+-]+", "-", changed).strip("-_.")[:60]
+    return f"{slug}-{digest}" if slug else digest
 
 
 def run_point(params: dict[str, Any], eval_samples: int) -> dict[str, Any]:
@@ -73,6 +82,18 @@ def _worker(params: dict[str, Any], eval_samples: int) -> dict[str, Any]:
     except Exception as exc:  # the grid records it and goes on
         return {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(),
                 "seconds": time.perf_counter() - t0}
+
+
+def _started(path: Path) -> Path:
+    return path.with_suffix(".started")
+
+
+def _run_one(worker: Callable[[dict[str, Any], int], dict[str, Any]], path: Path, params: dict[str, Any],
+             eval_samples: int) -> dict[str, Any]:
+    """What a pool process runs: mark the run as started (to tell, if a process dies, which runs were in flight),
+    then the worker."""
+    _started(path).write_text(str(os.getpid()))
+    return worker(params, eval_samples)
 
 
 def _one_thread() -> None:
@@ -100,55 +121,100 @@ def plan(points: Sequence[Mapping[str, Any]], base: Mapping[str, Any] | None = N
 
 def run_grid(points: Sequence[Mapping[str, Any]], out: str | Path, base: Mapping[str, Any] | None = None,
              jobs: int = 1, eval_samples: int = 4000, progress: bool = True,
-             worker: Callable[[dict[str, Any], int], dict[str, Any]] | None = None):
-    """Train every point of the grid that has no finished result in ``out``; returns :func:`table` of all of them
-    (its ``attrs["failed"]`` counts the failed runs). ``worker(params, eval_samples)``: what a pool process does with
-    a point (a module-level function; default: train and evaluate it, catching its errors)."""
+             worker: Callable[[dict[str, Any], int], dict[str, Any]] | None = None,
+             stop: threading.Event | None = None):
+    """Train every point of the grid that has no finished result in ``out``; returns the :func:`table` of the grid's
+    runs (its ``attrs["failed"]`` counts the failed ones). ``worker(params, eval_samples)``: what a pool process does
+    with a point (a module-level function; default: train and evaluate it, catching its errors). ``stop``: an event
+    that ends the grid (its runs in flight are stopped, what finished stays)."""
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
         raise ValueError(f"jobs must be an integer >= 1; got {jobs!r}")
-    planned = plan(points, base)
-    varying = [k for k in planned[0] if len({json.dumps(p.get(k)) for p in planned}) > 1] if planned else []
-    runs = Path(out) / RUNS_DIR
-    runs.mkdir(parents=True, exist_ok=True)
-    todo = {}
-    for params in planned:
-        path = runs / f"{run_name(params, varying)}.json"
-        if not (path.is_file() and json.loads(path.read_text()).get("status") == "done"):
-            todo[path] = params
+    planned = {Path(out) / RUNS_DIR / f"{run_name(params)}.json": params for params in plan(points, base)}
+    (Path(out) / RUNS_DIR).mkdir(parents=True, exist_ok=True)
+    todo = {path: params for path, params in planned.items() if _status(path) != "done"}
     if todo:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc=f"grid ({len(planned) - len(todo)} of {len(planned)} done before)",
-                   disable=not progress)
-        context = multiprocessing.get_context("spawn")  # safe in a Jupyter kernel and beside torch's threads
-        pool = ProcessPoolExecutor(min(jobs, len(todo)), mp_context=context, initializer=_one_thread)
-        try:
-            futures = {pool.submit(worker or _worker, params, eval_samples): path for path, params in todo.items()}
-            for future in as_completed(futures):
+        with tqdm(total=len(todo), desc=f"grid ({len(planned) - len(todo)} of {len(planned)} done before)",
+                  disable=not progress) as bar:
+            _execute(todo, jobs, eval_samples, worker or _worker, bar, stop or threading.Event())
+    return table(out, planned)
+
+
+def _status(path: Path) -> str | None:
+    return json.loads(path.read_text()).get("status") if path.is_file() else None
+
+
+def _execute(todo: dict[Path, dict[str, Any]], jobs: int, eval_samples: int, worker: Callable, bar: Any,
+             stop: threading.Event) -> None:
+    """Run ``todo`` in pools of ``jobs`` processes. When a process dies (out of memory, killed), the pool breaks and
+    every run in it with it: the runs not yet started go on in a fresh pool, and those that were in flight rerun one
+    at a time, so that only the run whose process dies is written as failed."""
+    pending = dict(todo)
+    while pending and not stop.is_set():
+        broken = _pool_round(pending, min(jobs, len(pending)), eval_samples, worker, bar, stop)
+        in_flight = [path for path in broken if _started(path).exists()]
+        pending = {path: todo[path] for path in broken if path not in in_flight}
+        for path in in_flight:
+            if not stop.is_set() and _pool_round({path: todo[path]}, 1, eval_samples, worker, bar, stop):
+                _finish(path, todo[path], {"status": "failed", "error": "the run's process died (out of memory or "
+                                           "killed); it died again when it ran alone"}, bar)
+
+
+def _pool_round(todo: dict[Path, dict[str, Any]], jobs: int, eval_samples: int, worker: Callable, bar: Any,
+                stop: threading.Event) -> list[Path]:
+    """One process pool over ``todo``; writes every result that comes back, returns the runs a broken pool lost."""
+    for path in todo:
+        _started(path).unlink(missing_ok=True)
+    context = multiprocessing.get_context("spawn")  # safe in a Jupyter kernel and beside torch's threads
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_one_thread)
+    broken = []
+    try:
+        futures = {pool.submit(_run_one, worker, path, params, eval_samples): path for path, params in todo.items()}
+        remaining = set(futures)
+        while remaining:
+            done, remaining = wait(remaining, timeout=0.5, return_when=FIRST_COMPLETED)
+            if stop.is_set():
+                raise GridStopped
+            for future in done:
                 path = futures[future]
                 try:
-                    result = future.result()
-                except Exception as exc:  # the worker process died (out of memory, killed)
-                    result = {"status": "failed", "error": f"the run's process died: {type(exc).__name__}: {exc}"}
-                write_json_atomic(path, {"params": todo[path], **result}, durable=False)
-                bar.update(1)
-        except BaseException:  # interrupted: stop the runs now instead of waiting for them to finish
-            for proc in list(getattr(pool, "_processes", {}).values()):
-                proc.terminate()
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        finally:
-            bar.close()
-        pool.shutdown()
-    return table(out)
+                    _finish(path, todo[path], future.result(), bar)
+                except BrokenProcessPool:
+                    broken.append(path)
+    except BaseException:  # interrupted or stopped: end the runs now instead of waiting for them to finish
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        for path in todo:
+            _started(path).unlink(missing_ok=True)
+        if sys.exc_info()[0] is GridStopped:
+            return []
+        raise
+    pool.shutdown()
+    return broken
 
 
-def table(out: str | Path):
-    """One row per result in ``out``: ``run``, ``status``, ``error``, the settings, ``metrics.*`` and ``cost.*``."""
+class GridStopped(Exception):
+    """Raised inside :func:`_pool_round` when the grid's stop event is set."""
+
+
+def _finish(path: Path, params: dict[str, Any], result: dict[str, Any], bar: Any) -> None:
+    write_json_atomic(path, {"params": params, **result}, durable=False)
+    _started(path).unlink(missing_ok=True)
+    bar.update(1)
+
+
+def table(out: str | Path, runs: Mapping[Path, Any] | None = None):
+    """One row per result in ``out`` (or per run of ``runs``, result files to settings, that has one): ``run``,
+    ``status``, ``error``, the settings, ``metrics.*`` and ``cost.*``."""
     import pandas as pd
 
+    paths = sorted(runs) if runs is not None else sorted((Path(out) / RUNS_DIR).glob("*.json"))
     rows = []
-    for path in sorted((Path(out) / RUNS_DIR).glob("*.json")):
+    for path in paths:
+        if not path.is_file():
+            continue
         res = json.loads(path.read_text())
         row = {"run": path.stem, "status": res["status"], "error": res.get("error", ""), **res["params"]}
         for group in ("metrics", "cost"):
@@ -160,25 +226,53 @@ def table(out: str | Path):
 
 
 class BackgroundGrid:
-    """A :func:`run_grid` running in a thread of this process (its runs in their own processes); :meth:`wait`
-    returns its table, or raises its error."""
+    """A :func:`run_grid` running in a thread of this process (its runs in their own processes). :meth:`wait`
+    returns its table or raises its error; interrupting the wait, or :meth:`cancel`, stops the grid (the finished
+    runs stay, the rest runs again next time)."""
 
-    def __init__(self, future: Future) -> None:
-        self._future = future
+    def __init__(self, out: Path, thread: threading.Thread, stop: threading.Event, result: dict[str, Any]) -> None:
+        self.out, self._thread, self._stop, self._result = out, thread, stop, result
 
     def done(self) -> bool:
-        return self._future.done()
+        return not self._thread.is_alive()
+
+    def cancel(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
     def wait(self):
-        return self._future.result()
+        try:
+            while self._thread.is_alive():
+                self._thread.join(0.2)
+        except BaseException:
+            self.cancel()
+            raise
+        if "error" in self._result:
+            raise self._result["error"]
+        return self._result["table"]
 
 
-def start_grid(*args: Any, **kwargs: Any) -> BackgroundGrid:
-    """:func:`run_grid` in the background (no progress bar), so a notebook can go on meanwhile."""
-    executor = ThreadPoolExecutor(1, thread_name_prefix="toy-grid")
-    future = executor.submit(run_grid, *args, **{"progress": False, **kwargs})
-    executor.shutdown(wait=False)
-    return BackgroundGrid(future)
+_RUNNING: dict[Path, BackgroundGrid] = {}
+
+
+def start_grid(points: Sequence[Mapping[str, Any]], out: str | Path, **kwargs: Any) -> BackgroundGrid:
+    """:func:`run_grid` in the background (no progress bar), so a notebook can go on meanwhile. One at a time per
+    folder: a second start on a folder whose grid still runs is refused."""
+    folder = Path(out).resolve()
+    if folder in _RUNNING and not _RUNNING[folder].done():
+        raise RuntimeError(f"a grid is already running into {folder}: wait() for it or cancel() it first")
+    stop, result = threading.Event(), {}
+
+    def target() -> None:
+        try:
+            result["table"] = run_grid(points, out, **{"progress": False, **kwargs, "stop": stop})
+        except BaseException as exc:  # handed to wait()
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, name="toy-grid", daemon=True)
+    grid = _RUNNING[folder] = BackgroundGrid(folder, thread, stop, result)
+    thread.start()
+    return grid
 
 
 def parse_value(name: str, text: str) -> Any:

@@ -36,7 +36,6 @@ from ..method import (
     iteration_updates,
 )
 from ..mixtures import GaussianMixture
-from ..ratio import ratio_from_logits
 from .metrics import mode_metrics
 from .models import ToyDenoiser, ToyDiscriminator, ToyGenerator, student_kde
 
@@ -47,7 +46,7 @@ EVALUATION_KEYS = ("modes_covered", "mass_tv", "precision")
 class ToyConfig(WeightingConfig):
     """Settings of one toy run (defaults: the notebook's classroom run); names as in the image trainer's
     ``DistillConfig``. The weighting settings are inherited; the toy bins its ratios by log sigma (its noise
-    levels span three decades) with a running mean (``bin_ema`` 0.5), as the ImageNet-64 preset does."""
+    levels span three decades) and keeps a running mean per bin (``bin_ema`` 0.5, the ImageNet-64 preset's rate)."""
 
     bin_ema: float = 0.5
     bin_spacing: str = "log"
@@ -57,7 +56,8 @@ class ToyConfig(WeightingConfig):
     critic_warmup: int = 100  # critic-only iterations first
     batch_size: int = 256
     lr_student: float = 2e-3
-    lr_critic: float = 2e-3  # fake score and discriminator (one Adam)
+    lr_fake: float = 2e-3
+    lr_disc: float = 2e-3
     betas: tuple[float, float] = (0.5, 0.999)
     hidden: int = 64
     depth: int = 3
@@ -72,7 +72,7 @@ class ToyConfig(WeightingConfig):
     oracle_samples: int = 256
     oracle_bandwidth: float = 0.05
     fake_score_weighting: str = "none"
-    eval_every: int = 150  # iterations between evaluations of the student
+    eval_every: int = 150  # iterations between evaluations of the student, counted after the critic warm-up
     eval_samples: int = 2000
     seed: int = 0
 
@@ -106,9 +106,10 @@ class ToyConfig(WeightingConfig):
 
 
 class ToyTrainer:
-    """One toy run: the networks ``student``, ``fake_score`` and ``disc``, the ``weighting``, the optimisers
-    ``opt_student`` and ``opt_critic``, the training stream ``rng`` and the logs: ``history`` (one row per
-    iteration, the image trainer's keys) and ``evaluations`` (mode metrics every ``eval_every`` iterations).
+    """One toy run: the networks ``student``, ``fake_score`` and ``disc``, the ``weighting``, their Adam optimisers
+    ``opt_student``, ``opt_fake`` and ``opt_disc``, the training stream ``rng`` and the logs: ``history`` (one row per
+    iteration, the image trainer's keys) and ``evaluations`` (mode metrics every ``eval_every`` iterations after
+    the critic warm-up, and after the last).
 
     :meth:`step` runs one iteration, :meth:`fit` the schedule; :meth:`generator_step` and :meth:`critic_step`
     are single updates.
@@ -125,8 +126,8 @@ class ToyTrainer:
         self.disc = ToyDiscriminator(teacher.dim, c.hidden, c.depth, c.sigma_data)
         self.weighting = FDistillWeighting.from_config(c)
         self.opt_student = torch.optim.Adam(self.student.parameters(), c.lr_student, betas=c.betas, foreach=True)
-        critic_params = list(self.fake_score.parameters()) + list(self.disc.parameters())
-        self.opt_critic = torch.optim.Adam(critic_params, c.lr_critic, betas=c.betas, foreach=True)
+        self.opt_fake = torch.optim.Adam(self.fake_score.parameters(), c.lr_fake, betas=c.betas, foreach=True)
+        self.opt_disc = torch.optim.Adam(self.disc.parameters(), c.lr_disc, betas=c.betas, foreach=True)
         self.history: list[dict[str, float]] = []
         self.evaluations: list[dict[str, float]] = []
         self.step_count = 0
@@ -176,10 +177,13 @@ class ToyTrainer:
 
         loss, stats = critic_objective(x, sigma, eps, real, sigma_real, eps_real, predict, c.fake_score_weighting,
                                        c.sigma_data)
-        self.opt_critic.zero_grad(set_to_none=True)
+        for opt in (self.opt_fake, self.opt_disc):
+            opt.zero_grad(set_to_none=True)
         loss.backward()
-        self.opt_critic.step()
-        return {k: float(v) for k, v in stats.items()}
+        critic_norm = _grad_norm(self.fake_score, self.disc)
+        self.opt_fake.step()
+        self.opt_disc.step()
+        return {**{k: float(v) for k, v in stats.items()}, "grad_norm_critic": critic_norm}
 
     def generator_step(self) -> dict[str, float]:
         """One update of the student (:func:`~fdistill_lab.method.generator_objective`)."""
@@ -202,10 +206,9 @@ class ToyTrainer:
             loss, stats = generator_objective(x, sigma, eps, predict, self.weighting, c.gan_weight_gen)
             self.opt_student.zero_grad(set_to_none=True)
             loss.backward()
-        grads = [p.grad.detach().float().norm() for p in self.student.parameters() if p.grad is not None]
+        student_norm = _grad_norm(self.student)
         self.opt_student.step()
-        return {**{k: float(v) for k, v in stats.items()},
-                "grad_norm_student": float(torch.stack(grads).norm()) if grads else 0.0}
+        return {**{k: float(v) for k, v in stats.items()}, "grad_norm_student": student_norm}
 
     def updates(self, i: int | None = None) -> tuple[bool, bool]:
         """(generator?, critic?) at iteration ``i`` (default: the next); critics are never updated with the oracle."""
@@ -238,18 +241,21 @@ class ToyTrainer:
         evaluation stream, so how often and how much a run is evaluated does not change its training."""
         return mode_metrics(self.sample(n or self.config.eval_samples), self.teacher)
 
-    def fit(self, until: int | None = None, progress: bool = True, desc: str | None = None) -> ToyTrainer:
-        """Run iterations until ``until`` (default: ``steps``) are done, evaluating every ``eval_every`` iterations
-        and after the last one."""
+    def fit(self, steps: int | None = None, progress: bool = True, desc: str | None = None) -> ToyTrainer:
+        """Run ``steps`` more iterations (default: up to the config's ``steps``), as the image trainer's ``fit``
+        does, evaluating the student every ``eval_every`` iterations after the critic warm-up (the warm-up leaves it
+        unchanged) and after the config's last iteration."""
         c = self.config
-        until = c.steps if until is None else until
+        until = c.steps if steps is None else self.step_count + steps
         if not self.step_count <= until <= c.steps:
-            raise ValueError(f"until must lie in [{self.step_count}, steps={c.steps}]; got {until}")
+            raise ValueError(f"steps must be in [0, {c.steps - self.step_count}] (the config's steps={c.steps}, "
+                             f"{self.step_count} done); got {steps}")
         quiet = {} if progress else {"disable": True}  # leave the default so TQDM_DISABLE=1 still works
         bar = tqdm(range(self.step_count, until), desc=desc or f"{c.divergence} seed {c.seed}", leave=False, **quiet)
         for _ in bar:
             self.step()
-            if self.step_count % c.eval_every == 0 or self.step_count == c.steps:
+            after_warmup = self.step_count - c.critic_warmup
+            if (after_warmup > 0 and after_warmup % c.eval_every == 0) or self.step_count == c.steps:
                 m = self.evaluate()
                 self.evaluations.append({"step": float(self.step_count), **{k: m[k] for k in EVALUATION_KEYS}})
                 bar.set_postfix(modes=m["modes_covered"], tv=f"{m['mass_tv']:.2f}")
@@ -261,6 +267,12 @@ class ToyTrainer:
         rows = self.evaluations if key in EVALUATION_KEYS else self.history
         pairs = [(r["step"], r[key]) for r in rows if key in r]
         return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _grad_norm(*modules: torch.nn.Module) -> float:
+    """L2 norm of the gradients of ``modules`` (the image trainer's ``grad_norm_*`` logs)."""
+    norms = [p.grad.detach().float().norm() for m in modules for p in m.parameters() if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
 
 
 def train_toy(teacher: GaussianMixture, config: ToyConfig | None = None, progress: bool = True,
@@ -297,8 +309,7 @@ def score_disagreement(run: ToyTrainer, sigma: float, n: int = 2000,
     log_p = run.teacher.log_prob(x_t.double(), s.double()).float()
     out = {"x_t": x_t, "disagreement": (x0_f - x0_t).norm(dim=1), "log_p": log_p, "log_r": log_r}
     c = run.config
-    r = ratio_from_logits(log_r, c.logit_clip, c.ratio_min, c.ratio_max)
-    for name in divergences_:
-        h = divergences.get(name).h(r)
-        out[f"h_{divergences.canonical_name(name)}"] = h / h.mean().clamp_min(1e-12)
+    for name in divergences_:  # the run's weighting with this divergence, without the per-bin stage
+        weighting = FDistillWeighting(name, c.logit_clip, c.ratio_min, c.ratio_max, normalize_ratio=False)
+        out[f"h_{divergences.canonical_name(name)}"] = weighting(log_r, s, update=False)[0]
     return out

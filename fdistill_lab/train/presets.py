@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import DistillConfig
+from .rng import RNG_MODES
 
 FID_QUANTIZE = ("round", "trunc")
-RNG_MODES = ("shared", "per_rank")
 
 
 @dataclass

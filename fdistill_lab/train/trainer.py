@@ -405,6 +405,8 @@ class FDistillTrainer:
         if diff:
             raise ValueError("checkpoint was written with another configuration (setting: (checkpoint, "
                              f"current)): {diff}")
+        if "device_rng" in state and (state["device_rng"] is None) != (self.rng.on_device is None):
+            raise ValueError("checkpoint was written with another rng_mode; resume with the same rng_mode")
         self.student.load_state_dict(state["student"])
         self.student_ema.load_state_dict(state["student_ema"])
         self.fake_score.load_state_dict(state["fake_score"])
@@ -434,7 +436,10 @@ class FDistillTrainer:
         state = load_file(path, "f-distill trainer checkpoint", fix,
                           required_keys=("format", "config", "step", "student"),
                           mmap=self.device.type == "cuda")  # GPU ranks share one mapped copy in host memory
-        self.load_state_dict(state)
+        try:
+            self.load_state_dict(state)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
         return state.get("extra", {})
 
     WEIGHT_KEYS = ("student", "student_ema", "fake_score", "disc", "weighting")
