@@ -59,7 +59,7 @@ def train_and_evaluate(teacher: GaussianMixture, config: ToyConfig, eval_samples
     t2 = time.perf_counter()
     x = final_samples(run, eval_samples)
     return {"metrics": evaluate_samples(x, teacher, seed=c.seed), "seconds": t2 - t0,
-            "sec_per_iter": (t2 - t1) / max(1, c.steps - run.config.critic_warmup), "samples": x,
+            "sec_per_iter": (t2 - t1) / max(1, c.steps - c.critic_warmup), "samples": x,
             "fluctuation": {k: fluctuation(run.curve(k)[1]) for k in ("loss_f", "grad_norm_student")}, "run": run}
 
 
@@ -272,7 +272,7 @@ def iteration_cost(teacher: GaussianMixture, config: ToyConfig, iters: int = 20,
     tensor memory of one cycle. Fresh networks from ``config``, its schedule started after the critic warm-up."""
     if iters < 1 or warmup < 0 or weighting_reps < 1:
         raise ValueError(f"need iters >= 1, warmup >= 0, weighting_reps >= 1; got {iters}, {warmup}, {weighting_reps}")
-    run = ToyTrainer(teacher, config.replace(critic_warmup=0, steps=10**9))
+    run = ToyTrainer(teacher, config.replace(critic_warmup=0))  # step() does not stop at config.steps
     k = run.config.student_update_freq
 
     def cycle() -> float:

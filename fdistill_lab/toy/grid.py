@@ -162,8 +162,9 @@ def _execute(todo: dict[Path, dict[str, Any]], jobs: int, eval_samples: int, wor
 
 
 def _pool_round(todo: dict[Path, dict[str, Any]], jobs: int, eval_samples: int, worker: Callable, bar: Any,
-                stop: threading.Event) -> list[Path]:
-    """One process pool over ``todo``; writes every result that comes back, returns the runs a broken pool lost."""
+               stop: threading.Event) -> list[Path]:
+    """One process pool over ``todo``; writes every result that comes back, returns the runs a broken pool lost
+    (none when ``stop`` ends the round: those runs stay to do)."""
     for path in todo:
         _started(path).unlink(missing_ok=True)
     context = multiprocessing.get_context("spawn")  # safe in a Jupyter kernel and beside torch's threads
@@ -172,31 +173,25 @@ def _pool_round(todo: dict[Path, dict[str, Any]], jobs: int, eval_samples: int, 
     try:
         futures = {pool.submit(_run_one, worker, path, params, eval_samples): path for path, params in todo.items()}
         remaining = set(futures)
-        while remaining:
+        while remaining and not stop.is_set():
             done, remaining = wait(remaining, timeout=0.5, return_when=FIRST_COMPLETED)
-            if stop.is_set():
-                raise GridStopped
             for future in done:
                 path = futures[future]
                 try:
                     _finish(path, todo[path], future.result(), bar)
                 except BrokenProcessPool:
                     broken.append(path)
-    except BaseException:  # interrupted or stopped: end the runs now instead of waiting for them to finish
-        for proc in list(getattr(pool, "_processes", {}).values()):
-            proc.terminate()
-        pool.shutdown(wait=False, cancel_futures=True)
-        for path in todo:
-            _started(path).unlink(missing_ok=True)
-        if sys.exc_info()[0] is GridStopped:
-            return []
-        raise
-    pool.shutdown()
+    finally:  # stopped or interrupted: end the runs now instead of waiting for them to finish
+        if stop.is_set() or sys.exc_info()[0] is not None:
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            for path in todo:
+                _started(path).unlink(missing_ok=True)
+            broken = []
+        else:
+            pool.shutdown()
     return broken
-
-
-class GridStopped(Exception):
-    """Raised inside :func:`_pool_round` when the grid's stop event is set."""
 
 
 def _finish(path: Path, params: dict[str, Any], result: dict[str, Any], bar: Any) -> None:
