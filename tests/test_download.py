@@ -23,6 +23,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     cut_after: int | None = None  # send only this many body bytes, then drop the connection (once)
     honour_range = True
     delay = 0.0  # seconds to wait before sending a body
+    send_length = True  # False: no Content-Length (the body ends when the connection closes)
 
     def log_message(self, *args):  # keep test output clean
         pass
@@ -54,7 +55,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
+        if cls.send_length:
+            self.send_header("Content-Length", str(len(body)))
         self.send_header("ETag", etag)
         self.end_headers()
         time.sleep(cls.delay)
@@ -71,7 +73,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     handler = type("H", (_Handler,), {"files": {"/f.bin": PAYLOAD}, "log": [], "cut_after": None,
-                                       "honour_range": True, "delay": 0.0})
+                                       "honour_range": True, "delay": 0.0, "send_length": True})
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
@@ -252,3 +254,83 @@ def test_manifest_errors_are_clear(tmp_path, capsys):
     (tmp_path / dl.MANIFEST).write_text("not a checksum line\n")
     with pytest.raises(ValueError, match=r"SHA256SUMS:1: expected '<64 hex digits>  <file name>'"):
         dl.read_manifest(tmp_path)
+
+
+def _one_known_file(monkeypatch, base, **pins):
+    pins = {k: v for k, v in pins.items() if v is not None}
+    monkeypatch.setattr(dl, "KNOWN_FILES", {"a.pkl": dl.RemoteFile("a.pkl", f"{base}/f.bin", **pins)})
+
+
+@pytest.mark.parametrize("size", [len(PAYLOAD), None])
+def test_truncated_file_with_a_pinned_digest_is_refused_whatever_the_manifest_says(tmp_path, server, monkeypatch,
+                                                                                   size):
+    """A truncated copy already in the folder, its (wrong) sha256 in SHA256SUMS: the pinned digest wins."""
+    handler, base = server
+    _one_known_file(monkeypatch, base, sha256=SHA, size=size)
+    truncated = PAYLOAD[:100_000]
+    (tmp_path / "a.pkl").write_bytes(truncated)
+    (tmp_path / dl.MANIFEST).write_text(f"{hashlib.sha256(truncated).hexdigest()}  a.pkl\n")
+    with pytest.raises(dl.ChecksumError, match=r"a\.pkl exists but"):
+        dl.fetch("a.pkl", tmp_path, progress=False)
+    assert dl.verify(tmp_path) == {"a.pkl": "MISMATCH"}
+    assert dl.main(["--verify", "--root", str(tmp_path)]) == 1
+    assert handler.log == []  # refused without downloading anything
+
+
+def test_manifest_line_that_disagrees_with_the_pinned_digest(tmp_path, server, monkeypatch):
+    handler, base = server
+    _one_known_file(monkeypatch, base, sha256=SHA, size=len(PAYLOAD))
+    (tmp_path / "a.pkl").write_bytes(PAYLOAD)
+    (tmp_path / dl.MANIFEST).write_text(f"{'0' * 64}  a.pkl\n")
+    assert dl.verify(tmp_path) == {"a.pkl": "MISMATCH"}  # the record itself is wrong
+    with pytest.warns(UserWarning, match="not its published sha256"):
+        dl.fetch("a.pkl", tmp_path, progress=False)  # the file is the published one: the line is corrected
+    assert dl.read_manifest(tmp_path) == {"a.pkl": SHA} and dl.verify(tmp_path) == {"a.pkl": "ok"}
+    assert handler.log == []
+
+
+def test_pinned_file_present_but_unrecorded_is_checked_by_verify(tmp_path, server, monkeypatch):
+    _, base = server
+    _one_known_file(monkeypatch, base, sha256=SHA, size=len(PAYLOAD))
+    (tmp_path / "a.pkl").write_bytes(PAYLOAD[:-1] + b"x")  # same size, other bytes, no SHA256SUMS at all
+    assert dl.verify(tmp_path) == {"a.pkl": "MISMATCH"}
+
+
+def test_preexisting_unrecorded_file_is_not_recorded_as_verified(tmp_path, server, monkeypatch, capsys):
+    """No published digest, no record: a file found in the folder is used with a warning, never recorded."""
+    handler, base = server
+    _one_known_file(monkeypatch, base)
+    path = tmp_path / "a.pkl"
+    path.write_bytes(PAYLOAD[:100_000])  # e.g. a copy cut short
+    with pytest.warns(dl.UnverifiedFileWarning, match=r"cannot verify .*a\.pkl.*delete it"):
+        assert dl.fetch("a.pkl", tmp_path, progress=False) == path
+    assert dl.read_manifest(tmp_path) == {} and handler.log == []
+    assert dl.verify(tmp_path) == {"a.pkl": "unverified"}
+    assert dl.main(["--verify", "--root", str(tmp_path)]) == 1
+    assert "unverified" in capsys.readouterr().out
+    path.unlink()  # the advice: delete it and download again; the download is recorded
+    dl.fetch("a.pkl", tmp_path, progress=False)
+    assert path.read_bytes() == PAYLOAD and dl.read_manifest(tmp_path) == {"a.pkl": SHA}
+
+
+def test_download_without_a_server_length_is_not_recorded(tmp_path, server, monkeypatch):
+    handler, base = server
+    handler.send_length = False
+    _one_known_file(monkeypatch, base)
+    with pytest.warns(dl.UnverifiedFileWarning, match="no length"):
+        path = dl.fetch("a.pkl", tmp_path, progress=False)
+    assert path.read_bytes() == PAYLOAD and dl.read_manifest(tmp_path) == {}
+
+
+def test_pinned_size_is_checked_on_download(tmp_path, server, monkeypatch):
+    _, base = server
+    _one_known_file(monkeypatch, base, size=len(PAYLOAD) + 1)
+    with pytest.raises(dl.ChecksumError, match="size mismatch"):
+        dl.fetch("a.pkl", tmp_path, progress=False)
+    assert not (tmp_path / "a.pkl").exists() and not (tmp_path / "a.pkl.part").exists()
+    assert dl.read_manifest(tmp_path) == {}
+
+
+def test_published_inception_digest_is_pinned():
+    f = dl.KNOWN_FILES["inception-2015-12-05.pt"]
+    assert f.sha256 == "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4" and f.size == 95_607_719

@@ -32,6 +32,10 @@ def test_pyproject_dependencies():
     assert "torchvision" not in deps + " ".join(sum(proj["optional-dependencies"].values(), []))
     torch_req = next(d for d in proj["dependencies"] if d.startswith("torch"))
     assert ">=" in torch_req and "==" not in torch_req, "torch must be a range that 2.13.0 satisfies"
+    floor = tuple(int(x) for x in torch_req.split(">=")[1].split(",")[0].strip().split(".")[:2])
+    # torch.load(weights_only=True) reads user files (EDM pickles); it has published bypasses before 2.10
+    assert floor >= (2, 10), f"torch floor {torch_req} allows versions with weights_only bypasses"
+    assert f"torch >= {floor[0]}.{floor[1]}" in (ROOT / "README.md").read_text(), "README states another floor"
     nb = " ".join(proj["optional-dependencies"]["notebooks"])
     for name in ("jupyterlab", "ipywidgets", "ipykernel", "papermill", "nbconvert", "nbformat"):
         assert name in nb

@@ -7,6 +7,7 @@ import collections
 import copyreg
 import io
 import math
+import os
 import pickle
 import pickletools
 from pathlib import Path
@@ -255,6 +256,100 @@ def test_cache_is_used_and_invalidated(tmp_path, edm_fixtures, monkeypatch):
     monkeypatch.undo()
     net4 = teachers.load_edm(pkl, cache_dir=cache_dir)
     assert torch.equal(net4.state_dict()["model.out_conv.bias"], sd["model.out_conv.bias"])
+
+
+def _other_snapshot(fx: dict) -> dict:
+    """The fixture's weights with one bias shifted: another snapshot of the same network (same pickle size)."""
+    sd = {k: v.clone() for k, v in fx["state_dict"].items()}
+    sd["model.out_conv.bias"] += 1.0
+    return sd
+
+
+@pytest.mark.parametrize("how", ["in_place", "renamed_over"])
+def test_cache_is_validated_by_content_not_size_and_mtime(tmp_path, edm_fixtures, how):
+    """A pickle replaced by another snapshot of the same size with its old mtime restored (cp -p, rsync -t,
+    unpacking an archive) must give the new weights, not the cached old ones."""
+    fx = _fixture(edm_fixtures, "adm_tiny.pt")
+    pkl, cache_dir = tmp_path / "net.pkl", tmp_path / "cache"
+    _write_edm_pickle(pkl, fx)
+    teachers.load_edm(pkl, cache_dir=cache_dir)
+    old = pkl.stat()
+    sd = _other_snapshot(fx)
+    new = tmp_path / "new.pkl"
+    _write_edm_pickle(new, fx, state_dict=sd)
+    assert new.stat().st_size == old.st_size and new.read_bytes() != pkl.read_bytes()
+    if how == "in_place":  # same inode, as cp -p over an existing file
+        pkl.write_bytes(new.read_bytes())
+        os.utime(pkl, ns=(old.st_atime_ns, old.st_mtime_ns))
+    else:  # a new inode renamed over it, as rsync -t does
+        os.utime(new, ns=(old.st_atime_ns, old.st_mtime_ns))
+        os.replace(new, pkl)
+    assert (pkl.stat().st_size, pkl.stat().st_mtime_ns) == (old.st_size, old.st_mtime_ns)
+    net = teachers.load_edm(pkl, cache_dir=cache_dir)
+    assert torch.equal(net.state_dict()["model.out_conv.bias"], sd["model.out_conv.bias"])
+    again = teachers.load_edm(pkl, cache_dir=cache_dir)  # and the rebuilt cache holds the new weights
+    assert torch.equal(again.state_dict()["model.out_conv.bias"], sd["model.out_conv.bias"])
+
+
+def test_unchanged_pickle_is_not_rehashed_and_a_touched_one_once(tmp_path, edm_fixtures, monkeypatch):
+    fx = _fixture(edm_fixtures, "adm_tiny.pt")
+    pkl, cache_dir = tmp_path / "net.pkl", tmp_path / "cache"
+    _write_edm_pickle(pkl, fx)
+    teachers.load_edm(pkl, cache_dir=cache_dir)
+    hashed, real_hash = [], teachers.sha256_file
+    monkeypatch.setattr(teachers, "sha256_file", lambda p: hashed.append(p) or real_hash(p))
+
+    def boom(path):
+        raise AssertionError("pickle re-read although the cache is valid")
+
+    monkeypatch.setattr(teachers, "convert_edm_pickle", boom)
+    teachers.load_edm(pkl, cache_dir=cache_dir)
+    assert hashed == []  # nothing about the file changed: the stored sha256 is trusted
+    os.utime(pkl, ns=(pkl.stat().st_atime_ns, pkl.stat().st_mtime_ns + 10**9))  # touched, same content
+    net = teachers.load_edm(pkl, cache_dir=cache_dir)
+    assert hashed == [pkl]  # hashed once, found equal: the cache is served (and its key refreshed)
+    teachers.load_edm(pkl, cache_dir=cache_dir)
+    assert hashed == [pkl]
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in fx["state_dict"].items())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing_tensor"])
+def test_damaged_cache_is_rebuilt_with_a_warning(tmp_path, edm_fixtures, monkeypatch, damage):
+    fx = _fixture(edm_fixtures, "adm_tiny.pt")
+    pkl, cache_dir = tmp_path / "net.pkl", tmp_path / "cache"
+    _write_edm_pickle(pkl, fx)
+    teachers.load_edm(pkl, cache_dir=cache_dir)
+    (cache,) = cache_dir.glob("*.pt")
+    if damage == "truncated":
+        cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
+    else:  # readable, and recorded for this very pickle, but a tensor short
+        blob = torch.load(cache, weights_only=True)
+        blob["state_dict"].pop("model.out_conv.bias")
+        torch.save(blob, cache)
+    with pytest.warns(UserWarning, match=f"damaged EDM cache .*{cache.name}"):
+        net = teachers.load_edm(pkl, cache_dir=cache_dir)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in fx["state_dict"].items())
+
+    def boom(path):
+        raise AssertionError("pickle re-read although the cache was rebuilt")
+
+    monkeypatch.setattr(teachers, "convert_edm_pickle", boom)
+    again = teachers.load_edm(pkl, cache_dir=cache_dir)  # the rebuilt cache is complete
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in fx["state_dict"].items())
+    if damage == "truncated":  # named directly, a damaged cache cannot be rebuilt: a clear error
+        cache.write_bytes(cache.read_bytes()[:100])
+        with pytest.raises(EDMPickleError, match="damaged EDM cache file"):
+            teachers.load_edm(cache)
+
+
+def test_torch_with_weights_only_bypasses_is_refused(tmp_path, edm_fixtures, monkeypatch):
+    fx = _fixture(edm_fixtures, "adm_tiny.pt")
+    pkl = tmp_path / "net.pkl"
+    _write_edm_pickle(pkl, fx)
+    monkeypatch.setattr(torch, "__version__", "2.9.1+cpu")
+    with pytest.raises(RuntimeError, match=r"torch 2\.9\.1.*CVE-2025-32434.*torch>=2\.10"):
+        teachers.load_edm(pkl, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_missing_and_wrong_files(tmp_path, edm_fixtures):
