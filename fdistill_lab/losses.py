@@ -11,6 +11,9 @@ import torch.nn.functional as F
 
 from .edm import SIGMA_DATA, as_sigma, loss_weight
 
+DMD_EPS = 1e-6  # added to the DMD normaliser's mean |x - x0_teacher| (paper section 6, step 5; FastGen)
+GAN_HEAD_LOSSES = ("per_head", "mean_logit")
+
 
 def _check_same_shape(**tensors: torch.Tensor) -> None:
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
@@ -18,14 +21,15 @@ def _check_same_shape(**tensors: torch.Tensor) -> None:
         raise ValueError(f"shape mismatch: {shapes}")
 
 
-def dmd_normalizer(x: torch.Tensor, x0_teacher: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Per-sample DMD weight 1 / mean_{C,H,W} |x - x0_teacher| (floored at eps), fp32, detached.
+def dmd_normalizer(x: torch.Tensor, x0_teacher: torch.Tensor, eps: float = DMD_EPS) -> torch.Tensor:
+    """Per-sample DMD weight w = 1 / (mean_{C,H,W} |x - x0_teacher| + eps), fp32, detached (paper section 6,
+    step 5; FastGen's ``variational_score_distillation_loss``, eps 1e-6 added, not a floor).
 
     Returned with shape [B, 1, ..., 1] to broadcast against x.
     """
     _check_same_shape(x=x, x0_teacher=x0_teacher)
     diff = (x.detach().float() - x0_teacher.detach().float()).abs()
-    m = diff.flatten(1).mean(1).clamp_min(eps)
+    m = diff.flatten(1).mean(1) + eps
     return (1.0 / m).reshape(-1, *([1] * (x.ndim - 1)))
 
 
@@ -36,7 +40,7 @@ def distillation_gradient(
     weights: torch.Tensor | None = None,
     dmd_normalize: bool = True,
 ) -> torch.Tensor:
-    """g = h_norm * (x0_fake - x0_teacher) / mean|x - x0_teacher| (paper section 6, steps 5-6).
+    """g = h_norm * (x0_fake - x0_teacher) / (mean|x - x0_teacher| + 1e-6) (paper section 6, steps 5-6).
 
     In EDM, x0_fake - x0_teacher = -sigma^2 (s_p - s_q), so g is the f-distill gradient direction of
     paper eq. (gradient identity) with the DMD weighting. ``weights`` is h_norm per sample [B].
@@ -86,19 +90,46 @@ def dmd2_loss(x: torch.Tensor, x0_fake: torch.Tensor, x0_real: torch.Tensor) -> 
 # ----------------------------------------------------------------------------- GAN and critic
 
 
-def gan_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
-    """Non-saturating generator loss mean softplus(-l_fake) (section 8)."""
-    return F.softplus(-logits_fake.float()).mean()
+def head_logits(logits: torch.Tensor, head_loss: str = "per_head") -> torch.Tensor:
+    """Discriminator logits [B] (one head) or [B, H] (one per head) as the GAN losses read them, in fp32.
+
+    ``"per_head"`` keeps [B, H]: each head's logit gets the loss and the losses are averaged with equal weight
+    (FastGen's ``gan_loss_generator`` / ``gan_loss_discriminator`` on its [B, H] logits). ``"mean_logit"``
+    averages the heads' logits first, one loss on [B]. With one head both are the same.
+    """
+    if head_loss not in GAN_HEAD_LOSSES:
+        raise ValueError(f"head_loss must be one of {GAN_HEAD_LOSSES}; got {head_loss!r}")
+    if logits.ndim not in (1, 2):
+        raise ValueError(f"logits must be [B] or [B, heads]; got shape {tuple(logits.shape)}")
+    l = logits.float()
+    return l.mean(1) if head_loss == "mean_logit" and l.ndim == 2 else l
 
 
-def gan_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    """Discriminator loss mean softplus(l_fake) + mean softplus(-l_real): real is positive, so the
-    optimal logit is log(p_t / q_t) and r = exp(logit) (section 4)."""
-    return F.softplus(logits_fake.float()).mean() + F.softplus(-logits_real.float()).mean()
+def mean_logit(logits: torch.Tensor) -> torch.Tensor:
+    """The heads' mean logit [B] of logits [B] or [B, H]: its exp is the ratio r (section 4; FastGen's
+    ``fake_logits.mean(dim=1)``)."""
+    return logits.mean(1) if logits.ndim == 2 else logits
+
+
+def gan_generator_loss(logits_fake: torch.Tensor, head_loss: str = "per_head") -> torch.Tensor:
+    """Non-saturating generator loss (section 8): mean_h mean_b softplus(-l_fake[b, h]) per head (default),
+    or mean_b softplus(-mean_h l_fake[b, h]) with ``head_loss="mean_logit"``; see :func:`head_logits`."""
+    return F.softplus(-head_logits(logits_fake, head_loss)).mean()
+
+
+def gan_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor,
+                           head_loss: str = "per_head") -> torch.Tensor:
+    """Discriminator loss mean softplus(l_fake) + mean softplus(-l_real), per head and averaged over the heads
+    (default) or on the mean logit (:func:`head_logits`). Real is positive, so the optimal logit is
+    log(p_t / q_t) and r = exp(logit) (section 4)."""
+    lr_, lf_ = head_logits(logits_real, head_loss), head_logits(logits_fake, head_loss)
+    return F.softplus(lf_).mean() + F.softplus(-lr_).mean()
 
 
 def r1_penalty(logits_real: torch.Tensor, x_real: torch.Tensor) -> torch.Tensor:
-    """R1 gradient penalty mean ||d logit / d x_real||^2 (multiply by gamma / 2). x_real needs grad.
+    """R1 gradient penalty mean ||d logit / d x_real||^2 (multiply by gamma / 2). x_real needs grad. With
+    several heads ([B, H] logits) the logit is the heads' mean (:func:`mean_logit`), whatever the GAN losses'
+    ``head_loss``: one double backward, and the penalty of the logit whose exp is the ratio.
 
     Its backward differentiates a gradient: run the forward pass that gives ``logits_real`` inside
     :func:`fdistill_lab.networks.layers.twice_differentiable` (the trainer does), since the fused bf16 attention
@@ -106,7 +137,7 @@ def r1_penalty(logits_real: torch.Tensor, x_real: torch.Tensor) -> torch.Tensor:
     """
     if not x_real.requires_grad:
         raise ValueError("x_real must require grad for the R1 penalty")
-    (grad,) = torch.autograd.grad(logits_real.float().sum(), x_real, create_graph=True)
+    (grad,) = torch.autograd.grad(mean_logit(logits_real).float().sum(), x_real, create_graph=True)
     return grad.float().pow(2).flatten(1).sum(1).mean()
 
 

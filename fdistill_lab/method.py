@@ -20,7 +20,14 @@ from torch import nn
 
 from . import divergences
 from .edm import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
-from .losses import denoising_loss, fdistill_loss, gan_discriminator_loss, gan_generator_loss, r1_penalty
+from .losses import (
+    denoising_loss,
+    fdistill_loss,
+    gan_discriminator_loss,
+    gan_generator_loss,
+    mean_logit,
+    r1_penalty,
+)
 from .ratio import EPS, RatioNormalizer, normalize_weights, ratio_from_logits
 
 Tensor = torch.Tensor
@@ -113,48 +120,54 @@ def noisy(x: Tensor, sigma: Tensor, eps: Tensor) -> Tensor:
 
 def generator_objective(x: Tensor, sigma: Tensor, eps: Tensor, predict: Callable[[Tensor], tuple[Tensor, ...]],
                         weighting: FDistillWeighting, gan_weight: float = 0.0, dmd_normalize: bool = True,
-                        weights: tuple[Tensor, dict[str, Tensor]] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                        weights: tuple[Tensor, dict[str, Tensor]] | None = None, gan_head_loss: str = "per_head",
+                        ) -> tuple[Tensor, dict[str, Tensor]]:
     """The student's loss for samples ``x`` = G(z) (section 6):
 
         x_t = x + sigma eps;  (x0_teacher, x0_fake, logit) = predict(x_t)
-        h_norm = weighting(logit, sigma)
-        g = h_norm (x0_fake - x0_teacher) / mean|x - x0_teacher|     = -sigma^2 h (s_p - s_q) / mean|.|
-        L = 1/2 mean (x - sg(x - g))^2 + gan_weight mean softplus(-logit)
+        h_norm = weighting(mean_h logit_h, sigma)
+        g = h_norm (x0_fake - x0_teacher) / (mean|x - x0_teacher| + 1e-6)   = -sigma^2 h (s_p - s_q) / mean|.|
+        L = 1/2 mean (x - sg(x - g))^2 + gan_weight mean_h mean softplus(-logit_h)
 
     so dL/dx = g / x.numel(), the f-distill gradient E[h(r) (s_q - s_p)] with DMD's weighting. ``predict`` runs
     the networks; x_t reaches it with a graph only when ``gan_weight`` > 0 (then the logit's gradient flows to
     the student through the frozen critic). ``weights``: (h_norm, statistics) computed beforehand over a larger
-    batch (gradient accumulation). Returns (loss, detached statistics).
+    batch (gradient accumulation). The logit is [B] (one head) or [B, H] (one per discriminator head): the ratio
+    always comes from the heads' mean logit (FastGen), the GAN loss per head and averaged (``gan_head_loss=
+    "per_head"``, FastGen) or on the mean logit (``"mean_logit"``); see :func:`~fdistill_lab.losses.head_logits`.
+    Returns (loss, detached statistics).
     """
     use_gan = gan_weight > 0
     x_t = noisy(x, sigma, eps)
     with torch.set_grad_enabled(use_gan and torch.is_grad_enabled()):
         x0_teacher, x0_fake, logits = predict(x_t if use_gan else x_t.detach())
     if weights is None:
-        h, wstats = weighting(logits.detach(), sigma, update=True)
+        h, wstats = weighting(mean_logit(logits.detach()), sigma, update=True)
         stats = wstats.summary_tensors()
     else:
         h, stats = weights
     loss_f = fdistill_loss(x, x0_fake.detach(), x0_teacher.detach(), h, dmd_normalize)
-    loss_gan = gan_generator_loss(logits) if use_gan else torch.zeros((), device=x.device)
+    loss_gan = gan_generator_loss(logits, gan_head_loss) if use_gan else torch.zeros((), device=x.device)
     loss = loss_f + gan_weight * loss_gan
     return loss, {**stats, "loss_f": loss_f.detach(), "loss_gan_g": loss_gan.detach(), "loss_g": loss.detach(),
-                  "logit_gen_mean": logits.detach().mean()}
+                  "logit_gen_mean": mean_logit(logits.detach()).mean()}
 
 
 def critic_objective(x: Tensor, sigma: Tensor, eps: Tensor, real: Tensor, sigma_real: Tensor, eps_real: Tensor,
                      predict: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]],
                      fake_score_weighting: str = "none", sigma_data: float = SIGMA_DATA, gan_weight: float = 1.0,
-                     r1_gamma: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+                     r1_gamma: float = 0.0, gan_head_loss: str = "per_head") -> tuple[Tensor, dict[str, Tensor]]:
     """The critics' loss on student samples ``x`` (detached) and real samples ``real`` (sections 7-8):
 
         x_t = sg(x) + sigma eps;  x_r = real + sigma_r eps_r;  (x0_fake, l_fake, l_real) = predict(x_t, x_r)
         L = mean w(sigma) (x0_fake - x)^2                          fake score: denoising score matching
-          + gan_weight [mean softplus(l_fake) + mean softplus(-l_real)]   discriminator, real positive
-          + r1_gamma / 2 mean ||d l_real / d x_r||^2               R1 (only if r1_gamma > 0)
+          + gan_weight mean_h [mean softplus(l_fake_h) + mean softplus(-l_real_h)]   discriminator, real positive
+          + r1_gamma / 2 mean ||d mean_h l_real_h / d x_r||^2     R1 (only if r1_gamma > 0)
 
     At the optimum l = log p_t / q_t, so r = exp(l) is the ratio the generator's weight needs. ``w`` is 1 or EDM's
-    lambda(sigma) (``fake_score_weighting``). Returns (loss, detached statistics).
+    lambda(sigma) (``fake_score_weighting``). Logits are [B] or [B, H] (one per head); ``gan_head_loss`` as in
+    :func:`generator_objective`; R1 and ``disc_acc`` use the heads' mean logit. Returns (loss, detached
+    statistics).
     """
     x = x.detach()
     x_t, x_r = noisy(x, sigma, eps), noisy(real, sigma_real, eps_real)
@@ -162,9 +175,9 @@ def critic_objective(x: Tensor, sigma: Tensor, eps: Tensor, real: Tensor, sigma_
         x_r = x_r.detach().requires_grad_(True)
     x0_fake, logits_fake, logits_real = predict(x_t, x_r)
     loss_dsm = denoising_loss(x0_fake, x, sigma, fake_score_weighting, sigma_data)
-    loss_d = gan_discriminator_loss(logits_real, logits_fake)
+    loss_d = gan_discriminator_loss(logits_real, logits_fake, gan_head_loss)
     loss = loss_dsm + gan_weight * loss_d
-    lr_, lf_ = logits_real.detach(), logits_fake.detach()
+    lr_, lf_ = mean_logit(logits_real.detach()), mean_logit(logits_fake.detach())
     stats = {"loss_dsm": loss_dsm.detach(), "loss_d": loss_d.detach(), "logit_real_mean": lr_.mean(),
              "logit_fake_mean": lf_.mean(), "disc_acc": 0.5 * ((lr_ > 0).float().mean() + (lf_ < 0).float().mean())}
     if r1_gamma > 0:

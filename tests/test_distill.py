@@ -10,7 +10,7 @@ import torch
 from fdistill_lab import divergences
 from fdistill_lab.files import CheckpointError, load_file
 from fdistill_lab.networks import build_edm, tiny_adm_config, tiny_ddpmpp_config
-from fdistill_lab.networks.discriminator import Discriminator, DiscriminatorHead
+from fdistill_lab.networks.discriminator import Discriminator, DiscriminatorHead, _groups
 from fdistill_lab.train.trainer import DistillConfig, FDistillTrainer, fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -293,6 +293,7 @@ def test_sample_draws_on_the_generators_device():
     (dict(normalize_ratio=1), "normalize_ratio must be True or False; got 1"),
     (dict(schedule="critic_first", student_update_freq=1), "student_update_freq must be >= 2 with schedule='critic"),
     (dict(critic_warmup=-1), "critic_warmup must be an integer >= 0"),
+    (dict(gan_head_loss="mean"), r"gan_head_loss must be one of \('per_head', 'mean_logit'\); got 'mean'"),
 ])
 def test_bad_config_errors(changes, match):
     with pytest.raises(ValueError, match=match):
@@ -327,10 +328,122 @@ def test_discriminator_head_shapes():
         DiscriminatorHead(8, 4)(torch.randn(2, 8, 8, 8))
     disc = Discriminator({"a": (8, 4, 4), "b": (4, 8, 8)})
     feats = {"a": torch.randn(2, 8, 4, 4), "b": torch.randn(2, 4, 8, 8)}
-    expect = 0.5 * (disc.heads["a"](feats["a"]) + disc.heads["b"](feats["b"]))
-    torch.testing.assert_close(disc(feats), expect)
+    expect = torch.stack([disc.heads["a"](feats["a"]), disc.heads["b"](feats["b"])], 1)  # [B, H], as FastGen
+    assert torch.equal(disc(feats), expect)
     with pytest.raises(KeyError, match="features lack"):
         disc({"a": feats["a"]})
+
+
+# FastGen's _get_optimal_groups: above 32 channels the largest divisor <= 32; up to 32, channels // 4
+FASTGEN_GROUPS = {4: 1, 8: 2, 16: 4, 32: 8, 33: 11, 48: 24, 64: 32, 96: 32, 100: 25, 127: 1, 128: 32, 256: 32,
+                  768: 32}
+
+
+@pytest.mark.parametrize("channels", sorted(FASTGEN_GROUPS))
+def test_discriminator_groupnorm_groups_follow_fastgen(channels):
+    assert _groups(channels) == FASTGEN_GROUPS[channels]
+    if channels > 32:
+        assert _groups(channels) == max(g for g in range(1, 33) if channels % g == 0)
+    head = DiscriminatorHead(channels, 8)
+    norms = [m for m in head.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == 2 and all(n.num_groups == FASTGEN_GROUPS[channels] for n in norms)
+    # FastGen asserts where channels // 4 does not divide (e.g. 18, 30); here the largest divisor below it
+    assert (_groups(18), _groups(30), _groups(2)) == (3, 6, 1)
+
+
+def _head_loss_spy(monkeypatch) -> list[tuple[str, torch.Tensor, str]]:
+    """Record every GAN loss call of the method file: (which, fake logits, head_loss)."""
+    from fdistill_lab import losses, method
+
+    calls: list[tuple[str, torch.Tensor, str]] = []
+
+    def gen(logits, head_loss="per_head"):
+        calls.append(("g", logits.detach().clone(), head_loss))
+        return losses.gan_generator_loss(logits, head_loss)
+
+    def disc(logits_real, logits_fake, head_loss="per_head"):
+        calls.append(("d", logits_fake.detach().clone(), head_loss))
+        calls.append(("d_real", logits_real.detach().clone(), head_loss))
+        return losses.gan_discriminator_loss(logits_real, logits_fake, head_loss)
+
+    monkeypatch.setattr(method, "gan_generator_loss", gen)
+    monkeypatch.setattr(method, "gan_discriminator_loss", disc)
+    return calls
+
+
+@pytest.mark.parametrize("form", ["per_head", "mean_logit"])
+def test_trainer_gan_losses_with_three_heads(form, monkeypatch):
+    """Three heads (8x8, 4x4, bottleneck, as the cifar10 preset's 32/16/8): the trainer hands the method file the
+    per-head logits [B, 3] and its ``gan_head_loss``; the logged losses are the hand-computed ones of that form
+    and the ratio statistics come from the mean logit."""
+    calls = _head_loss_spy(monkeypatch)
+    cfg = DistillConfig(disc_features=("8x8", "4x4", "bottleneck"), student_update_freq=2, gan_weight_gen=1e-2,
+                        gan_head_loss=form, normalize_ratio=False)
+    tr = FDistillTrainer(_teacher(), cfg)
+    gen_logs, critic_logs = tr.step(*_batch(0)), tr.step(*_batch(1))
+    (_, lg, fg), (_, lf, fd), (_, lr_, _) = calls
+    assert lg.shape == lf.shape == lr_.shape == (B, 3) and fg == fd == form
+    sp = torch.nn.functional.softplus
+    if form == "per_head":
+        want_g = sum(sp(-lg[:, h]).mean() for h in range(3)) / 3
+        want_d = sum(sp(lf[:, h]).mean() + sp(-lr_[:, h]).mean() for h in range(3)) / 3
+    else:
+        want_g = sp(-lg.mean(1)).mean()
+        want_d = sp(lf.mean(1)).mean() + sp(-lr_.mean(1)).mean()
+    assert gen_logs["loss_gan_g"] == pytest.approx(float(want_g), rel=1e-6)
+    assert critic_logs["loss_d"] == pytest.approx(float(want_d), rel=1e-6)
+    r = lg.mean(1).clamp(-10, 10).exp().clamp(0.1, 20)
+    assert gen_logs["ratio_mean"] == pytest.approx(float(r.mean()), rel=1e-6)
+
+
+def _short_run(cfg: DistillConfig, steps: int = 4) -> FDistillTrainer:
+    tr = FDistillTrainer(_teacher(), cfg)
+    fit(tr, _batches(), steps, progress=False)
+    return tr
+
+
+def test_one_head_trains_bit_for_bit_the_same_in_both_forms():
+    """With one head the two GAN head losses are the same maths: identical networks, bins and logs (R1 on,
+    micro-batches, both placements)."""
+    for placement in ("teacher", "fake_score"):
+        runs = [_short_run(DistillConfig(gan_head_loss=form, disc_placement=placement, student_update_freq=2,
+                                         gan_weight_gen=1e-2, r1_gamma=1.0, accum_steps=2))
+                for form in ("per_head", "mean_logit")]
+        for name in ("student", "fake_score", "disc", "weighting"):
+            a, b = (getattr(r, name).state_dict() for r in runs)
+            assert all(torch.equal(a[k], b[k]) for k in a), (placement, name)
+        drop = ("time_s", "images_per_s")
+        assert [{k: v for k, v in h.items() if k not in drop} for h in runs[0].history] == [
+            {k: v for k, v in h.items() if k not in drop} for h in runs[1].history]
+
+
+def test_old_checkpoints_resume_with_the_head_loss_they_trained_with(tmp_path):
+    """Records without ``gan_head_loss`` were written by code that took the GAN losses of the mean logit: with
+    several heads they resume only with ``gan_head_loss="mean_logit"`` (the new default is refused, naming the
+    setting); with one head, where both forms agree, they resume with either."""
+    three = ("8x8", "4x4", "bottleneck")
+    for feats, refused in ((three, True), (("bottleneck",), False)):
+        tr = FDistillTrainer(_teacher(), DistillConfig(disc_features=feats, gan_head_loss="mean_logit"))
+        state = tr.state_dict()
+        del state["config"]["gan_head_loss"]  # as written before the setting existed
+        path = tmp_path / f"old_{len(feats)}.pt"
+        torch.save(state, path)
+        FDistillTrainer(_teacher(), DistillConfig(disc_features=feats, gan_head_loss="mean_logit")).load_checkpoint(
+            path)
+        new = FDistillTrainer(_teacher(), DistillConfig(disc_features=feats))
+        if refused:
+            with pytest.raises(ValueError, match=r"another configuration.*'gan_head_loss': \('mean_logit', "
+                                                 r"'per_head'\)"):
+                new.load_checkpoint(path)
+        else:
+            new.load_checkpoint(path)
+    # a new several-head checkpoint records its form, and resuming it with the other is refused
+    tr = FDistillTrainer(_teacher(), DistillConfig(disc_features=three))
+    tr.save_checkpoint(tmp_path / "new.pt")
+    FDistillTrainer(_teacher(), DistillConfig(disc_features=three)).load_checkpoint(tmp_path / "new.pt")
+    with pytest.raises(ValueError, match=r"'gan_head_loss': \('per_head', 'mean_logit'\)"):
+        FDistillTrainer(_teacher(), DistillConfig(disc_features=three, gan_head_loss="mean_logit")).load_checkpoint(
+            tmp_path / "new.pt")
 
 
 def _ddpmpp_teacher() -> torch.nn.Module:

@@ -1,8 +1,11 @@
 """Ratio estimation, two-stage normalisation and the f-distill surrogate losses."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fdistill_lab import divergences as D
 from fdistill_lab.losses import (
@@ -13,6 +16,8 @@ from fdistill_lab.losses import (
     fdistill_loss,
     gan_discriminator_loss,
     gan_generator_loss,
+    head_logits,
+    mean_logit,
     r1_penalty,
 )
 from fdistill_lab.method import FDistillWeighting
@@ -149,9 +154,9 @@ def test_surrogate_gradient_equals_g():
     (grad,) = torch.autograd.grad(loss, xg)
     g = distillation_gradient(x, x0_f, x0_t, weights=w)
     torch.testing.assert_close(grad * x.numel(), g.to(grad.dtype), rtol=1e-5, atol=1e-7)
-    # and the DMD normaliser is 1 / mean |x - x0_teacher| per sample
+    # and the DMD normaliser is 1 / (mean |x - x0_teacher| + 1e-6) per sample
     m = (x - x0_t).abs().flatten(1).mean(1)
-    torch.testing.assert_close(dmd_normalizer(x, x0_t).flatten().double(), 1 / m, rtol=1e-6, atol=0)
+    torch.testing.assert_close(dmd_normalizer(x, x0_t).flatten().double(), 1 / (m + 1e-6), rtol=1e-6, atol=0)
 
 
 def test_rkl_equals_dmd2_update():
@@ -232,3 +237,92 @@ def test_mismatched_shapes_raise():
         fdistill_loss(x, x0_f[:, :2], x0_t)
     with pytest.raises(ValueError, match="entries"):
         fdistill_loss(x, x0_f, x0_t, weights=torch.ones(3))
+
+
+@pytest.mark.parametrize("m", [0.0, 1e-6, 1e-5, 1e-4, 0.3])
+def test_dmd_normalizer_adds_fastgen_epsilon(m):
+    """w = 1 / (mean|x - x0_teacher| + 1e-6) (paper section 6, step 5; FastGen's variational_score_distillation_loss
+    adds 1e-6): at mean 1e-6 the weight is 1 / 2e-6, at 1e-4 1 / 1.01e-4, and a zero difference gives 1e6."""
+    x0_t = torch.zeros(2, 3, 4, 4)
+    x = torch.full_like(x0_t, m)
+    x[1] = -m  # the absolute difference counts
+    w = dmd_normalizer(x, x0_t)
+    assert w.shape == (2, 1, 1, 1) and w.dtype == torch.float32
+    torch.testing.assert_close(w.flatten().double(), torch.full((2,), 1 / (m + 1e-6), dtype=torch.float64),
+                               rtol=1e-6, atol=0)
+
+
+# three heads (the cifar10 preset's 32, 16, 8), two samples: fixed logits and hand-computed losses
+L_FAKE = [[0.5, -1.0, 2.0], [1.5, 0.0, -3.0]]
+L_REAL = [[1.0, 2.5, -1.5], [0.2, -0.4, 3.0]]
+
+
+def _sp(v: float) -> float:
+    return math.log1p(math.exp(v))
+
+
+def _hand_losses(form: str) -> tuple[float, float]:
+    """(generator, discriminator) loss by hand: per head, mean over heads of the per-head mean softplus; on the
+    mean logit, one softplus of each sample's mean logit."""
+    if form == "per_head":
+        heads = range(3)
+        gen = sum(sum(_sp(-row[h]) for row in L_FAKE) / 2 for h in heads) / 3
+        disc = sum(sum(_sp(row[h]) for row in L_FAKE) / 2 + sum(_sp(-row[h]) for row in L_REAL) / 2
+                   for h in heads) / 3
+        return gen, disc
+    mf, mr = [sum(row) / 3 for row in L_FAKE], [sum(row) / 3 for row in L_REAL]
+    return sum(_sp(-v) for v in mf) / 2, sum(_sp(v) for v in mf) / 2 + sum(_sp(-v) for v in mr) / 2
+
+
+@pytest.mark.parametrize("form", ["per_head", "mean_logit"])
+def test_gan_losses_with_several_heads_by_hand(form):
+    """Logits [B, H]: FastGen's per-head losses averaged over the heads (the default), or the losses of the mean
+    logit (``head_loss="mean_logit"``), against values computed by hand; the two differ."""
+    lf, lr_ = torch.tensor(L_FAKE), torch.tensor(L_REAL)
+    gen, disc = _hand_losses(form)
+    assert float(gan_generator_loss(lf, form)) == pytest.approx(gen, rel=1e-6)
+    assert float(gan_discriminator_loss(lr_, lf, form)) == pytest.approx(disc, rel=1e-6)
+    other = _hand_losses("mean_logit" if form == "per_head" else "per_head")
+    assert abs(gen - other[0]) > 0.05 and abs(disc - other[1]) > 0.05
+    if form == "per_head":  # the default
+        assert float(gan_generator_loss(lf)) == pytest.approx(gen, rel=1e-6)
+        assert float(gan_discriminator_loss(lr_, lf)) == pytest.approx(disc, rel=1e-6)
+    # the gradient reaches each head's logit: d/dl[b, h] of mean softplus(-l) over the 6 entries, or through the mean
+    lg = lf.clone().requires_grad_(True)
+    gan_generator_loss(lg, form).backward()
+    m = lf if form == "per_head" else lf.mean(1, keepdim=True).expand(2, 3)
+    want = -torch.sigmoid(-m) / 6  # B * H = 6 entries, or B = 2 samples times 1/H = 1/3 from the mean
+    torch.testing.assert_close(lg.grad, want)
+
+
+def test_gan_losses_with_one_head_are_the_same_in_both_forms():
+    """One head ([B] or [B, 1]): both forms give bit for bit the loss and gradient of the single-logit formulas."""
+    g = torch.Generator().manual_seed(0)
+    l, l_real = torch.randn(7, generator=g) * 3, torch.randn(7, generator=g) * 3
+    ref_g, ref_d = F.softplus(-l).mean(), F.softplus(l).mean() + F.softplus(-l_real).mean()
+    for form in ("per_head", "mean_logit"):
+        for a, b in ((l, l_real), (l[:, None], l_real[:, None])):
+            assert torch.equal(gan_generator_loss(a, form), ref_g)
+            assert torch.equal(gan_discriminator_loss(b, a, form), ref_d)
+        lg = l[:, None].clone().requires_grad_(True)
+        gan_generator_loss(lg, form).backward()
+        l1 = l.clone().requires_grad_(True)
+        F.softplus(-l1).mean().backward()
+        assert torch.equal(lg.grad[:, 0], l1.grad)
+    assert torch.equal(mean_logit(l[:, None]), l) and torch.equal(head_logits(l[:, None], "mean_logit"), l)
+
+
+def test_gan_head_loss_errors():
+    with pytest.raises(ValueError, match=r"head_loss must be one of \('per_head', 'mean_logit'\); got 'sum'"):
+        gan_generator_loss(torch.zeros(2, 3), "sum")
+    with pytest.raises(ValueError, match=r"logits must be \[B\] or \[B, heads\]"):
+        gan_discriminator_loss(torch.zeros(2, 3, 1), torch.zeros(2, 3, 1))
+
+
+def test_r1_penalty_with_several_heads_uses_the_mean_logit():
+    """R1 of logits [B, H] is R1 of the heads' mean logit: l_h = a_h sum(x) with a = (1, 3, 8) has mean 4 sum(x),
+    gradient 4 per coordinate, so ||.||^2 = 16 * 2 (summing the heads instead would give 12^2 * 2)."""
+    x = torch.randn(4, 2, requires_grad=True)
+    logits = torch.stack([a * x.sum(1) for a in (1.0, 3.0, 8.0)], 1)
+    assert float(r1_penalty(logits, x)) == pytest.approx(32.0)
+    assert torch.equal(r1_penalty(logits[:, :1], x), r1_penalty(logits[:, 0], x))

@@ -159,3 +159,107 @@ def test_resume_with_another_rng_mode_is_refused_before_anything_loads(tmp_path)
     with pytest.raises(ValueError, match=r"c\.pt: checkpoint was written with another rng_mode"):
         other.load_checkpoint(tmp_path / "c.pt")
     assert all(torch.equal(a, b) for a, b in zip(before, other.student.parameters())) and other.step_count == 0
+
+
+def _three_head_predict(g: torch.Generator):
+    """Stand-ins for the networks with three discriminator heads: logits [B, 3], head h linear in x_t."""
+    w_x0t, w_x0f = (torch.randn(2, 2, generator=g, dtype=torch.float64) for _ in range(2))
+    w_l = torch.randn(2, 3, generator=g, dtype=torch.float64)
+
+    def predict(x_t):
+        return torch.tanh(x_t @ w_x0t), torch.tanh(x_t @ w_x0f), x_t @ w_l
+    return predict, w_l
+
+
+@pytest.mark.parametrize("form", ["per_head", "mean_logit"])
+def test_generator_objective_with_several_heads(form):
+    """Logits [B, 3]: the weight h comes from the heads' mean logit in both forms (FastGen's
+    ``fake_logits.mean(dim=1)``); the GAN loss is mean_h mean_b softplus(-l[b, h]) (``per_head``, FastGen) or
+    mean_b softplus(-mean_h l[b, h]) (``mean_logit``), and so is its gradient."""
+    x, sigma, eps, g = _inputs()
+    predict, w_l = _three_head_predict(g)
+    weighting = FDistillWeighting("js", normalize_ratio=False)
+    loss, stats = generator_objective(x, sigma, eps, predict, weighting, gan_weight=0.3, gan_head_loss=form)
+    (grad,) = torch.autograd.grad(loss, x)
+    x_t = x.detach() + sigma[:, None] * eps
+    x0t, x0f, logits = predict(x_t)
+    r = torch.exp(logits.mean(1)).clamp(0.1, 20.0)
+    h = weighting.divergence.h(r)
+    h = h / h.mean()
+    want = h[:, None] * (x0f - x0t) / ((x.detach() - x0t).abs().mean(1, keepdim=True) + 1e-6) / x.numel()
+    lt = x_t.clone().requires_grad_(True)
+    gan = F.softplus(-(lt @ w_l)).mean() if form == "per_head" else F.softplus(-(lt @ w_l).mean(1)).mean()
+    (gan_grad,) = torch.autograd.grad(gan, lt)
+    torch.testing.assert_close(grad, want + 0.3 * gan_grad, rtol=2e-5, atol=1e-7)
+    assert float(stats["loss_gan_g"]) == pytest.approx(float(gan.detach()), rel=1e-6)
+    assert float(stats["ratio_mean"]) == pytest.approx(float(r.mean()), rel=1e-6)
+    assert float(stats["logit_gen_mean"]) == pytest.approx(float(logits.mean()), rel=1e-6, abs=1e-7)
+    other = F.softplus(-(x_t @ w_l).mean(1)).mean() if form == "per_head" else F.softplus(-(x_t @ w_l)).mean()
+    assert abs(float(gan.detach()) - float(other)) > 1e-3  # the forms differ on these logits
+
+
+@pytest.mark.parametrize("form", ["per_head", "mean_logit"])
+def test_critic_objective_with_several_heads(form):
+    """Logits [B, 3]: the discriminator loss per head and averaged, or on the mean logit; R1 and the accuracy read
+    the mean logit in both forms."""
+    x, sigma, eps, g = _inputs()
+    real = torch.randn(6, 2, generator=g, dtype=torch.float64)
+    sigma_r, eps_r = sigma.flip(0), eps.flip(0)
+    w = torch.randn(2, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor([1.0, 2.0, -0.5], dtype=torch.float64)
+
+    def heads(v):  # head h: scale_h (|v|^2 - 1) + h, so the heads disagree
+        return ((v**2).sum(1, keepdim=True) - 1) * scale + torch.arange(3, dtype=torch.float64)
+
+    def predict(x_t, x_r):
+        return x_t @ w, heads(x_t), heads(x_r)
+
+    loss, stats = critic_objective(x, sigma, eps, real, sigma_r, eps_r, predict, gan_weight=0.5, r1_gamma=2.0,
+                                   gan_head_loss=form)
+    x_t = x.detach() + sigma[:, None] * eps
+    x_r = real + sigma_r[:, None] * eps_r
+    l_f, l_r = heads(x_t), heads(x_r)
+    dsm = ((x_t @ w - x.detach()) ** 2).mean()
+    if form == "per_head":
+        gan = torch.stack([F.softplus(l_f[:, k]).mean() + F.softplus(-l_r[:, k]).mean() for k in range(3)]).mean()
+    else:
+        gan = F.softplus(l_f.mean(1)).mean() + F.softplus(-l_r.mean(1)).mean()
+    r1 = (2 * x_r * scale.mean()).pow(2).sum(1).mean()  # d mean_h l_real / d x_r = 2 x_r mean_h scale_h
+    torch.testing.assert_close(loss.double(), dsm + 0.5 * gan + 0.5 * 2.0 * r1, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(stats["loss_d"].double(), gan.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(stats["r1"].double(), r1.detach(), rtol=1e-6, atol=1e-7)
+    acc = 0.5 * ((l_r.mean(1) > 0).double().mean() + (l_f.mean(1) < 0).double().mean())
+    assert float(stats["disc_acc"]) == pytest.approx(float(acc))
+
+
+def _one_head_run(form: str, column: bool):
+    """Both objectives with one head whose logits are [B, 1] (``column``) or [B]."""
+    x, sigma, eps, g = _inputs()
+    w_l = torch.randn(2, 1, generator=g, dtype=torch.float64)
+
+    def shaped(logit):
+        return logit if column else logit[:, 0]
+
+    def predict(x_t):
+        return torch.tanh(x_t), torch.tanh(0.5 * x_t), shaped(x_t @ w_l)
+
+    def predict_critic(x_t, x_r):
+        return x_t * 0.9, shaped(x_t @ w_l), shaped(x_r @ w_l)
+
+    loss, stats = generator_objective(x, sigma, eps, predict, FDistillWeighting("js"), gan_weight=0.3,
+                                      gan_head_loss=form)
+    (grad,) = torch.autograd.grad(loss, x)
+    real = torch.randn(6, 2, generator=g, dtype=torch.float64)
+    closs, cstats = critic_objective(x, sigma, eps, real, sigma, eps, predict_critic, r1_gamma=1.0,
+                                     gan_head_loss=form)
+    return loss, grad, stats, closs, cstats
+
+
+def test_objectives_with_one_head_are_the_same_in_both_forms():
+    """One head: logits [B] (the toy) or [B, 1] (the image trainer's discriminator), either form, give bit for bit
+    the same losses, statistics and gradients."""
+    ref, *others = (_one_head_run(form, column) for form in ("per_head", "mean_logit") for column in (False, True))
+    for loss, grad, stats, closs, cstats in others:
+        assert torch.equal(loss, ref[0]) and torch.equal(grad, ref[1]) and torch.equal(closs, ref[3])
+        assert all(torch.equal(stats[k], ref[2][k]) for k in ref[2])
+        assert all(torch.equal(cstats[k], ref[4][k]) for k in ref[4])

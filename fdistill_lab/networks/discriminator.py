@@ -1,9 +1,11 @@
 """Discriminator heads on a denoiser's encoder features (paper section 8; FastGen's design).
 
 One head per feature resolution: Conv4x4 stride 2 (+ GroupNorm + SiLU) repeated down to 4x4, then
-Conv4x4 stride 4 (+ GroupNorm + SiLU) to 1x1, then a 1x1 conv to one logit. The logits of all heads
-are averaged. Real images are the positive class, so at the optimum logit = log(p_t / q_t) and the
-density ratio is r = exp(logit) (section 4). The heads sit either on the frozen teacher's features
+Conv4x4 stride 4 (+ GroupNorm + SiLU) to 1x1, then a 1x1 conv to one logit. The discriminator returns one
+logit per head, [B, H], as FastGen's ``Discriminator_EDM``: the GAN losses apply to each head's logit and are
+averaged over the heads, and the ratio comes from the heads' mean logit (:mod:`fdistill_lab.losses`,
+:mod:`fdistill_lab.method`). Real images are the positive class, so at the optimum logit = log(p_t / q_t) and
+the density ratio is r = exp(logit) (section 4). The heads sit either on the frozen teacher's features
 (the authors' public implementation) or on the fake-score network's (DMD2); see ``train/trainer.py``.
 """
 
@@ -18,10 +20,12 @@ FINAL_RESOLUTION = 4
 
 
 def _groups(channels: int, max_groups: int = 32) -> int:
-    """GroupNorm groups: the largest divisor of ``channels`` <= min(max_groups, channels // 4) (EDM's rule),
-    so every group has at least 4 channels. After the stride-4 conv the map is 1x1; one channel per group
-    would normalise every value to the bias and make the logit a constant."""
-    limit = max(1, min(max_groups, channels // 4))
+    """GroupNorm groups, FastGen's rule (``_get_optimal_groups`` in its ``networks/discriminators.py``): above
+    ``max_groups`` channels the largest divisor of ``channels`` <= ``max_groups``; up to ``max_groups`` channels
+    ``channels // 4`` (at least 1), here lowered to a divisor where FastGen's would not divide (it asserts).
+    Every group then has at least 2 channels (if ``channels`` >= 2): after the stride-4 conv the map is 1x1, and
+    one channel per group would normalise every value to the bias and make the logit a constant."""
+    limit = max_groups if channels > max_groups else max(1, channels // 4)
     return next(g for g in range(limit, 0, -1) if channels % g == 0)
 
 
@@ -61,7 +65,8 @@ class DiscriminatorHead(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Heads keyed by feature name ('bottleneck', '8x8', ...); ``forward(features)`` averages their logits."""
+    """Heads keyed by feature name ('bottleneck', '8x8', ...); ``forward(features)`` returns their logits
+    [B, H], one column per head in the order of :attr:`keys` (FastGen's ``Discriminator_EDM``)."""
 
     def __init__(self, feature_shapes: Mapping[str, Sequence[int]], hidden_channels: int | None = None) -> None:
         super().__init__()
@@ -83,7 +88,7 @@ class Discriminator(nn.Module):
             raise KeyError(f"features lack {missing}; available: {sorted(features)}")
         logits = [head(features[key].float() if features[key].dtype == torch.float64 else features[key])
                   for key, head in self.heads.items()]
-        return torch.stack(logits, 0).mean(0)
+        return torch.stack(logits, 1)
 
     @classmethod
     def for_network(

@@ -10,7 +10,7 @@ from typing import Any
 
 from .. import divergences
 from ..edm import SIGMA_MAX
-from ..losses import FAKE_SCORE_WEIGHTINGS
+from ..losses import FAKE_SCORE_WEIGHTINGS, GAN_HEAD_LOSSES
 from ..method import SCHEDULES, WeightingConfig
 
 DISC_PLACEMENTS = ("teacher", "fake_score")
@@ -19,6 +19,9 @@ PRECISIONS = ("fp32", "bf16")
 BIN_SPACINGS = ("linear", "log")
 # settings that change speed, not results: a resumed run may change them (and older checkpoints lack them)
 SPEED_ONLY_SETTINGS = ("compile_norms",)
+# settings added after runs were recorded without them: the value that reproduces how those runs trained (not the
+# default), so that resuming such a run with a new default is refused rather than silently changing the maths
+LEGACY_VALUES: dict[str, Any] = {"gan_head_loss": "mean_logit"}
 
 
 @dataclass
@@ -32,13 +35,16 @@ class DistillConfig(WeightingConfig):
     step. GAN: generator weight ``gan_weight_gen`` (0 = ratio-only mode, the discriminator is still trained),
     discriminator weight ``gan_weight_disc`` (FastGen 1, DMD2 1e-2), R1 weight ``r1_gamma``. Discriminator heads
     on ``disc_features`` of the frozen teacher (``disc_placement="teacher"``) or of the fake score
-    (``"fake_score"``, which trains its encoder too). Noise levels: uniform indices [``min_index``,
-    ``max_index``] of the 1000-point Karras grid for the generator, [``fake_min_index``, ``fake_max_index``] for
-    the critic; real GAN images at an independent level unless ``real_same_t``. The weight h: the inherited
-    :class:`~fdistill_lab.method.WeightingConfig` settings. ``student_sigma``: the student maps
-    ``student_sigma * z`` at that noise level (80, as DMD2). ``accum_steps`` splits each batch into
-    micro-batches (gradient accumulation). ``compile_norms`` (speed only, the same maths up to rounding) runs each
-    U-Net GroupNorm with its scale/shift and SiLU as ``torch.compile``d fused kernels
+    (``"fake_score"``, which trains its encoder too). With several heads (the cifar10 preset: 32, 16, 8),
+    ``gan_head_loss="per_head"`` applies the GAN losses to each head's logit and averages them (FastGen),
+    ``"mean_logit"`` to the heads' mean logit (earlier versions of this project; run records without the setting
+    count as ``"mean_logit"``); the ratio and R1 always use the mean logit, and with one head both are the same.
+    Noise levels: uniform indices [``min_index``, ``max_index``] of the 1000-point Karras grid for the generator,
+    [``fake_min_index``, ``fake_max_index``] for the critic; real GAN images at an independent level unless
+    ``real_same_t``. The weight h: the inherited :class:`~fdistill_lab.method.WeightingConfig` settings.
+    ``student_sigma``: the student maps ``student_sigma * z`` at that noise level (80, as DMD2). ``accum_steps``
+    splits each batch into micro-batches (gradient accumulation). ``compile_norms`` (speed only, the same maths up
+    to rounding) runs each U-Net GroupNorm with its scale/shift and SiLU as ``torch.compile``d fused kernels
     (:func:`~fdistill_lab.networks.layers.use_compiled_norms`); the first iterations compile.
     """
 
@@ -60,6 +66,7 @@ class DistillConfig(WeightingConfig):
     disc_placement: str = "teacher"
     disc_features: tuple[str, ...] = ("bottleneck",)
     disc_hidden: int | None = None
+    gan_head_loss: str = "per_head"
     min_index: int = 2
     max_index: int = 998
     fake_min_index: int = 2
@@ -93,6 +100,7 @@ class DistillConfig(WeightingConfig):
                 raise ValueError(f"{f.name} must be True or False; got {getattr(self, f.name)!r}")
         _choice("bin_spacing", self.bin_spacing, BIN_SPACINGS)
         _choice("fake_score_weighting", self.fake_score_weighting, FAKE_SCORE_WEIGHTINGS)
+        _choice("gan_head_loss", self.gan_head_loss, GAN_HEAD_LOSSES)
         _int_at_least("student_update_freq", self.student_update_freq, 1)
         if self.schedule != "dmd2" and self.student_update_freq < 2:
             raise ValueError(f"student_update_freq must be >= 2 with schedule={self.schedule!r} (K-1 critic steps per "
@@ -150,10 +158,13 @@ class DistillConfig(WeightingConfig):
 
     def differences(self, recorded: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
         """Settings that change results and differ from ``recorded`` (a :meth:`to_dict` of an earlier run):
-        name -> (recorded, mine). A setting that an older run's record lacks counts as its default."""
-        defaults = DistillConfig().to_dict()
-        return {k: (recorded.get(k, defaults[k]), v) for k, v in self.to_dict().items()
-                if k not in SPEED_ONLY_SETTINGS and recorded.get(k, defaults[k]) != v}
+        name -> (recorded, mine). A setting that an older run's record lacks counts as the value that older code
+        behaved as (:data:`LEGACY_VALUES`), else as its default. ``gan_head_loss`` changes nothing with one
+        discriminator head, so it only counts with several (an old several-head run resumes only with
+        ``gan_head_loss="mean_logit"``)."""
+        old = {**DistillConfig().to_dict(), **LEGACY_VALUES, **recorded}
+        ignored = SPEED_ONLY_SETTINGS + (("gan_head_loss",) if len(self.disc_features) == 1 else ())
+        return {k: (old[k], v) for k, v in self.to_dict().items() if k not in ignored and old[k] != v}
 
 
 def _choice(name: str, value: Any, valid: tuple[str, ...]) -> None:

@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..files import atomic_save, load_file
+from ..losses import mean_logit
 from ..method import FDistillWeighting, critic_objective, frozen, generator_objective, iteration_updates, noisy
 from ..networks import EDMPrecond
 from ..networks.discriminator import Discriminator
@@ -164,6 +165,7 @@ class FDistillTrainer:
             return net(x, sigma, labels).float()
 
     def _logits(self, feats: dict[str, torch.Tensor], disc: nn.Module | None = None) -> torch.Tensor:
+        """The discriminator heads' logits [B, H] in fp32, one column per head (``disc_features``)."""
         with self._autocast():
             return (disc or self._disc_fwd)(feats).float()
 
@@ -192,7 +194,7 @@ class FDistillTrainer:
 
     def _generator_predict(self, sigma: torch.Tensor, labels: torch.Tensor | None
                            ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """x_t -> (x0_teacher, x0_fake, logit): the discriminator reads the features of the network that
+        """x_t -> (x0_teacher, x0_fake, logits [B, H]): the discriminator reads the features of the network that
         ``disc_placement`` names, in the same call as its x0. Frozen critics, called unwrapped (DDP-safe)."""
         def predict(x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             if self.config.disc_placement == "teacher":
@@ -213,17 +215,18 @@ class FDistillTrainer:
         cfg = self.config
         labels, x, sigma, eps = self._generator_draws(real_labels, n)
         return generator_objective(x, sigma, eps, self._generator_predict(sigma, labels), self.weighting,
-                                   cfg.gan_weight_gen, cfg.dmd_normalize, weights)
+                                   cfg.gan_weight_gen, cfg.dmd_normalize, weights, cfg.gan_head_loss)
 
     @torch.no_grad()
     def _generator_logits(self, real_labels: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and noise levels of one generator micro-batch, with the same draws as :meth:`_generator_loss`
-        makes from the same random states (the networks drawing nothing in between: the teacher is in eval mode,
-        and the fake score's no-grad denoising comes after the draws that reach the logits)."""
+        """Mean logits [B] (what the ratio needs) and noise levels of one generator micro-batch, with the same
+        draws as :meth:`_generator_loss` makes from the same random states (the networks drawing nothing in
+        between: the teacher is in eval mode, and the fake score's no-grad denoising comes after the draws that
+        reach the logits)."""
         labels, x, sigma, eps = self._generator_draws(real_labels, n)
         net = self.teacher if self.config.disc_placement == "teacher" else self.fake_score
         _, feats = self._features(net, noisy(x, sigma, eps), sigma, labels, decoder="skip")
-        return self._logits(feats, self.disc), sigma
+        return mean_logit(self._logits(feats, self.disc)), sigma
 
     def _batch_weights(self, chunks: list[tuple[torch.Tensor, torch.Tensor | None]]
                        ) -> tuple[list[list[Any]], list[tuple[torch.Tensor, Scalars]]]:
@@ -277,7 +280,8 @@ class FDistillTrainer:
             return x0_fake, logits_fake, logits_real
 
         return critic_objective(x_fake, sigma, eps, real, sigma_r, eps_r, predict, cfg.fake_score_weighting,
-                                gan_weight=cfg.gan_weight_disc, r1_gamma=cfg.r1_gamma)
+                                gan_weight=cfg.gan_weight_disc, r1_gamma=cfg.r1_gamma,
+                                gan_head_loss=cfg.gan_head_loss)
 
     # ------------------------------------------------------------------ steps
 
@@ -422,13 +426,16 @@ class FDistillTrainer:
         self.step_count = int(state["step"])
         self.history = [dict(h) for h in state.get("history", [])]
 
-    def save_checkpoint(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """Atomic save (temporary file + os.replace) of :meth:`state_dict` plus ``extra`` (e.g. a data
-        sampler's state)."""
+    def checkpoint_state(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """:meth:`state_dict` plus ``extra`` (e.g. a data sampler's state), as :meth:`save_checkpoint` writes it."""
         state = self.state_dict()
         if extra:
             state["extra"] = extra
-        return atomic_save(state, path)
+        return state
+
+    def save_checkpoint(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Atomic save (temporary file + os.replace) of :meth:`checkpoint_state`."""
+        return atomic_save(self.checkpoint_state(extra), path)
 
     def load_checkpoint(self, path: str | Path, fix: str = "delete it to start afresh") -> dict[str, Any]:
         """Load a checkpoint written by :meth:`save_checkpoint`; returns its ``extra`` dict. ``fix``: what the
