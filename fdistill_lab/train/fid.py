@@ -3,9 +3,19 @@ the TorchScript detector ``inception-2015-12-05.pt`` on uint8 NCHW images, float
 (mu, Sigma = (sum x x^T - N mu mu^T) / (N - 1)), Frechet distance with ``scipy.linalg.sqrtm``, against
 EDM's reference ``.npz`` (``mu``, ``sigma``).
 
-Samples are class-balanced (label of global index i is i mod num_classes, as DMD2) with seed = seed0 + i,
-so the result does not depend on batch size or the number of ranks. Under ``torch.distributed`` each rank
-generates its share and the running sums are all-reduced in float64.
+Sampling protocol (settings of :func:`evaluate_fid` / :func:`compute_fid`; defaults are EDM's):
+
+* ``labels``: ``"random"`` (EDM ``generate.py``, FastGen): one uniform class per sample, drawn from the
+  sample's seed alone (:func:`labels_from_seeds`); ``"balanced"`` (DMD2): sample i of a set has class
+  i mod num_classes.
+* ``seed_sets``: FID is computed on that many sets of ``num_images`` samples, set k holding seeds
+  ``seed + k * num_images + i``, and the reported value is the minimum over sets. EDM's README computes
+  each FID three times, with seeds 0-49999, 50000-99999 and 100000-149999, and reports the minimum
+  (``seed=0``, ``num_images=50000``, ``seed_sets=3`` here).
+
+Latents (:func:`latents_from_seeds`) and random labels depend on the seed only, so the result does not
+depend on batch size or the number of ranks. Under ``torch.distributed`` each rank generates its share
+and the running sums are all-reduced in float64.
 """
 
 from __future__ import annotations
@@ -32,10 +42,17 @@ __all__ = [
     "compute_fid",
     "compute_image_stats",
     "latents_from_seeds",
+    "labels_from_seeds",
+    "evaluate_fid",
     "QUANTIZE_MODES",
+    "LABEL_SCHEMES",
+    "EDM_SEED_SETS",
 ]
 
 QUANTIZE_MODES = ("round", "trunc")
+LABEL_SCHEMES = ("random", "balanced")
+EDM_SEED_SETS = 3  # EDM's README: every FID computed three times (seeds 0-49999, 50000-99999, 100000-149999), min
+LABEL_STREAM = 0x6C616265  # second word of a label's SeedSequence: keeps it apart from any other use of the seed
 GenerateFn = Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]
 
 
@@ -172,6 +189,26 @@ def latents_from_seeds(seeds: torch.Tensor | Sequence[int], shape: Sequence[int]
     return torch.stack(out)
 
 
+def labels_from_seeds(seeds: torch.Tensor | Sequence[int], num_classes: int,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """One uniform class label in [0, num_classes) per seed (int64 [N]), a function of the seed alone.
+
+    Each label takes the first 64-bit word ``w`` of ``numpy.random.SeedSequence([seed, LABEL_STREAM])`` and
+    maps it to ``(w * num_classes) >> 64`` (bias below num_classes / 2**64): integer arithmetic on the hash,
+    no ``Generator`` method whose algorithm numpy may change (tests pin the values). The stream is apart from
+    the seed's latent generator (a torch generator seeded with the same seed would tie the label to the first
+    latent values). Same distribution as EDM's labels (uniform, independent per seed), not the same draws:
+    EDM takes its label from the seed's CUDA generator after the latents."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be an integer >= 1; got {num_classes!r}")
+    values = torch.as_tensor(seeds).tolist()
+    if any(s < 0 for s in values):
+        raise ValueError(f"seeds must be >= 0; got {min(values)}")
+    out = [(int(np.random.SeedSequence([s, LABEL_STREAM]).generate_state(1, np.uint64)[0]) * num_classes) >> 64
+           for s in values]
+    return torch.tensor(out, dtype=torch.int64, device=device)
+
+
 def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     initialised = dist.is_available() and dist.is_initialized()
     if rank is None:
@@ -181,6 +218,129 @@ def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, {world_size})")
     return rank, world_size
+
+
+def _int_at_least(name: str, value: Any, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}; got {value!r}")
+
+
+def _check_protocol(num_images: int, batch_size: int, quantize: str, seed: int, labels: str,
+                    seed_sets: int) -> None:
+    """Raise ValueError naming the bad setting and its valid values."""
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"unknown quantize mode {quantize!r}; valid: {', '.join(QUANTIZE_MODES)}")
+    if labels not in LABEL_SCHEMES:
+        raise ValueError(f"unknown label scheme {labels!r}; valid: {', '.join(LABEL_SCHEMES)}")
+    if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 2:
+        raise ValueError(f"num_images must be >= 2; got {num_images!r}")
+    _int_at_least("batch_size", batch_size, 1)
+    _int_at_least("seed", seed, 0)
+    _int_at_least("seed_sets", seed_sets, 1)
+
+
+def _one_set(generate_fn: GenerateFn, detector: Callable[..., torch.Tensor], first_seed: int, num_images: int,
+             batch_size: int, num_classes: int | None, labels: str, quantize: str, device: torch.device | str,
+             rank: int, world_size: int, dim: int, progress: bool, tag: str) -> FeatureStats:
+    """Statistics of the samples with seeds ``first_seed + i``, i < num_images, summed over the ranks."""
+    stats = FeatureStats(dim, device=device)
+    batches = torch.arange(num_images, dtype=torch.int64).split(batch_size)
+    mine = batches[rank::world_size]
+    bad = torch.zeros((), dtype=torch.int64, device=device)  # images with non-finite pixels
+    for k, idx in enumerate(mine):
+        seeds = idx + first_seed
+        if not num_classes:
+            y = None
+        elif labels == "balanced":
+            y = (idx % num_classes).to(device)
+        else:
+            y = labels_from_seeds(seeds, int(num_classes), device)
+        images = generate_fn(y, seeds.to(device))
+        if images.shape[0] != idx.shape[0]:
+            raise ValueError(f"generate_fn returned {images.shape[0]} images for a batch of {idx.shape[0]}")
+        bad += (~torch.isfinite(images)).flatten(1).any(1).sum()  # NaN would quantise to arbitrary pixels
+        stats.update(detector_features(detector, quantize_images(images, quantize).to(device)))
+        if progress and rank == 0 and (k + 1) % max(1, len(mine) // 10) == 0:
+            print(f"FID{tag}: {min((k + 1) * batch_size * world_size, num_images)}/{num_images} images",
+                  file=sys.stderr, flush=True)
+    if world_size > 1:
+        stats.all_reduce()
+        dist.all_reduce(bad)
+    if int(bad):  # every rank raises together, none is left waiting in a collective
+        raise FloatingPointError(f"{int(bad)} of {num_images} generated images hold non-finite pixels (seeds "
+                                 f"{first_seed}-{first_seed + num_images - 1}): the generator has diverged")
+    if stats.n != num_images:
+        raise RuntimeError(f"collected {stats.n} feature vectors, expected {num_images}")
+    return stats
+
+
+def _evaluate(generate_fn: GenerateFn, detector: Callable[..., torch.Tensor],
+              ref_stats: tuple[np.ndarray, np.ndarray] | str | Path, num_images: int, batch_size: int,
+              num_classes: int | None, quantize: str, seed: int, labels: str, seed_sets: int,
+              device: torch.device | str, rank: int | None, world_size: int | None, feature_dim: int | None,
+              progress: bool) -> tuple[dict[str, Any], FeatureStats]:
+    """(record, statistics of the best set); see :func:`evaluate_fid`."""
+    _check_protocol(num_images, batch_size, quantize, seed, labels, seed_sets)
+    mu_ref, sigma_ref = load_reference_stats(ref_stats) if isinstance(ref_stats, (str, Path)) else ref_stats
+    rank, world_size = _rank_world(rank, world_size)
+    if world_size > 1 and not (dist.is_available() and dist.is_initialized()):  # before any sampling work
+        raise RuntimeError("world_size > 1 needs an initialised torch.distributed process group")
+    if world_size > 1 and dist.get_backend() == "nccl" and torch.device(device).type != "cuda":
+        raise ValueError(f"the process group uses NCCL, which all-reduces CUDA tensors only; pass device='cuda' "
+                         f"(this rank's GPU), not {str(device)!r}")
+    dim = feature_dim or int(np.asarray(mu_ref).shape[0])
+    values: list[float] = []
+    ranges: list[list[int]] = []
+    best = FeatureStats(dim)
+    for k in range(seed_sets):
+        first = seed + k * num_images
+        tag = f" (seed set {k + 1}/{seed_sets})" if seed_sets > 1 else ""
+        stats = _one_set(generate_fn, detector, first, num_images, batch_size, num_classes, labels, quantize,
+                         device, rank, world_size, dim, progress, tag)
+        values.append(frechet_distance(*stats.mean_cov(), mu_ref, sigma_ref))
+        ranges.append([first, first + num_images - 1])
+        if values[-1] <= min(values):
+            best = stats
+    record = {"fid": min(values), "fid_per_set": values, "labels": labels if num_classes else "none",
+              "seed_sets": seed_sets, "seeds": ranges, "images": num_images, "quantize": quantize}
+    return record, best
+
+
+@torch.no_grad()
+def evaluate_fid(
+    generate_fn: GenerateFn,
+    detector: Callable[..., torch.Tensor],
+    ref_stats: tuple[np.ndarray, np.ndarray] | str | Path,
+    num_images: int = 50000,
+    batch_size: int = 64,
+    num_classes: int | None = 1000,
+    quantize: str = "round",
+    seed: int = 0,
+    labels: str = "random",
+    seed_sets: int = EDM_SEED_SETS,
+    device: torch.device | str = "cpu",
+    rank: int | None = None,
+    world_size: int | None = None,
+    feature_dim: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """FID of generated images against reference statistics, with the protocol that produced it.
+
+    ``generate_fn(labels, seeds)`` gets int64 class labels [B] (None when ``num_classes`` is 0/None) and
+    the int64 seeds [B] of the samples, and returns images in [-1, 1], [B, C, H, W]. Set k of ``seed_sets``
+    holds ``num_images`` samples with seeds ``seed + k * num_images + i``; ``labels`` is ``"random"``
+    (:func:`labels_from_seeds`, EDM/FastGen) or ``"balanced"`` (i mod num_classes within each set, DMD2).
+    The defaults are EDM's protocol (random labels, 50,000 images, minimum over 3 seed sets: seeds 0-49999,
+    50000-99999, 100000-149999). The global batches of a set are dealt round-robin to ranks
+    (``rank``/``world_size`` default to torch.distributed's); statistics are all-reduced in float64, so every
+    rank returns the same record.
+
+    Returns a JSON-ready dict: ``fid`` (minimum over sets), ``fid_per_set``, ``labels`` (``"none"`` for an
+    unconditional generator), ``seed_sets``, ``seeds`` ([first, last] per set), ``images`` (per set),
+    ``quantize``.
+    """
+    return _evaluate(generate_fn, detector, ref_stats, num_images, batch_size, num_classes, quantize, seed,
+                     labels, seed_sets, device, rank, world_size, feature_dim, progress)[0]
 
 
 @torch.no_grad()
@@ -199,52 +359,15 @@ def compute_fid(
     feature_dim: int | None = None,
     progress: bool = False,
     return_stats: bool = False,
+    labels: str = "random",
+    seed_sets: int = EDM_SEED_SETS,
 ) -> float | tuple[float, FeatureStats]:
-    """FID of ``num_images`` generated images against reference statistics.
-
-    ``generate_fn(labels, seeds)`` gets int64 class labels [B] (None when ``num_classes`` is 0/None) and
-    the int64 seeds [B] of the samples (``seed + global index``), and returns images in [-1, 1],
-    [B, C, H, W]. Labels are class-balanced: global index i has label i mod num_classes. The global batches
-    are dealt round-robin to ranks (``rank``/``world_size`` default to torch.distributed's); statistics
-    are all-reduced in float64, so every rank returns the same value.
-    """
-    if quantize not in QUANTIZE_MODES:
-        raise ValueError(f"unknown quantize mode {quantize!r}; valid: {', '.join(QUANTIZE_MODES)}")
-    if num_images < 2:
-        raise ValueError("num_images must be >= 2")
-    mu_ref, sigma_ref = load_reference_stats(ref_stats) if isinstance(ref_stats, (str, Path)) else ref_stats
-    rank, world_size = _rank_world(rank, world_size)
-    if world_size > 1 and not (dist.is_available() and dist.is_initialized()):  # before any sampling work
-        raise RuntimeError("world_size > 1 needs an initialised torch.distributed process group")
-    if world_size > 1 and dist.get_backend() == "nccl" and torch.device(device).type != "cuda":
-        raise ValueError(f"the process group uses NCCL, which all-reduces CUDA tensors only; pass device='cuda' "
-                         f"(this rank's GPU), not {str(device)!r}")
-    dim = feature_dim or int(np.asarray(mu_ref).shape[0])
-    stats = FeatureStats(dim, device=device)
-    batches = torch.arange(num_images, dtype=torch.int64).split(batch_size)
-    mine = batches[rank::world_size]
-    bad = torch.zeros((), dtype=torch.int64, device=device)  # images with non-finite pixels
-    for k, idx in enumerate(mine):
-        labels = (idx % num_classes).to(device) if num_classes else None
-        images = generate_fn(labels, (idx + seed).to(device))
-        if images.shape[0] != idx.shape[0]:
-            raise ValueError(f"generate_fn returned {images.shape[0]} images for a batch of {idx.shape[0]}")
-        bad += (~torch.isfinite(images)).flatten(1).any(1).sum()  # NaN would quantise to arbitrary pixels
-        stats.update(detector_features(detector, quantize_images(images, quantize).to(device)))
-        if progress and rank == 0 and (k + 1) % max(1, len(mine) // 10) == 0:
-            print(f"FID: {min((k + 1) * batch_size * world_size, num_images)}/{num_images} images",
-                  file=sys.stderr, flush=True)
-    if world_size > 1:
-        stats.all_reduce()
-        dist.all_reduce(bad)
-    if int(bad):  # every rank raises together, none is left waiting in a collective
-        raise FloatingPointError(f"{int(bad)} of {num_images} generated images hold non-finite pixels: the "
-                                 "generator has diverged")
-    if stats.n != num_images:
-        raise RuntimeError(f"collected {stats.n} feature vectors, expected {num_images}")
-    mu, sigma = stats.mean_cov()
-    fid = frechet_distance(mu, sigma, mu_ref, sigma_ref)
-    return (fid, stats) if return_stats else fid
+    """The ``fid`` of :func:`evaluate_fid` (same arguments and defaults, EDM's protocol) as a float; with
+    ``return_stats``, also the feature statistics of the set that gave it. ``labels="balanced",
+    seed_sets=1`` is this package's protocol before the protocol became a setting."""
+    record, stats = _evaluate(generate_fn, detector, ref_stats, num_images, batch_size, num_classes, quantize,
+                              seed, labels, seed_sets, device, rank, world_size, feature_dim, progress)
+    return (record["fid"], stats) if return_stats else record["fid"]
 
 
 @torch.no_grad()
