@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import math
 import os
 import signal
@@ -33,11 +34,13 @@ from typing import Any
 
 import torch
 
-from ..files import CheckpointError, lock_file, lock_holder
+from ..files import CheckpointError, atomic_save_digest, lock_file, lock_holder, remove_stale_temporaries
 from . import dist as fdist
 from .config import DistillConfig
 from .data import EDMImageDataset, ImageNetNpzDataset, to_model_range
-from .fid import compute_fid, latents_from_seeds, load_detector, load_reference_stats
+from .fid import evaluate_fid, latents_from_seeds, load_detector, load_reference_stats
+from .identity import resume_problems, run_identity
+from .loader import open_batches, worker_init_for_this_process
 from .presets import PRESETS, RunConfig, describe, get_preset, parse_overrides, resolve
 from .run_folder import (
     LogWindow,
@@ -52,6 +55,7 @@ from .run_folder import (
     resume_hint,
     save_grid_png,
     truncate_jsonl,
+    verify_checkpoint,
     write_json_atomic,
 )
 from .teachers import load_edm
@@ -130,7 +134,7 @@ def batch_layout(batch_size: int, per_gpu_batch: int, world_size: int) -> tuple[
     return local, local // micro
 
 
-def _batches(loader: torch.utils.data.DataLoader, conditional: bool, device: torch.device
+def _batches(loader: Iterator[Any], conditional: bool, device: torch.device
              ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """Batches on ``device`` in [-1, 1]: the (pinned) uint8 batch is copied asynchronously, a quarter of the
     bytes of its float32 version, and converted there."""
@@ -158,11 +162,29 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def _ignore_sigterm(worker_id: int) -> None:
-    """DataLoader worker start: ignore SIGTERM. A cluster's time limit (Slurm, ``scancel``) signals the whole
-    process group; a worker that died of it would fail the step before the main process can checkpoint.
-    The main process shuts its workers down itself when it exits."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN or an infinity (a loss, a gradient norm or the weights to be checkpointed)."""
+
+
+def _check_finite(logs: dict[str, float], step: int, last: Path | None) -> None:
+    """NonFiniteError at the first non-finite loss or gradient norm, naming the step, the values and the last
+    (finite) checkpoint; the run stops before it can checkpoint non-finite weights."""
+    bad = {k: v for k, v in logs.items() if (k.startswith("loss") or k.startswith("grad_norm"))
+           and isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        where = f"the last checkpoint, {last.name}, is finite and kept" if last else "no checkpoint was written yet"
+        raise NonFiniteError(
+            f"iteration {step} gave non-finite values ({', '.join(f'{k} = {v}' for k, v in sorted(bad.items()))}); "
+            f"training stopped: {where}. Rerunning the same command would meet them again; lower the learning rate, "
+            "set grad_clip, or change the settings, in a new --out (--set init_from=<this run> to keep its networks)")
+
+
+def _check_weights_finite(trainer: FDistillTrainer) -> None:
+    for name in ("student", "student_ema", "fake_score", "disc"):
+        for key, t in getattr(trainer, name).state_dict().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(f"{name}.{key} is not finite at iteration {trainer.step_count}: no checkpoint "
+                                     "written (the last one is kept)")
 
 
 def _set_lr(trainer: FDistillTrainer, cfg: DistillConfig, step: int, warmup: int) -> None:
@@ -174,28 +196,55 @@ def _set_lr(trainer: FDistillTrainer, cfg: DistillConfig, step: int, warmup: int
 
 
 def _save(trainer: FDistillTrainer, emas: StudentEMAs, ckpt_dir: Path, rcfg: RunConfig, env: fdist.DistEnv,
-          fid_state: dict[str, Any]) -> Path:
-    """Gather every rank's RNG states, write the checkpoint atomically on rank 0, then move the pointer."""
+          fid_state: dict[str, Any], identity: dict[str, Any]) -> Path:
+    """Gather every rank's RNG states, write the checkpoint atomically on rank 0 (never with non-finite weights),
+    then move the pointer, recording the file's sha256."""
     rank_rng = fdist.gather_objects(fdist.rng_state())
     trainer_rng = fdist.gather_objects(trainer.rng.state_dict())
     path = checkpoint_path(ckpt_dir, trainer.step_count)
     if env.is_main:
+        _check_weights_finite(trainer)
         extra = {"world_size": env.world_size, "rank_rng": rank_rng, "trainer_rng": [s["cpu"] for s in trainer_rng],
-                 "noise_rng": [s["device"] for s in trainer_rng], "emas": emas.state_dict(), "fid": fid_state}
-        trainer.save_checkpoint(path, extra=extra)
-        commit_checkpoint(ckpt_dir, path, trainer.step_count, rcfg.keep_checkpoints)
+                 "noise_rng": [s["device"] for s in trainer_rng], "emas": emas.state_dict(), "fid": fid_state,
+                 "identity": identity}
+        digest = atomic_save_digest(trainer.checkpoint_state(extra), path)
+        commit_checkpoint(ckpt_dir, path, trainer.step_count, rcfg.keep_checkpoints, digest)
     fdist.barrier()
     return path
 
 
-def _resume(trainer: FDistillTrainer, emas: StudentEMAs, ckpt_dir: Path, env: fdist.DistEnv) -> dict[str, Any]:
+def _new_run_hint(out: Path) -> str:
+    return (f"to continue this run, rerun with its recorded settings ({out / 'config.json'}); to start a new run "
+            f"from its networks, train into a new --out with --set init_from={out}")
+
+
+def _resume(trainer: FDistillTrainer, emas: StudentEMAs, ckpt_dir: Path, env: fdist.DistEnv,
+            identity: dict[str, Any]) -> dict[str, Any]:
     path = latest_checkpoint(ckpt_dir)
     if path is None:
         return {}
-    extra = trainer.load_checkpoint(path, fix=resume_hint(ckpt_dir, path))
+    out = ckpt_dir.parent
+    verified = verify_checkpoint(ckpt_dir, path)
+    try:
+        extra = trainer.load_checkpoint(path, fix=resume_hint(ckpt_dir, path))
+    except ValueError as err:
+        raise ValueError(f"{err}; {_new_run_hint(out)}") from None
     if extra.get("world_size") != env.world_size:
         raise ValueError(f"{path} was written by {extra.get('world_size')} processes, this run has "
                          f"{env.world_size}: exact resume needs the same number (or start a new --out)")
+    recorded = extra.get("identity")
+    if recorded is None:
+        notes = [f"{path.name} predates teacher/data records: cannot check that they are the run's"]
+    else:
+        refuse, notes = resume_problems(recorded, identity)
+        if refuse:
+            raise ValueError(f"{out} was trained with other inputs than this command gives: {'; '.join(refuse)}. "
+                             f"{_new_run_hint(out).capitalize()}")
+    if not verified:
+        notes.append(f"{path.name} has no recorded sha256 (written by an older version): loaded unverified")
+    if env.is_main:
+        for note in notes:
+            print(f"{out}: {note}", file=sys.stderr)
     noise = extra.get("noise_rng", [None] * env.world_size)[env.rank]
     try:
         trainer.rng.load_state_dict({"cpu": extra["trainer_rng"][env.rank], "device": noise})
@@ -238,16 +287,18 @@ def _init_from(trainer: FDistillTrainer, extra_betas: tuple[float, ...], path: P
     return {"checkpoint": str(path), "step": int(state["step"]), "changed": changed}, emas
 
 
-def _fid(trainer: FDistillTrainer, rcfg: RunConfig, detector: Any, ref: Any) -> float:
+def _fid(trainer: FDistillTrainer, rcfg: RunConfig, detector: Any, ref: Any) -> dict[str, Any]:
+    """FID record of the EMA student (:func:`~fdistill_lab.train.fid.evaluate_fid`): ``fid`` (the minimum over
+    ``fid_seed_sets`` sets) and the protocol it was measured with (labels, seed ranges, images, quantize)."""
     shape = (trainer.teacher.img_channels, trainer.teacher.img_resolution, trainer.teacher.img_resolution)
 
     def generate(labels: torch.Tensor | None, seeds: torch.Tensor) -> torch.Tensor:
         z = latents_from_seeds(seeds.cpu(), shape)
         return trainer.sample(z=z, labels=labels, use_ema=True)
 
-    return float(compute_fid(generate, detector, ref, num_images=rcfg.fid_images, batch_size=rcfg.fid_batch,
-                             num_classes=trainer.label_dim or None, quantize=rcfg.fid_quantize,
-                             seed=rcfg.fid_seed, device=trainer.device))
+    return evaluate_fid(generate, detector, ref, num_images=rcfg.fid_images, batch_size=rcfg.fid_batch,
+                        num_classes=trainer.label_dim or None, quantize=rcfg.fid_quantize, seed=rcfg.fid_seed,
+                        labels=rcfg.fid_labels, seed_sets=rcfg.fid_seed_sets, device=trainer.device)
 
 
 def train(preset: str, teacher: str | Path, data: str | Path, out: str | Path, overrides: dict[str, Any] | None = None,
@@ -271,12 +322,19 @@ def train(preset: str, teacher: str | Path, data: str | Path, out: str | Path, o
 RUN_LOCK = ".train.lock"
 
 
+class RunFolderBusy(RuntimeError):
+    """Another training job holds the run folder."""
+
+
 @contextmanager
 def _run_folder_lock(out: Path, env: fdist.DistEnv) -> Iterator[None]:
     """One training job per run folder: a second one on the same ``out`` (say a requeued job overlapping the
     old one) would write the same checkpoint files. Rank 0 holds an flock on ``<out>/.train.lock`` (released
-    by the system however the process ends, so it never goes stale); every rank stops if it is taken.
+    by the system however the process ends, so it never goes stale); every rank stops if it is taken. Holding
+    it, rank 0 removes the temporary files of writers that died mid-write (a checkpoint can be gigabytes).
     Without fcntl (Windows) the folder is not locked."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a run folder; give a folder (new or of an earlier run)")
     fd, holder = None, None
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -288,9 +346,14 @@ def _run_folder_lock(out: Path, env: fdist.DistEnv) -> Iterator[None]:
             if fd is None:
                 holder = lock_holder(out / RUN_LOCK) or "unknown"
     if fdist.any_rank(holder is not None, env.device):
-        raise RuntimeError(f"another training job{f' (process {holder})' if holder else ''} is using {out}; "
-                           "wait for it to exit (it checkpoints on SIGTERM) or train into another --out")
+        raise RunFolderBusy(f"another training job{f' (process {holder})' if holder else ''} is using {out}; "
+                            "wait for it to exit (it checkpoints on SIGTERM) or train into another --out")
     try:
+        if fd is not None:
+            count, size = remove_stale_temporaries(out)
+            if count:
+                print(f"{out}: removed {count} temporary file(s) ({size / 2**20:.1f} MiB) left by a job killed "
+                      "while writing", file=sys.stderr)
         yield
     finally:
         if fd is not None:
@@ -300,8 +363,6 @@ def _run_folder_lock(out: Path, env: fdist.DistEnv) -> Iterator[None]:
 def _train(preset: str, dcfg: DistillConfig, rcfg: RunConfig, teacher_path: Path, data_path: Path, out: Path,
            env: fdist.DistEnv, overrides: dict[str, Any], progress: bool, stop_at: int | None,
            callback: Callable[[int, dict[str, float]], None] | None) -> TrainResult:
-    from tqdm.auto import tqdm
-
     hints = get_preset(preset)
     if not teacher_path.is_file():
         raise FileNotFoundError(f"teacher not found: {teacher_path}. Get it with: {hints.teacher_hint}")
@@ -331,7 +392,8 @@ def _train(preset: str, dcfg: DistillConfig, rcfg: RunConfig, teacher_path: Path
     fdist.seed_for_rank(dcfg.seed, env.rank)  # dropout and other global randomness: distinct per rank
 
     ckpt_dir, log_path, fid_log = out / "checkpoints", out / "logs" / "train.jsonl", out / "logs" / "fid.jsonl"
-    fid_state = _resume(trainer, emas, ckpt_dir, env)
+    identity = run_identity(net, teacher_path, ds, data_path, rcfg)
+    fid_state = _resume(trainer, emas, ckpt_dir, env, identity)
     start = trainer.step_count
     init = None
     if init_path is not None:
@@ -346,18 +408,46 @@ def _train(preset: str, dcfg: DistillConfig, rcfg: RunConfig, teacher_path: Path
                   f"{'resumes' if start else 'starts afresh'}", file=sys.stderr)
         for msg in reconcile_fid_records(out, fid_state, start):
             print(f"{out}: {msg}", file=sys.stderr)
-        write_json_atomic(out / "config.json", {
-            "preset": preset, "overrides": {k: str(v) for k, v in overrides.items()}, "distill": dcfg.to_dict(),
-            "run": dataclasses.asdict(rcfg), "world_size": env.world_size, "device": str(env.device),
-            "local_batch": local, "accum_steps": accum, "teacher": str(teacher_path), "data": str(data_path),
-            "resumed_from": start, **({"initialised_from": init} if init else {})})
+        record = {"preset": preset, "overrides": {k: str(v) for k, v in overrides.items()}, "distill": dcfg.to_dict(),
+                  "run": dataclasses.asdict(rcfg), "world_size": env.world_size, "device": str(env.device),
+                  "local_batch": local, "accum_steps": accum, "teacher": str(teacher_path), "data": str(data_path),
+                  "identity": identity, **({"initialised_from": init} if init else {})}
+        if not start or not (out / "config.json").is_file():  # the run's record: written once, never rewritten
+            write_json_atomic(out / "config.json", record)
+        else:  # a restart: what changed (only settings that may change, or the resume was refused above)
+            first = read_json(out / "config.json")
+            changed = {k: [v, record["run"].get(k)] for k, v in first.get("run", {}).items()
+                       if record["run"].get(k) != v}
+            changed.update({k: [first.get(k), record[k]] for k in ("teacher", "data", "world_size", "device")
+                            if first.get(k) != record[k]})
+            append_jsonl(out / "logs" / "resumes.jsonl", {"step": start, "time": time.time(), "changed": changed})
+            fid_changes = sorted(k for k in changed if k.startswith("fid_") and k not in ("fid_every", "fid_batch"))
+            if fid_changes:
+                print(f"{out}: FID settings changed on resume ({', '.join(fid_changes)}): later FIDs are measured "
+                      "another way than the earlier ones in logs/fid.jsonl and metrics.json", file=sys.stderr)
     sampler = fdist.GlobalBatchSampler(len(ds), rcfg.batch_size, env.rank, env.world_size, seed=dcfg.seed,
                                        start_batch=start, micro_batch=local // accum)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=rcfg.num_workers,
                                          pin_memory=env.device.type == "cuda",
-                                         persistent_workers=rcfg.num_workers > 0, worker_init_fn=_ignore_sigterm,
+                                         persistent_workers=rcfg.num_workers > 0,
+                                         worker_init_fn=worker_init_for_this_process(),
                                          generator=torch.Generator().manual_seed(dcfg.seed))  # not the global RNG
-    batches = _batches(loader, bool(net.label_dim), env.device)
+    with open_batches(loader) as loader_it:
+        batches = _batches(loader_it, bool(net.label_dim), env.device)
+        return _loop(trainer, emas, dcfg, rcfg, env, out, batches, fid_state, identity, detector, ref, start,
+                     progress, stop_at, callback)
+
+
+def _loop(trainer: FDistillTrainer, emas: StudentEMAs, dcfg: DistillConfig, rcfg: RunConfig, env: fdist.DistEnv,
+          out: Path, batches: Iterator[tuple[torch.Tensor, torch.Tensor | None]], fid_state: dict[str, Any],
+          identity: dict[str, Any], detector: Any, ref: Any, start: int, progress: bool, stop_at: int | None,
+          callback: Callable[[int, dict[str, float]], None] | None) -> TrainResult:
+    """The training iterations from ``start`` to ``rcfg.steps``: log, sample, FID, checkpoint; stop on SIGTERM,
+    at ``stop_at``, or with NonFiniteError at the first non-finite loss."""
+    from tqdm.auto import tqdm
+
+    net = trainer.teacher
+    ckpt_dir, log_path, fid_log = out / "checkpoints", out / "logs" / "train.jsonl", out / "logs" / "fid.jsonl"
     g = torch.Generator().manual_seed(SAMPLE_SEED)
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
     sample_z = torch.randn(rcfg.sample_count, *shape, generator=g)
@@ -365,7 +455,7 @@ def _train(preset: str, dcfg: DistillConfig, rcfg: RunConfig, teacher_path: Path
 
     sigterm = _SigtermFlag()
     window = LogWindow()
-    status, path = "done", None
+    status, path = "done", latest_checkpoint(ckpt_dir)
     bar = tqdm(total=rcfg.steps, initial=start, desc=f"f-distill {dcfg.divergence}", disable=not (progress and
                env.is_main), dynamic_ncols=True)
     try:
@@ -382,8 +472,9 @@ def _train(preset: str, dcfg: DistillConfig, rcfg: RunConfig, teacher_path: Path
             logs = fdist.all_reduce_mean(logs, env.device)
             logs["images_per_s"] = rcfg.batch_size / max(logs["time_s"] + t_data, 1e-9)
             logs["data_time_s"] = t_data
-            window.add(logs)
             done = trainer.step_count
+            _check_finite(logs, done, path)  # the same on every rank: the logs are all-reduced
+            window.add(logs)
             bar.update(1)
             if env.is_main and callback is not None:
                 callback(done, logs)
@@ -398,19 +489,19 @@ def _train(preset: str, dcfg: DistillConfig, rcfg: RunConfig, teacher_path: Path
                 imgs = trainer.sample(z=sample_z, labels=sample_labels, use_ema=True)
                 save_grid_png(imgs, out / "samples" / f"step_{done:07d}.png")
             if rcfg.fid_every and (done % rcfg.fid_every == 0 or done == rcfg.steps):
-                value = _fid(trainer, rcfg, detector, ref)
+                record = _fid(trainer, rcfg, detector, ref)
+                value = record["fid"]
                 fid_state["last"] = {"step": done, "fid": value}
                 if "best" not in fid_state or value < fid_state["best"]["fid"]:
                     fid_state["best"] = {"step": done, "fid": value}
                     if env.is_main:
                         export_student(trainer.student_ema, out / "student_best.pt", {"step": done, "fid": value})
                 if env.is_main:
-                    append_jsonl(fid_log, {"step": done, "fid": value, "ema_beta": dcfg.ema_beta,
-                                           "images": rcfg.fid_images})
+                    append_jsonl(fid_log, {"step": done, **record, "ema_beta": dcfg.ema_beta})
                     write_json_atomic(out / "metrics.json", fid_state)
             stop = fdist.any_rank(sigterm.seen, env.device) or (stop_at is not None and done >= stop_at)
             if (rcfg.ckpt_every and done % rcfg.ckpt_every == 0) or stop or done == rcfg.steps:
-                path = _save(trainer, emas, ckpt_dir, rcfg, env, fid_state)
+                path = _save(trainer, emas, ckpt_dir, rcfg, env, fid_state, identity)
             if stop and done < rcfg.steps:
                 status = "interrupted"
                 break
@@ -446,8 +537,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc``; for an error re-raised from a DataLoader worker (whose message carries the worker's
+    traceback), the original error's last line."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        text = [ln for ln in text.splitlines() if ln.strip()][-1]
+    return text
+
+
+def _os_error(exc: OSError, out: str | None) -> str:
+    where = exc.filename or out
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the disk (or quota) while writing {where}: free space or move --out to a disk "
+                "with room, then rerun the same command; it resumes from the last complete checkpoint")
+    return f"{exc.strerror or exc} ({where}); fix the path or its permissions and rerun the same command"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point (``fdistill-train``); returns 0 when done, 143 when stopped early (SIGTERM)."""
+    """Console entry point (``fdistill-train``); returns 0 when done, 143 when stopped early (SIGTERM), and
+    after a one-line error 2 for bad settings, inputs or checkpoints, 3 for a run gone non-finite, 1 for a
+    system error (disk full). Other exceptions (bugs) keep their traceback and exit with 1."""
     args = build_parser().parse_args(argv)
     try:
         overrides: dict[str, Any] = parse_overrides(args.overrides)
@@ -462,9 +572,16 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"missing {', '.join(missing)}")
         result = train(args.preset, args.teacher, args.data, args.out, overrides, progress=not args.no_progress,
                        stop_at=args.stop_at)
-    except (ValueError, FileNotFoundError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, NotADirectoryError, CheckpointError, RunFolderBusy,
+            fdist.DeviceUnavailable) as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except NonFiniteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except OSError as exc:  # a full disk, a read-only or vanished folder, permissions
+        print(f"error: {_os_error(exc, args.out)}", file=sys.stderr)
+        return 1
     msg = f"{result.status} at step {result.step}; checkpoint {result.checkpoint}"
     if result.last_fid is not None:
         msg += f"; FID last {result.last_fid:.4g}, best {result.best_fid:.4g}"
@@ -478,4 +595,4 @@ if __name__ == "__main__":
 
 
 __all__ = ["train", "main", "TrainResult", "batch_layout", "open_dataset", "build_parser", "read_json",
-           "init_checkpoint"]
+           "init_checkpoint", "NonFiniteError", "RunFolderBusy"]

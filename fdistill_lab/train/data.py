@@ -11,6 +11,7 @@ with ``data`` uint8 [N, 3*R*R] (channel-major, i.e. CHW flattened) and ``labels`
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -50,6 +51,20 @@ class DatasetFormatError(ValueError):
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 images [.., C, H, W] -> float32 in [-1, 1] (x / 127.5 - 1, as EDM's training loop)."""
     return images.to(torch.float32) / 127.5 - 1
+
+
+def _digest(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.tobytes() if isinstance(part, np.ndarray) else json.dumps(part).encode())
+    return h.hexdigest()
+
+
+def _zip_crcs(path: Path, names: Sequence[str] | None = None) -> list[list[Any]]:
+    """(name, CRC-32, size) of a zip's members (all, or ``names``), read from its directory (no decompression)."""
+    with zipfile.ZipFile(path) as zf:
+        infos = {i.filename: i for i in zf.infolist()}
+    return [[n, infos[n].CRC, infos[n].file_size] for n in (names if names is not None else sorted(infos))]
 
 
 def _subset(n: int, max_size: int | None, seed: int) -> np.ndarray:
@@ -189,6 +204,20 @@ class EDMImageDataset(Dataset):
         state = dict(self.__dict__)
         state["_zip"] = None  # reopened lazily in each worker
         return state
+
+    def identity(self) -> dict[str, Any]:
+        """What a resumed run checks: ``structure``, a hash of the image names, subset, labels and shape (another
+        data set), and ``content``, a hash of the files' CRC-32s (zip) or sizes (folder), which a repaired image
+        changes too. Neither reads an image."""
+        labels = self._labels if self._labels is not None else np.zeros(0, np.int64)
+        structure = _digest(self._image_names, self._raw_idx.astype(np.int64), labels.astype(np.int64),
+                            list(self.image_shape), self.xflip)
+        names = self._image_names + (["dataset.json"] if self._labels is not None else [])
+        if self.path.is_dir():
+            files = [[n, (self.path / n).stat().st_size] for n in names]
+        else:
+            files = _zip_crcs(self.path, names)
+        return {"format": "edm", "images": len(self), "structure": structure, "content": _digest(files)}
 
 
 _WNID = re.compile(r"n\d{8}")
@@ -337,6 +366,15 @@ class ImageNetNpzDataset(Dataset):
                 raise DatasetFormatError(f"{self.files[k]}: 'data' is {data.dtype}, expected uint8")
             self._cache[k] = data
         return self._cache[k]
+
+    def identity(self) -> dict[str, Any]:
+        """As :meth:`EDMImageDataset.identity`: ``structure`` hashes the batch files' names and sizes of rows, the
+        (mapped) labels and the shape; ``content`` the CRC-32s of the arrays in each file."""
+        counts = np.diff(self._offsets).astype(np.int64)
+        structure = _digest([f.name for f in self.files], counts, self._labels.astype(np.int64),
+                            list(self.image_shape))
+        return {"format": "npz", "images": len(self), "structure": structure,
+                "content": _digest([_zip_crcs(f) for f in self.files])}
 
     def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= idx < len(self):

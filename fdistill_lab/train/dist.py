@@ -21,10 +21,14 @@ import torch.distributed as dist
 
 __all__ = ["DistEnv", "init_distributed", "cleanup", "barrier", "is_distributed", "seed_for_rank",
            "GlobalBatchSampler", "rng_state", "set_rng_state", "gather_objects", "broadcast_module",
-           "all_reduce_mean", "any_rank", "require_cuda_or_smoke", "NEEDS_CUDA", "DEVICES"]
+           "all_reduce_mean", "any_rank", "DeviceUnavailable", "require_cuda_or_smoke", "NEEDS_CUDA", "DEVICES"]
 
 DEVICES = ("auto", "cuda", "cpu")
 SMOKE_ENV = "FDISTILL_SMOKE"
+
+
+class DeviceUnavailable(RuntimeError):
+    """The device a run asks for is not there (``device=cuda`` without a GPU, too few GPUs for the ranks)."""
 
 
 @dataclass(frozen=True)
@@ -64,15 +68,15 @@ def init_distributed(device: str = "auto") -> DistEnv:
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}; got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch.cuda.is_available() is False (no GPU, or a CPU-only "
-                           "torch build); use device 'cpu' or install a CUDA build of torch")
+        raise DeviceUnavailable("device 'cuda' requested but torch.cuda.is_available() is False (no GPU, or a "
+                                "CPU-only torch build); use --device cpu (or auto), or install a CUDA build of torch")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     rank, world, local = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"bad torchrun environment: RANK={rank}, WORLD_SIZE={world}")
     if use_cuda:
         if local >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA device(s) visible; "
+            raise DeviceUnavailable(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA device(s) visible; "
                                "use torchrun --nproc_per_node <= the number of GPUs")
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)

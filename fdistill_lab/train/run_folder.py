@@ -8,7 +8,9 @@ Layout of ``<out>``::
     logs/fid.jsonl           one line per FID evaluation
     metrics.json             {"last": {step, fid}, "best": {step, fid}}
     samples/step_0002000.png sample grids of the EMA student (fixed latents and labels)
-    checkpoints/ckpt_0002000.pt, checkpoints/latest.json   full state for exact resume (atomic)
+    checkpoints/ckpt_0002000.pt, checkpoints/latest.json   full state for exact resume (atomic); latest.json,
+                             written after the file, names it and holds the sha256 of every kept checkpoint
+    logs/resumes.jsonl       one line per restart: the step it resumed from and the settings that changed
     student_best.pt, student_final.pt                      EMA student weights + network config
     student_best_step0004000.pt  a best student from past the checkpoint a run resumed from (kept, renamed)
     .train.lock              flock'ed by the running job (a second job on the folder is refused)
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..files import atomic_file, write_json_atomic, write_text_atomic
+from ..files import CheckpointError, atomic_file, file_sha256, write_json_atomic, write_text_atomic
 from ..image_grid import make_grid
 
 CKPT_POINTER = "latest.json"
@@ -179,39 +181,100 @@ def reconcile_fid_records(out: Path, fid_state: dict[str, Any], start: int) -> l
     return msgs
 
 
-def resume_hint(ckpt_dir: Path, bad: Path) -> str:
-    """What to do when the checkpoint ``latest.json`` names is missing or unreadable: resume from another one
-    (the exact pointer to write), or start afresh."""
-    others = [p for p in _checkpoints_by_step(ckpt_dir).items() if p[1].name != bad.name]
+def _load_pointer(ckpt_dir: Path) -> dict[str, Any] | None:
     pointer = ckpt_dir / CKPT_POINTER
-    if not others:
-        return f"no other checkpoint in {ckpt_dir}; to start afresh, use a new --out folder (or delete {ckpt_dir})"
-    step, path = others[-1]
-    names = ", ".join(p.name for _, p in others)
-    return (f"other checkpoints in {ckpt_dir}: {names}. To resume from the newest of them, write "
-            f"{{\"file\": \"{path.name}\", \"step\": {step}}} into {pointer} and rerun (do not delete "
+    if not pointer.is_file():
+        return None
+    data = read_json(pointer)
+    if not isinstance(data, dict) or not isinstance(data.get("file"), str):
+        raise ValueError("no 'file' entry")
+    return data
+
+
+def read_pointer(ckpt_dir: Path) -> dict[str, Any] | None:
+    """``latest.json`` ({"file", "step", "checksums": {name: sha256}}), or None if there is none; CheckpointError
+    naming the file and the fix when it is empty or damaged."""
+    try:
+        return _load_pointer(ckpt_dir)
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"the checkpoint pointer {ckpt_dir / CKPT_POINTER} is empty or damaged ({exc}; a crash "
+                              f"or a full disk while it was written?): {resume_hint(ckpt_dir, None)}") from None
+
+
+def _recorded_digest(ckpt_dir: Path, name: str) -> str | None:
+    try:
+        pointer = _load_pointer(ckpt_dir)
+    except (ValueError, OSError):
+        return None
+    return ((pointer or {}).get("checksums") or {}).get(name)
+
+
+def _intact(ckpt_dir: Path, path: Path) -> bool:
+    digest = _recorded_digest(ckpt_dir, path.name)
+    return digest is None or file_sha256(path) == digest
+
+
+def resume_hint(ckpt_dir: Path, bad: Path | None) -> str:
+    """What to do when the checkpoint ``latest.json`` names (``bad``; None: the pointer itself is unreadable) is
+    missing, unreadable or damaged: resume from the newest other checkpoint whose recorded sha256 still holds (the
+    exact pointer to write), or start afresh."""
+    others = [p for p in _checkpoints_by_step(ckpt_dir).items() if bad is None or p[1].name != bad.name]
+    good = [(s, p) for s, p in others if _intact(ckpt_dir, p)]
+    pointer = ckpt_dir / CKPT_POINTER
+    if not good:
+        return (f"no other intact checkpoint in {ckpt_dir}; to start afresh, use a new --out folder (or delete "
+                f"{ckpt_dir})")
+    step, path = good[-1]
+    digest = _recorded_digest(ckpt_dir, path.name)
+    entry = {"file": path.name, "step": step, **({"checksums": {path.name: digest}} if digest else {})}
+    names = ", ".join(p.name for _, p in good)
+    return (f"intact checkpoints in {ckpt_dir}: {names}. To resume from the newest of them, write "
+            f"{json.dumps(entry)} into {pointer} and rerun (do not delete "
             f"{pointer} to start afresh in this folder: the old checkpoints would be overwritten)")
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     """The checkpoint named by ``latest.json`` (written after the file itself), or None for a fresh run."""
-    pointer = ckpt_dir / CKPT_POINTER
-    if not pointer.is_file():
+    pointer = read_pointer(ckpt_dir)
+    if pointer is None:
         return None
-    path = ckpt_dir / read_json(pointer)["file"]
+    path = ckpt_dir / pointer["file"]
     if not path.is_file():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which is missing; restore the file, or "
+        raise FileNotFoundError(f"{ckpt_dir / CKPT_POINTER} names {path.name}, which is missing; restore the file, or "
                                 f"{resume_hint(ckpt_dir, path)}")
     return path
 
 
-def commit_checkpoint(ckpt_dir: Path, path: Path, step: int, keep: int) -> None:
-    """Point ``latest.json`` at ``path``; keep the newest ``keep`` checkpoints up to ``step`` and delete the
-    rest, including any of a later step (left by a run that died before moving the pointer to it)."""
-    write_json_atomic(ckpt_dir / CKPT_POINTER, {"file": path.name, "step": step})
+def verify_checkpoint(ckpt_dir: Path, path: Path) -> bool:
+    """Check ``path`` against the sha256 that ``latest.json`` recorded for it: CheckpointError (saying which
+    earlier checkpoint to resume from) if it differs; False if none was recorded (a checkpoint of an older
+    version), True if it holds."""
+    digest = _recorded_digest(ckpt_dir, path.name)
+    if digest is None:
+        return False
+    got = file_sha256(path)
+    if got != digest:
+        raise CheckpointError(f"checkpoint {path} is damaged: its sha256 is {got[:16]}..., not the {digest[:16]}... "
+                              f"recorded when it was written (a disk or memory fault, or an edit); "
+                              f"{resume_hint(ckpt_dir, path)}")
+    return True
+
+
+def commit_checkpoint(ckpt_dir: Path, path: Path, step: int, keep: int, digest: str | None = None) -> None:
+    """Point ``latest.json`` at ``path`` (recording its sha256 ``digest`` beside those of the other kept
+    checkpoints); keep the newest ``keep`` checkpoints up to ``step`` and delete the rest, including any of a later
+    step (left by a run that died before moving the pointer to it)."""
     ckpts = _checkpoints_by_step(ckpt_dir)
     committed = [s for s in ckpts if s <= step]
     keep_steps = set(committed[-keep:]) | {step}
+    try:
+        old = (read_pointer(ckpt_dir) or {}).get("checksums") or {}
+    except CheckpointError:
+        old = {}
+    sums = {p.name: old[p.name] for s, p in ckpts.items() if s in keep_steps and p.name in old and p != path}
+    if digest is not None:
+        sums[path.name] = digest
+    write_json_atomic(ckpt_dir / CKPT_POINTER, {"file": path.name, "step": step, "checksums": sums})
     for s, p in ckpts.items():
         if s not in keep_steps:
             p.unlink(missing_ok=True)
