@@ -7,8 +7,8 @@ Layers (each imports only from the layers above it in this list; ``tests/test_la
 
 1. The method, in this folder: ``divergences`` (f, h), ``ratio`` (r from logits, two-stage normalisation),
    ``losses``, ``method`` (the generator and critic objectives, the weighting, the schedule), ``edm``,
-   ``mixtures``, ``networks`` (EDM U-Nets, discriminator heads); and two helpers, ``files`` (atomic files,
-   checkpoints, locks) and ``image_grid``.
+   ``mixtures``, ``networks`` (EDM U-Nets, discriminator heads); and three helpers, ``files`` (atomic files,
+   checkpoints, locks), ``image_grid`` and ``stats`` (intervals over seeds, paired differences).
 2. The labs, one subpackage each: ``gaussian1d`` (notebook 01), ``toy`` (02-03), ``digits`` (04), ``train``
    (05: the image trainer on one or many GPUs, presets, data, FID, downloads, EDM teachers).
 3. The course tooling: ``course`` (notebook set-up, results records, exercise checks, student copies, handouts).

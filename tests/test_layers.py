@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fdistill_lab"
-METHOD = {"divergences", "ratio", "losses", "method", "edm", "mixtures", "files", "image_grid", "networks"}
+METHOD = {"divergences", "ratio", "losses", "method", "edm", "mixtures", "files", "image_grid", "networks", "stats"}
 LABS = {"gaussian1d", "toy", "digits", "train"}
 COURSE = {"course"}
 COMMANDS = {"download", "sweep", "student", "handouts"}

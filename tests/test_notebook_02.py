@@ -47,6 +47,19 @@ def test_smoke_all_divergences(tmp_path):
         for key in METRICS:
             s = rec["summary"][name][key]
             assert math.isfinite(s["mean"]) and s["std"] >= 0
+    from fdistill_lab import stats  # the intervals table: t intervals over the seeds, paired against rkl
+
+    for key, rows in rec["intervals"].items():
+        assert [r["name"] for r in rows] == PAPER
+        base = rows[0]
+        assert base["verdict"] == "baseline" and base["diff"] is None
+        values = [m[key] for m in rec["per_run"]["rkl"]]
+        want = stats.mean_interval(values)
+        assert base["mean"] == pytest.approx(want.mean) and (base["low"] is None) == (want.to_dict()["low"] is None)
+        for r in rows[1:]:
+            d = stats.paired_difference([m[key] for m in rec["per_run"][r["name"]]], values)
+            assert r["diff"] == pytest.approx(d.mean)
+            assert r["verdict"] in ("better", "worse", stats.NO_DIFFERENCE)
     assert rec["teacher_weights"][0] == pytest.approx(0.3, abs=0.01)
     assert rec["teacher_weights"][-1] == pytest.approx(0.03, abs=0.005)
     probe = rec["fig2_probe"]

@@ -292,3 +292,18 @@ def test_forward_kl_covers_more_than_reverse_kl(teacher):
     res = run_comparison(default_teacher(), ["rkl", "fkl"], [0, 1, 2], cfg, eval_samples=3000, progress=False)
     s = res.summary()
     assert s["fkl"]["modes_covered"]["mean"] > s["rkl"]["modes_covered"]["mean"]
+
+
+def test_comparison_intervals_pair_the_same_seeds():
+    from fdistill_lab import stats
+    from fdistill_lab.toy.experiment import Comparison
+
+    res = Comparison(metrics={"rkl": [{"seed": s, "precision": p} for s, p in zip((0, 1, 2), (0.5, 0.6, 0.7))],
+                              "js": [{"seed": s, "precision": p} for s, p in zip((0, 1, 2), (0.6, 0.72, 0.79))]})
+    rows = res.intervals(metrics=("precision",))["precision"]
+    assert rows[0]["verdict"] == "baseline"
+    want = stats.paired_difference([0.6, 0.72, 0.79], [0.5, 0.6, 0.7])
+    assert rows[1]["diff_low"] == pytest.approx(want.low) and rows[1]["verdict"] == "better"
+    res.metrics["js"][2]["seed"] = 5
+    with pytest.raises(ValueError, match="same seeds"):
+        res.intervals(metrics=("precision",))

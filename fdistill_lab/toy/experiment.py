@@ -8,12 +8,14 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .. import divergences
+from .. import divergences, stats
 from ..mixtures import GaussianMixture, ring, unequal_weights
 from .metrics import evaluate_samples, summarize
 from .trainer import ToyConfig, ToyTrainer
 
 COMPARISON: tuple[str, ...] = divergences.PAPER_NAMES  # rkl, srkl, js, sh, fkl, jeffreys
+COMPARED = ("modes_covered", "mass_tv", "precision", "recall", "fkl", "rkl")  # the metrics with intervals
+LOWER_IS_BETTER = ("mass_tv", "fkl", "rkl")
 
 
 def resolve_divergences(div: str) -> list[str]:
@@ -51,6 +53,22 @@ class Comparison:
     def summary(self) -> dict[str, dict]:
         """Mean and std over seeds of the scalar metrics, per divergence."""
         return {name: summarize(ms) for name, ms in self.metrics.items()}
+
+    def per_seed(self, metric: str) -> dict[str, list[float]]:
+        """``metric`` of every run, per divergence in seed order (the same seeds for every divergence)."""
+        return {name: [float(m[metric]) for m in ms] for name, ms in self.metrics.items()}
+
+    def intervals(self, baseline: str | None = None, metrics: tuple[str, ...] = COMPARED,
+                  confidence: float = 0.95) -> dict[str, list[dict]]:
+        """Per metric, :func:`fdistill_lab.stats.compare` rows: each divergence's mean with its t interval over
+        seeds and the paired difference against ``baseline`` (default: reverse KL if it ran, else the first)."""
+        names = list(self.metrics)
+        base = baseline or ("rkl" if "rkl" in names else names[0])
+        seeds = {name: [m["seed"] for m in ms] for name, ms in self.metrics.items()}
+        if len({tuple(s) for s in seeds.values()}) > 1:
+            raise ValueError(f"paired differences need the same seeds for every divergence; got {seeds}")
+        return {k: stats.compare(self.per_seed(k), base, higher_is_better=k not in LOWER_IS_BETTER,
+                                 confidence=confidence) for k in metrics}
 
 
 def run_comparison(teacher: GaussianMixture, divs: list[str], seeds: list[int], config: ToyConfig,
