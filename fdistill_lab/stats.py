@@ -157,6 +157,18 @@ def compare(metrics: Mapping[str, Sequence[float]], baseline: str, higher_is_bet
     return rows
 
 
+def row_text(row: Mapping[str, Any], diff: bool = False, digits: int = 3) -> str:
+    """A :func:`compare` row as text: ``"0.812 [0.790, 0.834]"``, or with ``diff`` its paired difference
+    ``"+0.12 [+0.05, +0.19]"`` ("-" for the baseline; the mean alone when there is no interval)."""
+    keys = ("diff", "diff_low", "diff_high") if diff else ("mean", "low", "high")
+    mean, low, high = (row.get(k) for k in keys)
+    if mean is None:
+        return "-"
+    if low is None or high is None:
+        return _number(mean, digits, signed=diff)
+    return f"{_number(mean, digits, diff)} [{_number(low, digits, diff)}, {_number(high, digits, diff)}]"
+
+
 def verdict_text(name: str, baseline: str, metric: str, interval: Interval, higher_is_better: bool = True) -> str:
     """One sentence for the paired difference ``interval`` of ``name`` against ``baseline`` on ``metric``, e.g.
     "js - rkl on precision: +0.120 [+0.0500, +0.190] (95% t interval over 8 seeds): js is better"."""

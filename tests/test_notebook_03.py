@@ -49,6 +49,18 @@ def test_smoke(tmp_path, load_script, capsys):
 
     gan = pd.DataFrame(rec["gan_ablation"])
     assert set(gan.GAN) == {"w/ GAN", "w/o GAN"} and ((gan.mass_tv >= 0) & (gan.mass_tv <= 1)).all()
+    from fdistill_lab import stats  # the paired intervals: recomputed from the per-seed records
+
+    effect = pd.DataFrame(rec["gan_effect"])
+    for _, row in effect.iterrows():
+        arms = gan[gan["div"] == row["div"]].sort_values("seed")
+        d = stats.paired_difference(list(arms[arms.GAN == "w/ GAN"][row["metric"]]),
+                                    list(arms[arms.GAN == "w/o GAN"][row["metric"]]))
+        assert row["diff"] == pytest.approx(d.mean) and row["verdict"] in ("better", "worse", stats.NO_DIFFERENCE)
+    assert set(rec["normalisation_intervals"]) == {f"{d}/{k}" for d in ("fkl", "js") for k in ("loss_cv", "grad_cv",
+                                                                                               "mass_tv")}
+    for rows in rec["normalisation_intervals"].values():
+        assert rows[0]["name"] == "both stages" and rows[0]["verdict"] == "baseline" and len(rows) == 4
 
     cost = pd.DataFrame(rec["cost"]).set_index("div")
     assert list(cost.index) == PAPER and (cost.sec_per_iter > 0).all() and (cost.peak_tensor_mb > 0).all()

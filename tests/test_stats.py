@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
+from fdistill_lab import stats
 from fdistill_lab.stats import Interval, compare, mean_interval, paired_difference, summarise, verdict_text
 
 # Eight seeds whose level varies a lot from seed to seed (the seed effect both runs share).
@@ -198,3 +199,15 @@ def test_summarise_skips_non_numeric_metrics():
     json.dumps(got)
     with pytest.raises(ValueError, match="metric 'fid'.*non-finite"):
         summarise({"fid": [1.0, float("nan")]})
+
+
+def test_row_text_formats_compare_rows():
+    rows = stats.compare({"rkl": [0.5, 0.6, 0.7], "js": [0.6, 0.72, 0.79]}, "rkl")
+    want = stats.mean_interval([0.5, 0.6, 0.7])
+    assert stats.row_text(rows[0]) == want.format()
+    assert stats.row_text(rows[0], diff=True) == "-"
+    d = stats.paired_difference([0.6, 0.72, 0.79], [0.5, 0.6, 0.7])
+    assert stats.row_text(rows[1], diff=True).startswith("+0.103 [+")
+    assert stats.row_text(rows[1], diff=True) == f"+{d.mean:#.3g} [+{d.low:#.3g}, +{d.high:#.3g}]"
+    one = stats.compare({"rkl": [0.5], "js": [0.6]}, "rkl")
+    assert stats.row_text(one[0]) == "0.500" and stats.row_text(one[1], diff=True) == "+0.100"
