@@ -106,6 +106,9 @@ class _Writer:
     def flush(self) -> None:
         self.fh.flush()
 
+    def seekable(self) -> bool:  # the hash covers the bytes in the order written: no going back
+        return False
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.fh, name)
 
@@ -123,19 +126,20 @@ def atomic_file(path: str | os.PathLike, durable: bool = True) -> Iterator[Binar
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}{TEMP_SUFFIX}"
     fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # not mkstemp, whose 0o600 would stick
+    writer = None
     try:
-        with os.fdopen(fd, "wb") as fh:
-            writer = _Writer(fh)
-            try:
+        try:
+            with os.fdopen(fd, "wb") as fh:  # closing flushes too: a full disk may show only there
+                writer = _Writer(fh)
                 yield writer  # type: ignore[misc]
                 fh.flush()
                 if durable:
                     os.fsync(fh.fileno())
-            except Exception as exc:
-                err = writer.error or (exc if isinstance(exc, OSError) else None)
-                if err is None:
-                    raise
-                raise OSError(err.errno, f"{err.strerror or err} while writing {path}", str(path)) from exc
+        except Exception as exc:
+            err = (writer.error if writer is not None else None) or (exc if isinstance(exc, OSError) else None)
+            if err is None:
+                raise
+            raise OSError(err.errno, f"{err.strerror or err} while writing {path}", str(path)) from exc
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

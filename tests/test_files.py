@@ -138,3 +138,25 @@ def test_checksum_manifest_keeps_every_line_of_concurrent_downloads(tmp_path, mo
     for t in threads:
         t.join()
     assert real_read(tmp_path) == {n: f"{i:064x}" for i, n in enumerate(names)}
+
+
+def test_a_full_disk_names_the_file_even_when_only_the_final_flush_fails(tmp_path, monkeypatch):
+    """On a full disk the buffered bytes may fail only when the file is flushed or closed; the error must still be
+    an OSError naming the target (not the folder), and no temporary file may be left."""
+    import errno
+    import io
+
+    from fdistill_lab import files
+
+    class FullDisk(io.BufferedWriter):
+        def flush(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real = files.os.fdopen
+    monkeypatch.setattr(files.os, "fdopen", lambda fd, mode: FullDisk(io.FileIO(fd, "w")))
+    target = tmp_path / "ckpt.pt"
+    with pytest.raises(OSError) as err:
+        files.write_text_atomic(target, "x" * 100)
+    monkeypatch.setattr(files.os, "fdopen", real)
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(target)
+    assert "while writing" in str(err.value) and not list(tmp_path.iterdir())

@@ -115,6 +115,8 @@ def test_disk_full_at_a_checkpoint_write_keeps_the_last_checkpoint_and_says_so(a
         return real(obj, path)
 
     monkeypatch.setattr(cli, "atomic_save_digest", no_space_at_step_4)
+    import multiprocessing
+    children_before = set(multiprocessing.active_children())
     run = tmp_path / "run"
     argv = ["--preset", "tiny", "--teacher", str(assets["teacher"]), "--data", str(assets["data"]), "--out", str(run),
             "--steps", "6", "--no-progress", "--set", "fid_every=0", "--set", "sample_every=0", "--set", "ckpt_every=1",
@@ -126,7 +128,7 @@ def test_disk_full_at_a_checkpoint_write_keeps_the_last_checkpoint_and_says_so(a
     assert json.loads((ckpts / "latest.json").read_text())["step"] == 3
     assert not list(ckpts.glob(".*.tmp")) and not (ckpts / "ckpt_0000004.pt").exists()
     import multiprocessing
-    assert not multiprocessing.active_children()  # the loader workers are gone
+    assert not [p for p in multiprocessing.active_children() if p not in children_before]  # loader workers gone
     monkeypatch.setattr(cli, "atomic_save_digest", real)
     assert main(argv) == 0
     _run(assets, tmp_path / "ref", {"steps": 6, "ckpt_every": 1})
@@ -144,18 +146,27 @@ def worker(rank, port, teacher, data, out, fail):
     torch.set_num_threads(1)
     from fdistill_lab.train.cli import train
     from fdistill_lab.train.trainer import FDistillTrainer
-    if fail and rank == 1:
+    if fail == "rank1" and rank == 1:
         real = FDistillTrainer.step
         def step(self, *a, **k):
             if self.step_count == 3:
                 raise RuntimeError("injected failure on rank 1 at iteration 3")
             return real(self, *a, **k)
         FDistillTrainer.step = step
+    if fail == "rank0_disk" and rank == 0:  # rank 0 alone writes files: a full disk there
+        import errno
+        from fdistill_lab.train import cli
+        real_save = cli.atomic_save_digest
+        def save(obj, path):
+            if path.name == "ckpt_0000004.pt":
+                raise OSError(errno.ENOSPC, "No space left on device (injected)", str(path))
+            return real_save(obj, path)
+        cli.atomic_save_digest = save
     settings = {"fid_every": 0, "sample_every": 0, "steps": 6, "ckpt_every": 1, "num_workers": 2}
     train("tiny", teacher, data, out, settings, progress=False)
 
 if __name__ == "__main__":
-    port, teacher, data, out, fail = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1"
+    port, teacher, data, out, fail = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
     mp.start_processes(worker, args=(port, teacher, data, out, fail), nprocs=2, join=True, start_method="spawn")
 """
 
@@ -168,25 +179,76 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_one_failing_rank_takes_the_whole_two_process_job_down(assets, tmp_path):
+def _job(script: Path, assets, out: Path, fail: str) -> subprocess.CompletedProcess:
+    """The two-process job in its own process group, killed whole if it overruns (no rank left behind)."""
+    proc = subprocess.Popen([sys.executable, str(script), str(_free_port()), str(assets["teacher"]),
+                             str(assets["data"]), str(out), fail], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the two-process job ({fail}) did not end within 120 s:\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("fail,message,committed", [
+    ("rank1", "injected failure on rank 1", 3),
+    ("rank0_disk", "No space left on device (injected)", 3),
+], ids=["rank-1-raises", "rank-0-disk-full"])
+def test_one_failing_rank_takes_the_whole_two_process_job_down(assets, tmp_path, fail, message, committed):
     script = tmp_path / "job.py"
     script.write_text(textwrap.dedent(RANK_FAILS))
-
-    def job(out, fail):
-        return subprocess.run([sys.executable, str(script), str(_free_port()), str(assets["teacher"]),
-                               str(assets["data"]), str(out), "1" if fail else "0"], env=ENV, capture_output=True,
-                              text=True, timeout=120)
-
     t0 = time.time()
-    res = job(tmp_path / "run", True)
-    assert res.returncode != 0 and "injected failure on rank 1" in res.stderr, res.stderr[-3000:]
+    res = _job(script, assets, tmp_path / "run", fail)
+    assert res.returncode != 0 and message in res.stderr, res.stderr[-3000:]
     assert time.time() - t0 < 120
-    assert json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())["step"] == 3
-    again = job(tmp_path / "run", False)  # the same command resumes
+    assert json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())["step"] == committed
+    again = _job(script, assets, tmp_path / "run", "none")  # the same command resumes
     assert again.returncode == 0, again.stderr[-3000:]
-    ref = job(tmp_path / "ref", False)
+    ref = _job(script, assets, tmp_path / "ref", "none")
     assert ref.returncode == 0, ref.stderr[-3000:]
     _assert_same_networks(_state(_latest(tmp_path / "ref")), _state(_latest(tmp_path / "run")))
+
+
+FORKSERVER = """
+import sys
+import torch.multiprocessing as mp
+from fdistill_lab.train.cli import main
+if __name__ == "__main__":
+    mp.set_start_method("forkserver")  # Python 3.14's default on Linux
+    raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_loader_workers_start_under_forkserver(assets, tmp_path):
+    script = tmp_path / "fs.py"
+    script.write_text(textwrap.dedent(FORKSERVER))
+    args = _cli(assets, tmp_path / "run", "--set", "num_workers=2", steps=3)[3:]  # after `python -m module`
+    res = subprocess.run([sys.executable, str(script), *args], env=ENV, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "done at step 3" in res.stdout, res.stderr[-3000:]
+
+
+def test_workers_end_even_when_starting_the_loader_fails(assets, monkeypatch):
+    import multiprocessing
+
+    from torch.utils.data import dataloader
+
+    from fdistill_lab.train.data import EDMImageDataset
+    from fdistill_lab.train.loader import open_batches, worker_init_for_this_process
+
+    def broken_reset(self, loader, first_iter=False):
+        raise RuntimeError("cannot start the pin-memory thread (injected)")
+
+    monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "_reset", broken_reset)
+    before = set(multiprocessing.active_children())
+    loader = torch.utils.data.DataLoader(EDMImageDataset(assets["data"]), batch_size=4, num_workers=2,
+                                         worker_init_fn=worker_init_for_this_process())
+    with pytest.raises(RuntimeError, match="injected"):
+        with open_batches(loader):
+            pass
+    assert not [p for p in multiprocessing.active_children() if p not in before and p.is_alive()]
 
 
 def _flip_a_byte_inside_a_tensor(path: Path) -> None:
@@ -367,3 +429,41 @@ def test_path_and_device_errors_are_one_line(assets, tmp_path, capsys):
         assert main([*base, "--out", str(tmp_path / "gpu"), "--device", "cuda"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "device 'cuda' requested" in err and "--device cpu" in err
+
+
+def test_init_from_refuses_a_damaged_source_checkpoint(assets, tmp_path):
+    _run(assets, tmp_path / "src", {"steps": 2, "ckpt_every": 2})
+    _flip_a_byte_inside_a_tensor(tmp_path / "src" / "checkpoints" / "ckpt_0000002.pt")
+    for source in (tmp_path / "src", tmp_path / "src" / "checkpoints" / "ckpt_0000002.pt"):
+        with pytest.raises(files.CheckpointError, match="ckpt_0000002.pt is damaged"):
+            _run(assets, tmp_path / "new", {"steps": 2, "init_from": str(source)})
+
+
+def test_a_damaged_npz_batch_is_a_clear_data_error(tmp_path):
+    import numpy as np
+
+    from fdistill_lab.train.data import DatasetFormatError, ImageNetNpzDataset
+
+    path = tmp_path / "train_data_batch_1.npz"
+    np.savez(path, data=np.zeros((4, 3 * 8 * 8), np.uint8), labels=np.arange(1, 5))
+    ds = ImageNetNpzDataset(path, label_map="identity")
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("data.npy")
+    raw = bytearray(path.read_bytes())
+    head = info.header_offset
+    start = head + 30 + int.from_bytes(raw[head + 26:head + 28], "little") + \
+        int.from_bytes(raw[head + 28:head + 30], "little")
+    raw[start + info.file_size - 10] ^= 0xFF  # the pixels' bytes: the zip's CRC check fails on reading them
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DatasetFormatError, match="train_data_batch_1.npz: cannot read its 'data'.*damaged"):
+        ds[0]
+
+
+def test_resume_with_another_per_gpu_batch_continues_and_logs_only_real_changes(assets, tmp_path, capsys):
+    run = tmp_path / "run"
+    _run(assets, run, {"steps": 2})
+    capsys.readouterr()
+    assert _run(assets, run, {"steps": 4, "per_gpu_batch": 4}).step == 4
+    assert "per_gpu_batch changed on resume (0 -> 4)" in capsys.readouterr().err
+    changed = read_jsonl(run / "logs" / "resumes.jsonl")[-1]["changed"]
+    assert set(changed) == {"steps", "per_gpu_batch"}, changed  # no tuple-vs-list noise (extra_ema_betas)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import json
 import math
 import os
 import signal
@@ -195,6 +196,41 @@ def _set_lr(trainer: FDistillTrainer, cfg: DistillConfig, step: int, warmup: int
             group["lr"] = lr * scale
 
 
+OTHER_RANK_DELAY_S = 2.0
+
+
+class OtherRankFailed(RuntimeError):
+    """Another rank failed (its own error is in its output); this one stops with it."""
+
+
+class _MainOnly:
+    """Work that only rank 0 does (files), whose failure must stop every rank together: an error inside ``with
+    main_only:`` is held, and :meth:`check` (a collective, on every rank) raises it on rank 0 and
+    :class:`OtherRankFailed` elsewhere, so that no rank is left waiting in a collective for a rank that died."""
+
+    def __init__(self, env: fdist.DistEnv) -> None:
+        self.env, self.error = env, None
+
+    def __enter__(self) -> _MainOnly:
+        return self
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+        if isinstance(exc, Exception) and self.env.world_size > 1:
+            self.error = exc
+            return True  # held until check()
+        return False
+
+    def check(self, *flags: bool) -> list[bool]:
+        """Raise a held error (every rank); else the all-ranks OR of ``flags`` (one all-reduce for both)."""
+        failed, *rest = fdist.any_ranks([self.error is not None, *flags], self.env.device)
+        if failed:
+            if self.error is not None:
+                raise self.error
+            time.sleep(OTHER_RANK_DELAY_S)  # let rank 0 exit first: launchers report the first failure as the cause
+            raise OtherRankFailed("rank 0 failed (its error is reported by rank 0); stopping this rank too")
+        return rest
+
+
 def _save(trainer: FDistillTrainer, emas: StudentEMAs, ckpt_dir: Path, rcfg: RunConfig, env: fdist.DistEnv,
           fid_state: dict[str, Any], identity: dict[str, Any]) -> Path:
     """Gather every rank's RNG states, write the checkpoint atomically on rank 0 (never with non-finite weights),
@@ -202,14 +238,16 @@ def _save(trainer: FDistillTrainer, emas: StudentEMAs, ckpt_dir: Path, rcfg: Run
     rank_rng = fdist.gather_objects(fdist.rng_state())
     trainer_rng = fdist.gather_objects(trainer.rng.state_dict())
     path = checkpoint_path(ckpt_dir, trainer.step_count)
+    main_only = _MainOnly(env)
     if env.is_main:
-        _check_weights_finite(trainer)
-        extra = {"world_size": env.world_size, "rank_rng": rank_rng, "trainer_rng": [s["cpu"] for s in trainer_rng],
-                 "noise_rng": [s["device"] for s in trainer_rng], "emas": emas.state_dict(), "fid": fid_state,
-                 "identity": identity}
-        digest = atomic_save_digest(trainer.checkpoint_state(extra), path)
-        commit_checkpoint(ckpt_dir, path, trainer.step_count, rcfg.keep_checkpoints, digest)
-    fdist.barrier()
+        with main_only:
+            _check_weights_finite(trainer)
+            extra = {"world_size": env.world_size, "rank_rng": rank_rng,
+                     "trainer_rng": [s["cpu"] for s in trainer_rng], "noise_rng": [s["device"] for s in trainer_rng],
+                     "emas": emas.state_dict(), "fid": fid_state, "identity": identity}
+            digest = atomic_save_digest(trainer.checkpoint_state(extra), path)
+            commit_checkpoint(ckpt_dir, path, trainer.step_count, rcfg.keep_checkpoints, digest)
+    main_only.check()  # also the barrier: the pointer has moved (or every rank stops)
     return path
 
 
@@ -224,9 +262,16 @@ def _resume(trainer: FDistillTrainer, emas: StudentEMAs, ckpt_dir: Path, env: fd
     if path is None:
         return {}
     out = ckpt_dir.parent
-    verified = verify_checkpoint(ckpt_dir, path)
+    main_only = _MainOnly(env)
+    verified = False
+    if env.is_main:  # hashing a 10 GB checkpoint once is enough; the ranks share the verdict
+        with main_only:
+            verified = verify_checkpoint(ckpt_dir, path)
+    main_only.check()
     try:
-        extra = trainer.load_checkpoint(path, fix=resume_hint(ckpt_dir, path))
+        extra = trainer.load_checkpoint(path, fix="it is not the checkpoint that was written")
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; {resume_hint(ckpt_dir, path)}") from None
     except ValueError as err:
         raise ValueError(f"{err}; {_new_run_hint(out)}") from None
     if extra.get("world_size") != env.world_size:
@@ -240,7 +285,7 @@ def _resume(trainer: FDistillTrainer, emas: StudentEMAs, ckpt_dir: Path, env: fd
         if refuse:
             raise ValueError(f"{out} was trained with other inputs than this command gives: {'; '.join(refuse)}. "
                              f"{_new_run_hint(out).capitalize()}")
-    if not verified:
+    if env.is_main and not verified:
         notes.append(f"{path.name} has no recorded sha256 (written by an older version): loaded unverified")
     if env.is_main:
         for note in notes:
@@ -266,8 +311,10 @@ def init_checkpoint(source: Path) -> Path:
         if path is None:
             raise FileNotFoundError(f"init_from: {source} holds no checkpoint ({source / 'checkpoints'} has no "
                                     "latest.json); give a run folder that has saved one, or a checkpoint file")
-        return path
-    return source
+    else:
+        path = source
+    verify_checkpoint(path.parent, path)  # when the run that wrote it recorded its sha256
+    return path
 
 
 def _init_from(trainer: FDistillTrainer, extra_betas: tuple[float, ...], path: Path, env: fdist.DistEnv
@@ -350,7 +397,10 @@ def _run_folder_lock(out: Path, env: fdist.DistEnv) -> Iterator[None]:
                             "wait for it to exit (it checkpoints on SIGTERM) or train into another --out")
     try:
         if fd is not None:
-            count, size = remove_stale_temporaries(out)
+            count, size = 0, 0
+            for folder in (out, out / "checkpoints", out / "logs", out / "samples"):  # the trainer's own folders
+                n, b = remove_stale_temporaries(folder, recursive=False)
+                count, size = count + n, size + b
             if count:
                 print(f"{out}: removed {count} temporary file(s) ({size / 2**20:.1f} MiB) left by a job killed "
                       "while writing", file=sys.stderr)
@@ -416,11 +466,15 @@ def _train(preset: str, dcfg: DistillConfig, rcfg: RunConfig, teacher_path: Path
             write_json_atomic(out / "config.json", record)
         else:  # a restart: what changed (only settings that may change, or the resume was refused above)
             first = read_json(out / "config.json")
-            changed = {k: [v, record["run"].get(k)] for k, v in first.get("run", {}).items()
-                       if record["run"].get(k) != v}
+            then, now = first.get("run", {}), json.loads(json.dumps(record["run"]))  # as recorded: tuples as lists
+            changed = {k: [then.get(k), now.get(k)] for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)}
             changed.update({k: [first.get(k), record[k]] for k in ("teacher", "data", "world_size", "device")
                             if first.get(k) != record[k]})
             append_jsonl(out / "logs" / "resumes.jsonl", {"step": start, "time": time.time(), "changed": changed})
+            if "per_gpu_batch" in changed:
+                print(f"{out}: per_gpu_batch changed on resume ({changed['per_gpu_batch'][0]} -> "
+                      f"{changed['per_gpu_batch'][1]}): the same maths in other micro-batches, so the run continues "
+                      "statistically, not bit for bit", file=sys.stderr)
             fid_changes = sorted(k for k in changed if k.startswith("fid_") and k not in ("fid_every", "fid_batch"))
             if fid_changes:
                 print(f"{out}: FID settings changed on resume ({', '.join(fid_changes)}): later FIDs are measured "
@@ -476,30 +530,35 @@ def _loop(trainer: FDistillTrainer, emas: StudentEMAs, dcfg: DistillConfig, rcfg
             _check_finite(logs, done, path)  # the same on every rank: the logs are all-reduced
             window.add(logs)
             bar.update(1)
-            if env.is_main and callback is not None:
-                callback(done, logs)
-            if env.is_main and rcfg.log_every and done % rcfg.log_every == 0:
-                row = {"step": done, "kimg": done * rcfg.batch_size / 1000, **window.mean()}
-                append_jsonl(log_path, row)
-                window.reset()
-                if "loss_f" in row:
-                    bar.set_postfix(loss_f=f"{row['loss_f']:.3g}", ratio=f"{row.get('ratio_mean', math.nan):.2f}",
-                                    img_s=f"{row['images_per_s']:.0f}", refresh=False)
-            if env.is_main and rcfg.sample_every and (done % rcfg.sample_every == 0 or done == rcfg.steps):
-                imgs = trainer.sample(z=sample_z, labels=sample_labels, use_ema=True)
-                save_grid_png(imgs, out / "samples" / f"step_{done:07d}.png")
+            main_only = _MainOnly(env)  # rank 0's files: a failure there stops every rank at the check below
+            with main_only:
+                if env.is_main and callback is not None:
+                    callback(done, logs)
+                if env.is_main and rcfg.log_every and done % rcfg.log_every == 0:
+                    row = {"step": done, "kimg": done * rcfg.batch_size / 1000, **window.mean()}
+                    append_jsonl(log_path, row)
+                    window.reset()
+                    if "loss_f" in row:
+                        bar.set_postfix(loss_f=f"{row['loss_f']:.3g}", img_s=f"{row['images_per_s']:.0f}",
+                                        ratio=f"{row.get('ratio_mean', math.nan):.2f}", refresh=False)
+                if env.is_main and rcfg.sample_every and (done % rcfg.sample_every == 0 or done == rcfg.steps):
+                    imgs = trainer.sample(z=sample_z, labels=sample_labels, use_ema=True)
+                    save_grid_png(imgs, out / "samples" / f"step_{done:07d}.png")
             if rcfg.fid_every and (done % rcfg.fid_every == 0 or done == rcfg.steps):
+                main_only.check()  # every rank agrees before a long evaluation (which is collective)
                 record = _fid(trainer, rcfg, detector, ref)
                 value = record["fid"]
                 fid_state["last"] = {"step": done, "fid": value}
-                if "best" not in fid_state or value < fid_state["best"]["fid"]:
-                    fid_state["best"] = {"step": done, "fid": value}
+                with main_only:
+                    if "best" not in fid_state or value < fid_state["best"]["fid"]:
+                        fid_state["best"] = {"step": done, "fid": value}
+                        if env.is_main:
+                            export_student(trainer.student_ema, out / "student_best.pt", {"step": done, "fid": value})
                     if env.is_main:
-                        export_student(trainer.student_ema, out / "student_best.pt", {"step": done, "fid": value})
-                if env.is_main:
-                    append_jsonl(fid_log, {"step": done, **record, "ema_beta": dcfg.ema_beta})
-                    write_json_atomic(out / "metrics.json", fid_state)
-            stop = fdist.any_rank(sigterm.seen, env.device) or (stop_at is not None and done >= stop_at)
+                        append_jsonl(fid_log, {"step": done, **record, "ema_beta": dcfg.ema_beta})
+                        write_json_atomic(out / "metrics.json", fid_state)
+            (signalled,) = main_only.check(sigterm.seen)
+            stop = signalled or (stop_at is not None and done >= stop_at)
             if (rcfg.ckpt_every and done % rcfg.ckpt_every == 0) or stop or done == rcfg.steps:
                 path = _save(trainer, emas, ckpt_dir, rcfg, env, fid_state, identity)
             if stop and done < rcfg.steps:
@@ -546,12 +605,13 @@ def _one_line(exc: BaseException) -> str:
     return text
 
 
-def _os_error(exc: OSError, out: str | None) -> str:
-    where = exc.filename or out
+def _os_error(exc: OSError) -> str:
+    where = exc.filename or "a file it reads or writes"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return (f"no space left on the disk (or quota) while writing {where}: free space or move --out to a disk "
                 "with room, then rerun the same command; it resumes from the last complete checkpoint")
-    return f"{exc.strerror or exc} ({where}); fix the path or its permissions and rerun the same command"
+    text = _one_line(exc)
+    return f"{text}{'' if exc.filename else f' ({where})'}; fix the path or its permissions and rerun the same command"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -576,12 +636,16 @@ def main(argv: list[str] | None = None) -> int:
             fdist.DeviceUnavailable) as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except NonFiniteError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (NonFiniteError, FloatingPointError) as exc:  # FloatingPointError: non-finite images at an FID
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 3
     except OSError as exc:  # a full disk, a read-only or vanished folder, permissions
-        print(f"error: {_os_error(exc, args.out)}", file=sys.stderr)
+        print(f"error: {_os_error(exc)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); the last committed checkpoint is kept, and rerunning the same command "
+              "resumes from it (SIGTERM instead also saves the current iteration)", file=sys.stderr)
+        return 130
     msg = f"{result.status} at step {result.step}; checkpoint {result.checkpoint}"
     if result.last_fid is not None:
         msg += f"; FID last {result.last_fid:.4g}, best {result.best_fid:.4g}"

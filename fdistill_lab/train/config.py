@@ -18,7 +18,9 @@ GENERATOR_LABELS = ("real", "uniform")
 PRECISIONS = ("fp32", "bf16")
 BIN_SPACINGS = ("linear", "log")
 # settings that change speed, not results: a resumed run may change them (and older checkpoints lack them)
-SPEED_ONLY_SETTINGS = ("compile_norms",)
+# (accum_steps follows per_gpu_batch: the weights are normalised over the whole batch either way, but the random
+# draws come in other micro-batches, so a resumed run is statistically, not bitwise, the one it continues)
+SPEED_ONLY_SETTINGS = ("compile_norms", "accum_steps")
 # settings added after runs were recorded without them: the value that reproduces how those runs trained (not the
 # default), so that resuming such a run with a new default is refused rather than silently changing the maths
 LEGACY_VALUES: dict[str, Any] = {"gan_head_loss": "mean_logit"}

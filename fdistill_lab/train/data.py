@@ -360,8 +360,12 @@ class ImageNetNpzDataset(Dataset):
         if k not in self._cache:
             if self.max_cached_files is not None and len(self._cache) >= self.max_cached_files:
                 self._cache.pop(next(iter(self._cache)))
-            with np.load(self.files[k], allow_pickle=False) as z:
-                data = z["data"]
+            try:
+                with np.load(self.files[k], allow_pickle=False) as z:
+                    data = z["data"]
+            except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:  # a damaged or truncated batch file
+                raise DatasetFormatError(f"{self.files[k]}: cannot read its 'data' ({type(exc).__name__}: {exc}); "
+                                         f"the file is damaged: replace it. Expected {NPZ_FORMAT}.") from exc
             if data.dtype != np.uint8:
                 raise DatasetFormatError(f"{self.files[k]}: 'data' is {data.dtype}, expected uint8")
             self._cache[k] = data

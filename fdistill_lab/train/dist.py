@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 __all__ = ["DistEnv", "init_distributed", "cleanup", "barrier", "is_distributed", "seed_for_rank",
            "GlobalBatchSampler", "rng_state", "set_rng_state", "gather_objects", "broadcast_module",
-           "all_reduce_mean", "any_rank", "DeviceUnavailable", "require_cuda_or_smoke", "NEEDS_CUDA", "DEVICES"]
+           "all_reduce_mean", "any_rank", "any_ranks", "DeviceUnavailable", "require_cuda_or_smoke", "NEEDS_CUDA",
+           "DEVICES"]
 
 DEVICES = ("auto", "cuda", "cpu")
 SMOKE_ENV = "FDISTILL_SMOKE"
@@ -170,11 +171,16 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if ``flag`` is True on any rank (e.g. a SIGTERM seen by one process)."""
+    return any_ranks([flag], device)[0]
+
+
+def any_ranks(flags: list[bool], device: torch.device) -> list[bool]:
+    """:func:`any_rank` of several flags in one all-reduce."""
     if not is_distributed():
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return [bool(f) for f in flags]
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return [bool(v > 0) for v in t.tolist()]
 
 
 class GlobalBatchSampler:

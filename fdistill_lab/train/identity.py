@@ -5,8 +5,9 @@ A resume that silently swapped the teacher, the data set or the batch size would
 record describes. :func:`run_identity` hashes the teacher's weights (not its path: a teacher moved to another
 disk is the same teacher) and takes the data set's :meth:`identity` (its image names, labels and shape; a
 repaired image keeps it, see :mod:`.data`); :func:`resume_problems` compares two of them. Settings that only
-change speed or bookkeeping (``steps``, intervals, ``num_workers``, ``per_gpu_batch``, FID settings, ...) may
-change on resume.
+change speed or bookkeeping (``steps``, intervals, ``num_workers``, FID settings, ...) may change on resume, and so
+may ``per_gpu_batch`` (the same maths over the whole batch, in other micro-batches: statistically the same run, not
+the same bits).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from torch import nn
 
 __all__ = ["RESULT_SETTINGS", "network_digest", "run_identity", "resume_problems"]
 
-# RunConfig settings that change what a run computes (DistillConfig's are checked by the trainer itself)
-RESULT_SETTINGS = ("batch_size", "warmup_steps", "xflip", "npz_label_map", "rng_mode", "extra_ema_betas")
+# RunConfig settings that change what a run computes (DistillConfig's are checked by the trainer itself; the npz
+# label map is part of the data's identity through the labels it gives)
+RESULT_SETTINGS = ("batch_size", "warmup_steps", "xflip", "rng_mode", "extra_ema_betas")
 
 
 @torch.no_grad()
