@@ -307,3 +307,32 @@ def test_comparison_intervals_pair_the_same_seeds():
     res.metrics["js"][2]["seed"] = 5
     with pytest.raises(ValueError, match="same seeds"):
         res.intervals(metrics=("precision",))
+
+
+def test_student_ema_and_cosine_learning_rate():
+    from fdistill_lab import toy
+
+    teacher = toy.default_teacher()
+    base = toy.ToyConfig(steps=40, critic_warmup=10, eval_every=1000, eval_samples=200)
+    plain = toy.ToyTrainer(teacher, base).fit(progress=False)
+    assert plain.student_ema is None
+    run = toy.ToyTrainer(teacher, base.replace(ema_beta=0.9, lr_schedule="cosine"))
+    ema = [p.detach().clone() for p in run.student.parameters()]
+    lrs = []
+    for _ in range(base.steps):
+        gen, _critic = run.updates()
+        run.step()
+        if gen:
+            lrs.append(run.opt_student.param_groups[0]["lr"])
+            ema = [0.9 * e + 0.1 * p.detach() for e, p in zip(ema, run.student.parameters())]
+    assert run.generator_steps_done == run.generator_steps_total == len(lrs) == 10
+    assert lrs[0] == pytest.approx(base.lr_student) and lrs[-1] == pytest.approx(
+        base.lr_student * 0.5 * (1 + math.cos(math.pi * 9 / 10)))
+    for e, p in zip(ema, run.student_ema.parameters()):
+        torch.testing.assert_close(e, p)
+    z = torch.Generator().manual_seed(3)
+    torch.testing.assert_close(run.sample(16, z), run.student_ema.sample(16, torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="ema_beta must be in"):
+        base.replace(ema_beta=1.0)
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        base.replace(lr_schedule="linear")

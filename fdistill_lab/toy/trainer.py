@@ -18,6 +18,8 @@ Gaussian), 0.01 is a twentieth of a mode's std (0.2); the median draw is about 0
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -40,6 +42,7 @@ from .metrics import mode_metrics
 from .models import ToyDenoiser, ToyDiscriminator, ToyGenerator, student_kde
 
 EVALUATION_KEYS = ("modes_covered", "mass_tv", "precision")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -74,6 +77,8 @@ class ToyConfig(WeightingConfig):
     fake_score_weighting: str = "none"
     eval_every: int = 150  # iterations between evaluations of the student, counted after the critic warm-up
     eval_samples: int = 2000
+    ema_beta: float = 0.0  # > 0: evaluate and sample an EMA of the student's weights (rate per generator step)
+    lr_schedule: str = "constant"  # or "cosine": the student's lr decays to 0 over its generator steps
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -93,6 +98,10 @@ class ToyConfig(WeightingConfig):
             raise ValueError(f"need 0 < sigma_min < sigma_max; got {self.sigma_min}, {self.sigma_max}")
         if self.gan_weight_gen < 0:
             raise ValueError(f"gan_weight_gen must be >= 0; got {self.gan_weight_gen}")
+        if not 0.0 <= self.ema_beta < 1.0:
+            raise ValueError(f"ema_beta must be in [0, 1) (0: no EMA); got {self.ema_beta}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}; got {self.lr_schedule!r}")
         if self.fake_score_weighting not in FAKE_SCORE_WEIGHTINGS:
             raise ValueError(f"fake_score_weighting must be one of {FAKE_SCORE_WEIGHTINGS}; "
                              f"got {self.fake_score_weighting!r}")
@@ -131,6 +140,10 @@ class ToyTrainer:
         self.history: list[dict[str, float]] = []
         self.evaluations: list[dict[str, float]] = []
         self.step_count = 0
+        self.student_ema = copy.deepcopy(self.student).requires_grad_(False) if c.ema_beta > 0 else None
+        self.generator_steps_done = 0
+        self.generator_steps_total = sum(iteration_updates(i, c.schedule, c.student_update_freq, c.critic_warmup)[0]
+                                         for i in range(c.steps))
 
     # ------------------------------------------------------------------ draws and exact quantities
     def sample_sigma(self, n: int) -> torch.Tensor:
@@ -207,8 +220,24 @@ class ToyTrainer:
             self.opt_student.zero_grad(set_to_none=True)
             loss.backward()
         student_norm = _grad_norm(self.student)
+        lr = self._student_lr()
+        for group in self.opt_student.param_groups:
+            group["lr"] = lr
         self.opt_student.step()
+        self.generator_steps_done += 1
+        if self.student_ema is not None:
+            with torch.no_grad():
+                for p_ema, p in zip(self.student_ema.parameters(), self.student.parameters()):
+                    p_ema.lerp_(p, 1.0 - c.ema_beta)
         return {**{k: float(v) for k, v in stats.items()}, "grad_norm_student": student_norm}
+
+    def _student_lr(self) -> float:
+        """``lr_student``, or its cosine decay over the run's generator steps (``lr_schedule="cosine"``)."""
+        c = self.config
+        if c.lr_schedule == "constant":
+            return c.lr_student
+        frac = min(1.0, self.generator_steps_done / max(1, self.generator_steps_total))
+        return c.lr_student * 0.5 * (1.0 + math.cos(math.pi * frac))
 
     def updates(self, i: int | None = None) -> tuple[bool, bool]:
         """(generator?, critic?) at iteration ``i`` (default: the next); critics are never updated with the oracle."""
@@ -232,8 +261,10 @@ class ToyTrainer:
     # ------------------------------------------------------------------ schedule and evaluation
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` one-step samples, drawn with ``generator`` (default: the evaluation stream)."""
-        return self.student.sample(n, self.eval_rng if generator is None else generator)
+        """``n`` one-step samples (of the EMA student when ``ema_beta`` > 0), drawn with ``generator`` (default:
+        the evaluation stream)."""
+        net = self.student_ema if self.student_ema is not None else self.student
+        return net.sample(n, self.eval_rng if generator is None else generator)
 
     @torch.no_grad()
     def evaluate(self, n: int | None = None) -> dict:
