@@ -279,19 +279,18 @@ def test_run_comparison_tiny(teacher):
 
 
 @pytest.mark.slow
-def test_forward_kl_covers_more_than_reverse_kl(teacher):
-    """Classroom setting (notebook 02 defaults), 3 seeds: forward KL covers more modes than reverse KL on average.
-
-    Measured (400 generator steps, 2 critic updates each, std-0.2 ring, 3000 eval samples): fkl 7/7/8 modes, rkl
-    5/7/5. At 300 generator steps reverse KL does as well (notebook 02), so this guards the recorded behaviour
-    rather than a robust effect.
-    """
+def test_classroom_reverse_and_forward_kl_pinned(teacher):
+    """Classroom setting (notebook 02 defaults), 3 seeds: the seeded headline numbers notebook 02 quotes (measured
+    2026-12-03, DMD normaliser + 1e-6): modes covered rkl 7/7/8, fkl 6/6/8. Before the normaliser change they were
+    5/7/5 and 7/7/8: a three-seed ranking at this length is noise, and notebook 02 says so with its intervals."""
     from fdistill_lab.toy import default_teacher, run_comparison
 
     cfg = ToyConfig()  # the classroom defaults
     res = run_comparison(default_teacher(), ["rkl", "fkl"], [0, 1, 2], cfg, eval_samples=3000, progress=False)
-    s = res.summary()
-    assert s["fkl"]["modes_covered"]["mean"] > s["rkl"]["modes_covered"]["mean"]
+    assert {n: [m["modes_covered"] for m in ms] for n, ms in res.metrics.items()} == {"rkl": [7, 7, 8],
+                                                                                      "fkl": [6, 6, 8]}
+    diff = res.intervals(metrics=("modes_covered",))["modes_covered"][1]
+    assert diff["verdict"] == "no measurable difference" and diff["diff_low"] < 0 < diff["diff_high"]
 
 
 def test_comparison_intervals_pair_the_same_seeds():
