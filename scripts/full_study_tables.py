@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from fdistill_lab import stats
+
 DIVS = ("rkl", "srkl", "js", "sh", "fkl", "jeffreys")
 
 
@@ -55,6 +57,48 @@ def sensitivity(csv: Path) -> str:
         rows.append([div] + [_pm(sub[(sub["divergence"] == div) & (sub[key] == v)]["metrics.mass_tv"])
                              for key, v, sub in cols])
     return _table(header, rows) + f"\n\n{len(d)} runs, {int((pd.read_csv(csv).status != 'done').sum())} failed."
+
+
+def sensitivity_changes(csv: Path) -> str:
+    """Each non-default cell's paired change of the mode-mass TV against its divergence's defaults (same seeds), with
+    its 95% t interval; the cells whose interval excludes zero are listed first."""
+    d = pd.read_csv(csv)
+    d = d[d.status == "done"].copy()
+    d["clip"] = d.ratio_min.map("{:g}".format) + "-" + d.ratio_max.map("{:g}".format)
+    default = {"lr_student": 0.002, "gan_weight_gen": 0.0, "clip": "0.1-20", "student_update_freq": 3}
+    at = (d[list(default)] == pd.Series(default)).all(axis=1)
+    rows = []
+    for key in default:
+        others = [k for k in default if k != key]
+        block = d[(d[others] == pd.Series({k: default[k] for k in others})).all(axis=1) & ~at]
+        for (div, value), g in block.groupby(["divergence", key]):
+            base = d[at & (d.divergence == div)].sort_values("seed")
+            g = g.sort_values("seed")
+            diff = stats.paired_difference(list(g["metrics.mass_tv"]), list(base["metrics.mass_tv"]))
+            change = stats.row_text({"diff": diff.mean, "diff_low": diff.low, "diff_high": diff.high}, diff=True,
+                                    digits=2)
+            rows.append([div, f"{key} = {value}", f"{base['metrics.mass_tv'].mean():.2f}",
+                         f"{g['metrics.mass_tv'].mean():.2f}", change,
+                         "measured" if diff.excludes_zero() else stats.NO_DIFFERENCE])
+    rows.sort(key=lambda r: (r[-1] != "measured", DIVS.index(r[0]) if r[0] in DIVS else 99, r[1]))
+    return _table(["div", "setting", "TV at defaults", "TV", "change [95% CI]", "verdict"], rows)
+
+
+def interval_rows(rows: list[dict], label: str) -> list[list[str]]:
+    return [[label, r["name"], stats.row_text(r, digits=2), stats.row_text(r, diff=True, digits=2), r["verdict"]]
+            for r in rows]
+
+
+def normalisation_changes(res: dict) -> str:
+    out = []
+    for name, rows in res.get("normalisation_intervals", {}).items():
+        out += interval_rows(rows, name)
+    return _table(["div / measure", "variant", "mean [95% CI]", "minus both stages", "verdict"], out)
+
+
+def gan_changes(res: dict) -> str:
+    rows = [[r["div"], r["metric"], r["w/ GAN minus w/o"], r["verdict"]] for r in res.get("gan_effect", [])]
+    return _table(["div", "measure", "w/ GAN minus w/o [95% CI]", "verdict"], rows)
 
 
 def ratio_calibration(res: dict) -> str:
@@ -123,9 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     if not csv.is_file():
         csv = args.output_dir / "sweep" / "sweep.csv"
     print(f"seconds in all: {res['seconds_total']:.0f}; config {res['config']}\n")
-    for title, text in (("Sensitivity (mode-mass TV)", sensitivity(csv)), ("Density ratio", ratio_calibration(res)),
-                        ("Two-stage normalisation", normalisation(res)), ("Gradient variance", gradient_variance(res)),
-                        ("GAN ablation", gan_ablation(res)), ("Cost", cost(res, csv))):
+    for title, text in (("Sensitivity (mode-mass TV)", sensitivity(csv)),
+                        ("Sensitivity: paired changes against the defaults", sensitivity_changes(csv)),
+                        ("Density ratio", ratio_calibration(res)),
+                        ("Two-stage normalisation", normalisation(res)),
+                        ("Two-stage normalisation: intervals", normalisation_changes(res)),
+                        ("Gradient variance", gradient_variance(res)),
+                        ("GAN ablation", gan_ablation(res)), ("GAN ablation: paired changes", gan_changes(res)),
+                        ("Cost", cost(res, csv))):
         print(f"## {title}\n\n{text}\n")
     return 0
 
