@@ -53,9 +53,11 @@ class Interval:
         """The fields as a JSON-ready dict, NaN as None."""
         return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in asdict(self).items()}
 
-    def format(self, digits: int = 3) -> str:
-        """``"0.812 [0.790, 0.834]"`` with ``digits`` significant digits."""
-        return f"{_number(self.mean, digits)} [{_number(self.low, digits)}, {_number(self.high, digits)}]"
+    def format(self, digits: int = 3, signed: bool = False) -> str:
+        """``"0.812 [0.790, 0.834]"`` with ``digits`` significant digits (``signed``: "+0.12 [+0.05, +0.19]", for a
+        difference)."""
+        mean, low, high = (_number(v, digits, signed) for v in (self.mean, self.low, self.high))
+        return f"{mean} [{low}, {high}]"
 
     def __str__(self) -> str:
         return self.format()

@@ -23,7 +23,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import http.client
 import os
 import re
@@ -36,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..files import held_lock, write_text_atomic
+from ..files import file_sha256, held_lock, write_text_atomic
 
 __all__ = ["RemoteFile", "KNOWN_FILES", "GROUPS", "MANIFEST", "DownloadError", "ChecksumError",
            "UnverifiedFileWarning", "download", "fetch", "read_manifest", "verify", "sha256_file", "main"]
@@ -97,13 +96,7 @@ class UnverifiedFileWarning(UserWarning):
     """A file is used although nothing can confirm it is the published one (no pin, no record)."""
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of the file at ``path``."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+sha256_file = file_sha256  # hex sha256 of a file (the checkpoints' routine, under the name this module exports)
 
 
 def _offline_hint(url: str, dest: Path, sha256: str | None) -> str:

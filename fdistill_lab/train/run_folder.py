@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..files import CheckpointError, atomic_file, file_sha256, write_json_atomic, write_text_atomic
+from ..files import CheckpointError, atomic_file, file_sha256, verify_digest, write_json_atomic, write_text_atomic
 from ..image_grid import make_grid
 
 CKPT_POINTER = "latest.json"
@@ -252,11 +252,10 @@ def verify_checkpoint(ckpt_dir: Path, path: Path) -> bool:
     digest = _recorded_digest(ckpt_dir, path.name)
     if digest is None:
         return False
-    got = file_sha256(path)
-    if got != digest:
-        raise CheckpointError(f"checkpoint {path} is damaged: its sha256 is {got[:16]}..., not the {digest[:16]}... "
-                              f"recorded when it was written (a disk or memory fault, or an edit); "
-                              f"{resume_hint(ckpt_dir, path)}")
+    try:
+        verify_digest(path, digest, "checkpoint", "a disk or memory fault, or an edit")
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; {resume_hint(ckpt_dir, path)}") from None
     return True
 
 
