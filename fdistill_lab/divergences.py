@@ -60,6 +60,11 @@ class Divergence:
     def __call__(self, r: torch.Tensor) -> torch.Tensor:
         return self.h(r)
 
+    def __reduce__(self) -> tuple:
+        """Pickle by name and parameters (its functions are lambdas), so trainers that hold a divergence can be
+        sent between processes (``toy.run_comparison(workers=...)``)."""
+        return _rebuild, (self.name, dict(self.params))
+
 
 def _as_tensor(x: torch.Tensor | float) -> torch.Tensor:
     if torch.is_tensor(x):
@@ -218,6 +223,10 @@ def get(name: str | Divergence, **params) -> Divergence:
     if unknown:
         raise ValueError(f"unknown parameter(s) {sorted(unknown)} for 'alpha'; valid: ['alpha']")
     return _FACTORIES[key](**params)
+
+
+def _rebuild(name: str, params: dict) -> Divergence:
+    return get(name, **params)
 
 
 def table() -> list[dict]:

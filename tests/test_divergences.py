@@ -169,3 +169,14 @@ def test_normalised_variance_reference_values():
             m2 = np.trapezoid(q * h**2, grid)
             assert (m2 - m1**2) / m1**2 == pytest.approx(v, rel=0.02), (mu, name)
         assert math.exp(mu**2) - 1 == pytest.approx(vals["fkl"], rel=0.01)
+
+
+def test_divergences_pickle_by_name_and_parameters():
+    import pickle
+
+    for name in D.names():
+        d = D.get(name, alpha=0.3) if name == "alpha" else D.get(name)
+        back = pickle.loads(pickle.dumps(d))
+        r = torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64)
+        assert back.name == d.name and back.params == d.params
+        assert torch.allclose(back.h(r), d.h(r)) and torch.allclose(back.f(r), d.f(r))

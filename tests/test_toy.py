@@ -279,6 +279,32 @@ def test_run_comparison_tiny(teacher):
 
 
 @pytest.mark.slow
+class _FailingTeacher(GaussianMixture):
+    """A teacher whose samples raise: a run that fails inside a worker process."""
+
+    def sample(self, *args, **kwargs):
+        raise RuntimeError("teacher failed on purpose")
+
+
+def test_run_comparison_in_processes_equals_serial_and_fails_fast(teacher):
+    from fdistill_lab.toy import run_comparison
+
+    cfg = ToyConfig(steps=30, student_update_freq=3, eval_every=10, ema_beta=0.9, **SMALL)
+    serial = run_comparison(teacher, ["rkl", "js"], [0, 1], cfg, eval_samples=200, progress=False)
+    pooled = run_comparison(teacher, ["rkl", "js"], [0, 1], cfg, eval_samples=200, progress=False, workers=2)
+    for name in ("rkl", "js"):
+        assert serial.metrics[name] == pooled.metrics[name]
+        for a, b in zip(serial.samples[name], pooled.samples[name]):
+            assert torch.equal(a, b)
+        assert [r.history for r in serial.runs[name]] == [r.history for r in pooled.runs[name]]
+        assert pooled.runs[name][1].config.seed == 1
+    bad = _FailingTeacher(teacher.means, teacher.stds, teacher.weights)
+    with pytest.raises(RuntimeError, match="teacher failed on purpose"):
+        run_comparison(bad, ["rkl"], [0, 1, 2], cfg, eval_samples=200, progress=False, workers=2)
+    with pytest.raises(ValueError, match="workers must be an integer >= 1"):
+        run_comparison(teacher, ["rkl"], [0], cfg, workers=0)
+
+
 def test_classroom_reverse_and_forward_kl_pinned(teacher):
     """Classroom setting (notebook 02 defaults), 3 seeds: the seeded headline numbers notebook 02 quotes (measured
     2026-12-03, DMD normaliser + 1e-6): modes covered rkl 7/7/8, fkl 6/6/8. Before the normaliser change they were

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
 import time
+from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 
 import torch
@@ -72,38 +74,74 @@ class Comparison:
 
 
 def run_comparison(teacher: GaussianMixture, divs: list[str], seeds: list[int], config: ToyConfig,
-                   eval_samples: int = 4000, progress: bool = True, threads: int | None = 1) -> Comparison:
+                   eval_samples: int = 4000, progress: bool = True, threads: int | None = 1,
+                   workers: int = 1) -> Comparison:
     """Train one run per (divergence, seed) with ``config`` and evaluate ``eval_samples`` final samples.
 
     ``threads``: torch intra-op threads during the sweep (restored afterwards). The toy's MLPs are so small
     that one thread is fastest; on a busy 2-core machine two threads made a run about 3x slower.
-    ``None`` keeps the current setting.
+    ``None`` keeps the current setting. ``workers`` > 1: the runs go to that many spawned processes of one thread
+    each (one per core is fastest); every run is seeded and single-threaded, so the results equal the serial ones
+    bit for bit. A run that fails stops the others and raises its error.
     """
     if not divs or not seeds:
         raise ValueError(f"need at least one divergence and one seed; got {divs}, {seeds}")
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1 or None; got {threads}")
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        return _sweep(teacher, divs, seeds, config, eval_samples, progress)
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _sweep(teacher: GaussianMixture, divs: list[str], seeds: list[int], config: ToyConfig, eval_samples: int,
-           progress: bool) -> Comparison:
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1; got {workers!r}")
+    jobs = [ToyConfig(**{**config.to_dict(), "divergence": d, "seed": s}) for d in divs for s in seeds]
+    if workers > 1 and len(jobs) > 1:
+        done = _in_processes(teacher, jobs, eval_samples, min(workers, len(jobs)), progress)
+    else:
+        previous = torch.get_num_threads()
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            done = [train_one(teacher, cfg, eval_samples, progress)
+                    for cfg in tqdm(jobs, desc="runs", **({} if progress else {"disable": True}))]
+        finally:
+            torch.set_num_threads(previous)
     out = Comparison()
-    jobs = [(d, s) for d in divs for s in seeds]
-    for d, s in tqdm(jobs, desc="runs", **({} if progress else {"disable": True})):
-        cfg = ToyConfig(**{**config.to_dict(), "divergence": d, "seed": s})
-        t0 = time.perf_counter()
-        run = ToyTrainer(teacher, cfg).fit(progress=progress)
-        x = final_samples(run, eval_samples)
+    for cfg, (run, x, metrics, seconds) in zip(jobs, done):
         name = cfg.divergence
-        out.metrics.setdefault(name, []).append({"seed": s, **evaluate_samples(x, teacher, seed=s)})
-        out.seconds.setdefault(name, []).append(time.perf_counter() - t0)
+        out.metrics.setdefault(name, []).append(metrics)
+        out.seconds.setdefault(name, []).append(seconds)
         out.samples.setdefault(name, []).append(x)
         out.runs.setdefault(name, []).append(run)
     return out
+
+
+def train_one(teacher: GaussianMixture, cfg: ToyConfig, eval_samples: int,
+              progress: bool = False) -> tuple[ToyTrainer, torch.Tensor, dict, float]:
+    """One run of a comparison: (trained run, its final samples, their metrics with the seed, seconds)."""
+    t0 = time.perf_counter()
+    run = ToyTrainer(teacher, cfg).fit(progress=progress)
+    x = final_samples(run, eval_samples)
+    metrics = {"seed": cfg.seed, **evaluate_samples(x, teacher, seed=cfg.seed)}
+    return run, x, metrics, time.perf_counter() - t0
+
+
+def _train_one_pickled(job: bytes) -> bytes:
+    """A worker's :func:`train_one`, its job and result as plain pickle bytes: multiprocessing would share each
+    tensor through a file descriptor of its own (a run holds dozens), which a pool stopped early leaves half
+    served."""
+    return pickle.dumps(train_one(*pickle.loads(job)))
+
+
+def _in_processes(teacher: GaussianMixture, jobs: list[ToyConfig], eval_samples: int, workers: int,
+                  progress: bool) -> list[tuple]:
+    from .grid import spawn_pool, stop_pool
+
+    pool = spawn_pool(workers)
+    try:
+        futures = [pool.submit(_train_one_pickled, pickle.dumps((teacher, cfg, eval_samples))) for cfg in jobs]
+        for future in tqdm(as_completed(futures), total=len(futures), desc=f"runs ({workers} processes)",
+                           **({} if progress else {"disable": True})):
+            future.result()  # the first failure raises here
+        results = [pickle.loads(f.result()) for f in futures]
+    except BaseException:
+        stop_pool(pool)  # end the runs in flight now: a failure must not wait for them
+        raise
+    pool.shutdown()
+    return results

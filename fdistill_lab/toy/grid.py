@@ -96,6 +96,19 @@ def _run_one(worker: Callable[[dict[str, Any], int], dict[str, Any]], path: Path
     return worker(params, eval_samples)
 
 
+def spawn_pool(jobs: int) -> ProcessPoolExecutor:
+    """A pool of ``jobs`` spawned processes with one torch thread each (spawn: safe in a Jupyter kernel and beside
+    torch's threads)."""
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread)
+
+
+def stop_pool(pool: ProcessPoolExecutor) -> None:
+    """End ``pool`` now: terminate its processes (runs in flight included) and drop the queued work."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        proc.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
 def _one_thread() -> None:
     import torch
 
@@ -167,8 +180,7 @@ def _pool_round(todo: dict[Path, dict[str, Any]], jobs: int, eval_samples: int, 
     (none when ``stop`` ends the round: those runs stay to do)."""
     for path in todo:
         _started(path).unlink(missing_ok=True)
-    context = multiprocessing.get_context("spawn")  # safe in a Jupyter kernel and beside torch's threads
-    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_one_thread)
+    pool = spawn_pool(jobs)
     broken = []
     try:
         futures = {pool.submit(_run_one, worker, path, params, eval_samples): path for path, params in todo.items()}
@@ -183,9 +195,7 @@ def _pool_round(todo: dict[Path, dict[str, Any]], jobs: int, eval_samples: int, 
                     broken.append(path)
     finally:  # stopped or interrupted: end the runs now instead of waiting for them to finish
         if stop.is_set() or sys.exc_info()[0] is not None:
-            for proc in list(getattr(pool, "_processes", {}).values()):
-                proc.terminate()
-            pool.shutdown(wait=False, cancel_futures=True)
+            stop_pool(pool)
             for path in todo:
                 _started(path).unlink(missing_ok=True)
             broken = []
