@@ -139,6 +139,36 @@ class GaussianMixture:
         return self.log_prob(x, sigma) - other.log_prob(x, sigma)
 
 
+class SharedStdMixture(GaussianMixture):
+    """A mixture whose components share one isotropic std (a Gaussian KDE, the toy oracle's model of the student):
+    the same densities, score and denoiser as :class:`GaussianMixture`, computed on [N, K] distances from one
+    matrix product instead of [N, K, D] differences (several times faster for a KDE of hundreds of points)."""
+
+    def __init__(self, means: torch.Tensor, std: float, weights: torch.Tensor | None = None,
+                 dtype: torch.dtype = torch.float64) -> None:
+        if not isinstance(std, (int, float)) or isinstance(std, bool):
+            raise ValueError(f"std must be one number shared by every component; got {std!r}")
+        super().__init__(means, float(std), weights, dtype)
+        self.std = float(std)
+
+    def to(self, dtype: torch.dtype) -> SharedStdMixture:
+        return SharedStdMixture(self.means.to(dtype), self.std, self.weights.to(dtype), dtype)
+
+    def _component_terms(self, x: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log of w_k N(x; mu_k, (std^2 + sigma^2) I) [N, K] and the variance per sample [N]."""
+        var = self.std**2 + s**2  # [N]
+        sq = (x * x).sum(1, keepdim=True) - 2.0 * x @ self.means.T + (self.means * self.means).sum(1)[None]
+        sq = sq.clamp_min(0.0)  # ||x - mu||^2 from the expansion: never below 0 by rounding
+        logn = -0.5 * (sq / var[:, None] + self.dim * (var.log()[:, None] + math.log(2 * math.pi)))
+        return logn + self.weights.log()[None], var
+
+    def score(self, x: torch.Tensor, sigma: torch.Tensor | float = 0.0) -> torch.Tensor:
+        """grad_x log p_sigma(x) = (sum_k gamma_k mu_k - x) / (std^2 + sigma^2)."""
+        x, s = self._prep(x, sigma)
+        logc, var = self._component_terms(x, s)
+        return (torch.softmax(logc, dim=1) @ self.means - x) / var[:, None]
+
+
 def ring(
     num_modes: int = 8,
     radius: float = 2.0,

@@ -79,3 +79,27 @@ def test_bad_input():
         GaussianMixture(torch.zeros(2, 2), 0.0)
     with pytest.raises(ValueError, match="weights must be"):
         GaussianMixture(torch.zeros(2, 2), 1.0, torch.ones(3))
+
+
+def test_shared_std_mixture_equals_the_general_mixture():
+    """The KDE fast path (one matrix product for the distances) gives the general mixture's densities, score,
+    denoiser and ratio gradient to rounding, at the noise levels the toy oracle uses."""
+    from fdistill_lab.mixtures import SharedStdMixture
+
+    g = torch.Generator().manual_seed(0)
+    centers = 2 * torch.randn(256, 2, generator=g, dtype=torch.float64)
+    general, shared = GaussianMixture(centers, 0.05), SharedStdMixture(centers, 0.05)
+    x = 2 * torch.randn(512, 2, generator=g, dtype=torch.float64)
+    sigma = 0.01 + 3 * torch.rand(512, generator=g, dtype=torch.float64)
+    for name in ("log_prob", "responsibilities", "score", "denoise"):
+        a, b = getattr(general, name)(x, sigma), getattr(shared, name)(x, sigma)
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-9), name
+    teacher = GaussianMixture(torch.tensor([[-2.0, 0.0], [2.0, 0.0]]), 0.2, torch.tensor([0.9, 0.1]))
+    grads = []
+    for model in (general, shared):
+        xg = x.clone().requires_grad_()
+        grads.append(torch.autograd.grad(teacher.log_ratio(model, xg, sigma).sum(), xg)[0])
+    assert torch.allclose(grads[0], grads[1], rtol=1e-9, atol=1e-9)
+    assert shared.to(torch.float32).means.dtype == torch.float32
+    with pytest.raises(ValueError, match="one number shared"):
+        SharedStdMixture(centers, torch.ones(256))

@@ -305,6 +305,34 @@ def test_run_comparison_in_processes_equals_serial_and_fails_fast(teacher):
         run_comparison(teacher, ["rkl"], [0], cfg, workers=0)
 
 
+def test_studies_in_one_pool_equal_separate_comparisons_and_light_mode_metrics(teacher):
+    from fdistill_lab import toy
+
+    light = toy.light_mode_teacher()
+    assert light.weights.tolist() == pytest.approx([0.9, 0.1]) and light.means[1].tolist() == [2.0, 0.0]
+    with pytest.raises(ValueError, match="light must be in"):
+        toy.light_mode_teacher(light=1.5)
+    assert toy.converged_config(seed=3).batch_size == toy.CONVERGED["batch_size"] == 512
+    cfg = ToyConfig(steps=30, student_update_freq=3, eval_every=10, **SMALL)
+    start = cfg.replace(**toy.LIGHT_MODE_START)
+    studies = {"light": (light, ["rkl", "js"], [0, 1], start), "ring": (teacher, ["js"], [0, 1], cfg),
+               "oracle": (light, ["rkl"], [0, 1], start.replace(oracle=True))}
+    together = toy.run_studies(studies, eval_samples=200, progress=False, workers=2)
+    for name, (t, divs, seeds, c) in studies.items():
+        alone = toy.run_comparison(t, divs, seeds, c, eval_samples=200, progress=False)
+        assert together[name].metrics == alone.metrics, name
+    light_runs = together["light"]
+    light_runs.add_mode_metrics(1, "light")
+    m = light_runs.metrics["js"][1]
+    assert m["light_mass"] == m["mode_mass"][1] and m["light_found"] == float(m["covered"][1])
+    rows = light_runs.intervals(metrics=("light_mass",))["light_mass"]
+    assert [r["name"] for r in rows] == ["rkl", "js"] and rows[0]["verdict"] == "baseline"
+    with pytest.raises(ValueError, match="mode must be in"):
+        light_runs.add_mode_metrics(2, "x")
+    with pytest.raises(ValueError, match="study 'ring': need at least one divergence"):
+        toy.run_studies({"ring": (teacher, [], [0], cfg)})
+
+
 def test_classroom_reverse_and_forward_kl_pinned(teacher):
     """Classroom setting (notebook 02 defaults), 3 seeds: the seeded headline numbers notebook 02 quotes (measured
     2026-12-03, DMD normaliser + 1e-6): modes covered rkl 7/7/8, fkl 6/6/8. Before the normaliser change they were

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..edm import precond
-from ..mixtures import GaussianMixture
+from ..mixtures import SharedStdMixture
 
 
 def mlp(in_dim: int, hidden: int, out_dim: int, depth: int = 3) -> nn.Sequential:
@@ -112,7 +112,7 @@ class ToyDiscriminator(nn.Module):
         return self.net(torch.cat([c_in * x, self.embed(s)], dim=1)).squeeze(1)
 
 
-def student_kde(samples: torch.Tensor, bandwidth: float) -> GaussianMixture:
+def student_kde(samples: torch.Tensor, bandwidth: float) -> SharedStdMixture:
     """The oracle's model of the student: a Gaussian KDE, q_hat = mean_i N(x_i, bandwidth^2 I).
 
     It is a Gaussian mixture, so q_hat noised at sigma (bandwidth^2 + sigma^2), its score, its exact
@@ -122,4 +122,4 @@ def student_kde(samples: torch.Tensor, bandwidth: float) -> GaussianMixture:
         raise ValueError(f"bandwidth must be > 0; got {bandwidth}")
     if samples.ndim != 2 or samples.shape[0] < 1:
         raise ValueError(f"samples must be [N, D] with N >= 1; got {tuple(samples.shape)}")
-    return GaussianMixture(samples.detach().double(), bandwidth)
+    return SharedStdMixture(samples.detach().double(), float(bandwidth))

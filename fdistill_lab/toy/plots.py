@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from .. import stats
 from ..divergences import get as get_divergence
 from ..mixtures import GaussianMixture
 from .trainer import EVALUATION_KEYS
@@ -66,7 +67,8 @@ def plot_samples(samples: Mapping[str, torch.Tensor], teacher: GaussianMixture, 
 
 
 def plot_mode_mass(mass: Mapping[str, np.ndarray], weights: torch.Tensor | np.ndarray) -> Figure:
-    """Grouped bars: per mode, the true weight and each divergence's mode mass (mean +- std over seeds).
+    """Grouped bars: per mode, the true weight and each divergence's mode mass (mean over seeds, error bar: its 95%
+    t interval, :func:`fdistill_lab.stats.mean_interval`).
 
     ``mass[name]`` is [seeds, K] (or [K] for one run).
     """
@@ -84,8 +86,11 @@ def plot_mode_mass(mass: Mapping[str, np.ndarray], weights: torch.Tensor | np.nd
         m = np.atleast_2d(np.asarray(mass[name], dtype=float))
         if m.shape[1] != k:
             raise ValueError(f"mass[{name!r}] has {m.shape[1]} modes; teacher has {k}")
-        std = m.std(0, ddof=1) if m.shape[0] > 1 else None
-        ax.bar(pos - 0.4 + width * (i + 1.5), m.mean(0), width, yerr=std, capsize=2, color=palette(i % 10),
+        err = None
+        if m.shape[0] > 1:
+            bounds = [stats.mean_interval(m[:, j]) for j in range(k)]
+            err = np.array([[iv.mean - iv.low for iv in bounds], [iv.high - iv.mean for iv in bounds]])
+        ax.bar(pos - 0.4 + width * (i + 1.5), m.mean(0), width, yerr=err, capsize=2, color=palette(i % 10),
                label=_label(name))
     ax.set_xticks(pos, [f"mode {j}\nw={w[j]:.2f}" for j in range(k)], fontsize=8)
     ax.set_ylabel("share of on-mode samples")
