@@ -169,3 +169,39 @@ def test_make_grid_layout_and_errors():
         make_grid(torch.zeros(3, 2, 2))
     with pytest.raises(ValueError, match="value_range"):
         make_grid(imgs, value_range=(1.0, 1.0))
+
+
+def test_subsample_classes_keeps_a_seeded_fraction_of_the_rare_ones(digits):
+    from fdistill_lab.digits.data import subsample_classes
+
+    train, _ = digits
+    rare = subsample_classes(train, [5, 6, 7, 8, 9], keep=0.1, seed=0)
+    before = torch.bincount(train.labels, minlength=10)
+    after = torch.bincount(rare.labels, minlength=10)
+    assert after[:5].tolist() == before[:5].tolist()
+    assert after[5:].tolist() == [max(1, round(0.1 * int(n))) for n in before[5:]]
+    again = subsample_classes(train, [9, 5, 6, 7, 8], keep=0.1, seed=0)
+    assert torch.equal(again.images, rare.images) and torch.equal(again.labels, rare.labels)
+    assert not torch.equal(subsample_classes(train, [5, 6, 7, 8, 9], keep=0.1, seed=1).images, rare.images)
+    kept = {tuple(x.flatten().tolist()) for x in rare.images}
+    assert kept <= {tuple(x.flatten().tolist()) for x in train.images}  # a subset, images unchanged
+    with pytest.raises(ValueError, match="rare must be a non-empty list of classes in"):
+        subsample_classes(train, [10], keep=0.1)
+    with pytest.raises(ValueError, match="keep must be in"):
+        subsample_classes(train, [5], keep=0.0)
+
+
+def test_per_class_coverage_sees_a_dropped_class(digits):
+    from fdistill_lab.digits import metrics as dm
+
+    train, held = digits
+    clf = dm.train_classifier(train.images, train.labels, steps=150, seed=0)
+    full = dm.per_class_coverage(clf, train.images, held.images, held.labels)
+    assert sum(full["mass"]) == pytest.approx(1.0) and min(full["recall"]) > 0.5
+    without_3 = train.images[train.labels != 3]  # samples that never draw a 3
+    dropped = dm.per_class_coverage(clf, without_3, held.images, held.labels)
+    assert dropped["mass"][3] < 0.02 and dropped["recall"][3] < 0.5 * full["recall"][3]
+    others = [c for c in range(10) if c != 3]
+    assert min(dropped["recall"][c] for c in others) > 0.5
+    with pytest.raises(ValueError, match="real images but"):
+        dm.per_class_coverage(clf, train.images, held.images, held.labels[:5])

@@ -6,7 +6,7 @@ assumes (sigma_data = 0.5). A seeded, class-stratified split keeps a held-out se
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +68,27 @@ def load_digits(
     tr = torch.from_numpy(np.sort(np.concatenate(train_idx)))
     ho = torch.from_numpy(np.sort(np.concatenate(hold_idx)))
     return DigitsSplit(x[tr].contiguous(), y[tr]), DigitsSplit(x[ho].contiguous(), y[ho])
+
+
+def subsample_classes(split: DigitsSplit, rare: Sequence[int], keep: float, seed: int = 0) -> DigitsSplit:
+    """A class-imbalanced copy of ``split``: of each class in ``rare`` keep a seeded random ``keep`` fraction of its
+    images (rounded, at least one); the other classes stay whole. Notebook 04's image-scale test of mode coverage:
+    a teacher trained on it has rare classes that a mode-seeking student may drop."""
+    classes = sorted({int(c) for c in rare})
+    if not classes or classes[0] < 0 or classes[-1] >= NUM_CLASSES:
+        raise ValueError(f"rare must be a non-empty list of classes in [0, {NUM_CLASSES - 1}]; got {list(rare)}")
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be in (0, 1]; got {keep}")
+    g = torch.Generator().manual_seed(seed)
+    kept = []
+    for c in range(NUM_CLASSES):
+        idx = torch.nonzero(split.labels == c).flatten()
+        if c in classes and len(idx):
+            n = max(1, int(round(keep * len(idx))))
+            idx = idx[torch.randperm(len(idx), generator=g)[:n]]
+        kept.append(idx)
+    order = torch.sort(torch.cat(kept)).values
+    return DigitsSplit(split.images[order].contiguous(), split.labels[order].clone())
 
 
 class BatchSampler:

@@ -144,6 +144,28 @@ def class_statistics(pred: torch.Tensor, target: torch.Tensor | None = None, num
     return out
 
 
+@torch.no_grad()
+def per_class_coverage(clf: DigitClassifier, samples: torch.Tensor, real_images: torch.Tensor,
+                       real_labels: torch.Tensor, k: int = 3, num_classes: int = NUM_CLASSES) -> dict[str, list[float]]:
+    """Per class: ``mass``, the share of ``samples`` the classifier assigns to it, and ``recall``, the fraction of the
+    real images of that class that lie inside the samples' k-NN manifold (Kynkaanniemi et al. 2019's recall,
+    restricted to one class: a dropped class has recall near 0 whatever the others do). Classes without real images
+    get recall NaN."""
+    samples = samples.float().clamp(-1, 1)
+    if len(real_images) != len(real_labels):
+        raise ValueError(f"{len(real_images)} real images but {len(real_labels)} labels")
+    pred = clf(samples).argmax(1)
+    mass = torch.bincount(pred, minlength=num_classes).double() / len(pred)
+    fake = torch.from_numpy(features(clf, samples))
+    real = torch.from_numpy(features(clf, real_images))
+    if k < 1 or k >= len(fake):
+        raise ValueError(f"need 1 <= k < number of samples; got k={k} with {len(fake)} samples")
+    inside = (torch.cdist(real, fake) <= _knn_radii(fake, k)[None, :]).any(1).double()
+    recall = [float(inside[real_labels == c].mean()) if bool((real_labels == c).any()) else float("nan")
+              for c in range(num_classes)]
+    return {"mass": mass.tolist(), "recall": recall}
+
+
 @dataclass
 class SampleReport:
     """Metrics of one set of samples against held-out real digits."""
