@@ -28,7 +28,8 @@ def _check_metrics(m: dict) -> None:
 def test_declared_parameters():
     params = declared_parameters(NAME)
     for name in ("div", "steps", "teacher_steps", "retrain_teacher", "seed", "smoke", "output_dir",
-                 "student_update_freq", "gan_weight", "disc_placement"):
+                 "student_update_freq", "gan_weight", "disc_placement", "full", "rare_keep",
+                 "imbalanced_teacher_steps"):
         assert name in params, f"parameter {name} missing; declared {sorted(params)}"
     assert params["div"]["default"].strip("\"'") == "js"
 
@@ -56,10 +57,21 @@ def test_smoke_run_records_metrics_then_corrupted_teacher_cache_is_refused(tmp_p
     speed = rec["speed"]
     assert speed["speedup"] == pytest.approx(speed["student_images_per_s"] / speed["teacher_images_per_s"])
     assert speed["speedup"] >= 20, f"one-step student only {speed['speedup']:.1f}x faster than 18-step Heun"
-    for name in ("samples.png", "training_curves.png", "student_js.pt"):
+    for name in ("samples.png", "training_curves.png", "student_js.pt", "fd_curves.png", "imbalanced_class_mass.png"):
         assert (tmp_path / name).is_file()
+    curve = rec["fd_curves"]["js"]  # FD after every chunk, the last one at the student's final iteration
+    assert [c["step"] for c in curve][-1] == rec["config"]["steps"] and all(c["fd"] > 0 for c in curve)
+    assert curve[-1]["fd"] == pytest.approx(rec["students"]["js"]["fd"])
+    imb = rec["imbalanced"]  # section 9: the unconditional teacher on rare classes 5-9, three students
+    assert imb["rare_classes"] == [5, 6, 7, 8, 9] and imb["seeds"] == [0]
+    assert sum(imb["data_mass"][5:]) == pytest.approx(0.092, abs=0.01)  # classes 5-9 at 10% of their images
+    assert set(imb["runs"]) == {"rkl", "js", "fkl"} and sum(imb["teacher"]["mass"]) == pytest.approx(1.0)
+    for runs in imb["runs"].values():
+        for r in runs:
+            assert r["rare_mass"] == pytest.approx(sum(r["mass"][5:])) and 0.0 <= r["mass_tv_teacher"] <= 1.0
+    assert [r["name"] for r in imb["intervals"]["rare_mass"]] == ["rkl", "js", "fkl"]
     caches = sorted(tmp_path.glob("teacher_*.pt"))
-    assert len(caches) == 1
+    assert len(caches) == 2  # the class-conditional teacher and section 9's unconditional one
 
     # the second run must refuse a corrupted cache (never use it, never silently retrain)
     caches[0].write_bytes(b"corrupted teacher checkpoint")
@@ -85,6 +97,7 @@ def test_smoke_with_the_heads_on_the_fake_score(tmp_path):
     ({"disc_placement": "student"}, "disc_placement must be one of ('teacher', 'fake_score')"),
     ({"student_update_freq": 1}, "student_update_freq must be >= 2"),
     ({"steps": 0}, "steps must be >= 1"),
+    ({"rare_keep": 0.0}, "rare_keep must be in (0, 1]"),
 ])
 def test_bad_input_stops_in_first_code_cell(tmp_path, params, message):
     assert_rejected_before_writing(NAME, tmp_path, params, message)
