@@ -48,6 +48,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """In the server's process (Linux): SIGTERM when pytest dies, so a killed test run leaves no server behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _unhooked_notebook() -> nbformat.NotebookNode:
     """The notebook's control with the callback removed: the slider moves, nothing redraws."""
     source = ("from IPython.display import display\n\nfrom fdistill_lab.gaussian1d import widgets\n\n"
@@ -73,12 +81,14 @@ def lab(tmp_path_factory) -> Iterator[Lab]:
     env = dict(os.environ, FDISTILL_SMOKE="1", JUPYTER_RUNTIME_DIR=str(base / "runtime"),
                JUPYTER_CONFIG_DIR=str(base / "config"), JUPYTERLAB_WORKSPACES_DIR=str(base / "workspaces"))
     cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-           "--ServerApp.port_retries=0", f"--ServerApp.token={token}", f"--ServerApp.root_dir={root}",
+           "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
            "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+    if os.geteuid() == 0:  # CI runs as root
+        cmd.append("--allow-root")
     log = base / "jupyter.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_die_with_parent)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + SERVER_START_S
@@ -95,21 +105,45 @@ def lab(tmp_path_factory) -> Iterator[Lab]:
                 time.sleep(0.5)
         yield Lab(url, token, root, log)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and the kernels it started
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop the server's process group (the server and the kernels it started)."""
+    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
         try:
-            proc.wait(timeout=30)
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=wait_s)
+            return
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+            continue
 
 
 def open_and_run_all(page, lab: Lab, name: str) -> None:
     """Open ``name`` in JupyterLab, Run All Cells from the Run menu, wait until every code cell has run, save."""
-    page.goto(f"{lab.url}/lab/tree/{name}?token={lab.token}", timeout=120_000)
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    _shutdown_kernels(lab)  # else JupyterLab asks which kernel to use (another test's is still running)
+    # a workspace of its own, reset: JupyterLab would otherwise reopen the tabs of the previous test
+    workspace = Path(name).stem.replace("_", "-")
+    page.goto(f"{lab.url}/lab/workspaces/{workspace}/tree/{name}?reset&token={lab.token}", timeout=120_000)
     page.locator(".jp-NotebookPanel .jp-Cell").first.wait_for(timeout=120_000)
     page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for(timeout=180_000)
-    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+    started = ("() => [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')]"
+               ".some(p => /\\[(\\*|\\d+)\\]/.test(p.textContent))")
+    for attempt in range(1, 4):  # the menu item does nothing until the kernel is connected: retry
+        _accept_dialog(page)
+        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click(timeout=20_000)
+        page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+        try:
+            page.wait_for_function(started, timeout=30_000, polling=250)
+            break
+        except PlaywrightTimeout:
+            if attempt == 3:
+                raise AssertionError("Run > Run All Cells started no cell in 3 tries") from None
     n_code = len([c for c in nbformat.read(lab.root / name, as_version=4).cells if c.cell_type == "code"])
     page.wait_for_function(
         """n => {
@@ -121,6 +155,23 @@ def open_and_run_all(page, lab: Lab, name: str) -> None:
     page.keyboard.press("Control+s")
     page.wait_for_function("() => !document.querySelector('.jp-NotebookPanel.jp-mod-dirty, .jp-mod-dirty')",
                            timeout=60_000)
+
+
+def _shutdown_kernels(lab: Lab) -> None:
+    headers = {"Authorization": f"token {lab.token}"}
+    with urllib.request.urlopen(urllib.request.Request(f"{lab.url}/api/kernels", headers=headers), timeout=30) as r:
+        kernels = json.load(r)
+    for kernel in kernels:
+        req = urllib.request.Request(f"{lab.url}/api/kernels/{kernel['id']}", headers=headers, method="DELETE")
+        urllib.request.urlopen(req, timeout=60).close()
+
+
+def _accept_dialog(page) -> None:
+    """Accept a dialog JupyterLab may open on a slow start (e.g. the kernel choice), which would block clicks."""
+    dialog = page.locator(".jp-Dialog")
+    if dialog.count() and dialog.first.is_visible():
+        print(f"accepting JupyterLab dialog: {dialog.first.inner_text()[:200]!r}")
+        dialog.first.locator(".jp-Dialog-button.jp-mod-accept").first.click(timeout=10_000)
 
 
 def error_outputs(path: Path) -> list[str]:
@@ -158,6 +209,7 @@ def move_slider_and_check_redraw(page, timeout_s: float = REDRAW_S) -> tuple[str
                          f"from {before} to {after}")
 
 
+@pytest.mark.timeout(1200)
 def test_notebook_01_runs_in_jupyterlab_and_its_widget_redraws(lab, tmp_path):
     with browser_page() as page:
         open_and_run_all(page, lab, NAME)
@@ -172,6 +224,7 @@ def test_notebook_01_runs_in_jupyterlab_and_its_widget_redraws(lab, tmp_path):
         print(f"slider {before} -> {after}; screenshots in {tmp_path}")
 
 
+@pytest.mark.timeout(900)
 def test_the_redraw_check_fails_when_the_widget_is_disconnected(lab, tmp_path):
     with browser_page() as page:
         open_and_run_all(page, lab, UNHOOKED)
