@@ -96,6 +96,9 @@ def test_book_screenshots_show_navigation_text_and_figures(smoke_book, tmp_path)
                 if not rel.endswith(f"{name}.html"):  # the page's own entry links to "#"
                     assert nav.locator(f'a[href$="{name}.html"]').count() == 1, f"{rel}: no link to {name}"
             assert page.locator("article h1").first.is_visible()
+            page.wait_for_function(  # MathJax ships with the site: formulas are typeset offline
+                "() => window.MathJax && MathJax.Hub && MathJax.Hub.queue.pending === 0"
+                " && document.querySelectorAll('article .MathJax').length > 3", timeout=60_000)
             if shot == "notebook02":
                 figures = page.locator("article img[src*='_images']")
                 assert figures.count() >= 3

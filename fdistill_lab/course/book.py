@@ -4,7 +4,8 @@
 handouts (:mod:`.handouts`) to get executed copies with real outputs, unless ``--no-execute`` reuses those already in
 ``<build>/handouts/<full|smoke>/executed/``; it then assembles ``<build>/book/<full|smoke>/<edition>/src/`` and
 renders it with Sphinx, MyST-NB and the Sphinx Book Theme (the ``book`` extra) into ``.../<edition>/html/``: open
-``html/index.html``. Navigation, search and the stored outputs come with the theme; nothing is executed by Sphinx.
+``html/index.html``. Navigation, search and the stored outputs come with the theme; nothing is executed by Sphinx;
+MathJax is copied into the site, so formulas typeset offline.
 The instructor edition folds each exercise's solution cell (tag ``hide-input``: a "show code" toggle); the student
 edition replaces the solutions by the exercise stub, as the student copies do. The Colab install cell is left out.
 
@@ -43,7 +44,14 @@ nb_execution_mode = "off"
 myst_enable_extensions = ["dollarmath", "amsmath"]
 myst_heading_anchors = 3
 suppress_warnings = ["myst.header", "myst.xref_missing", "misc.highlighting_failure"]
-exclude_patterns = ["_build"]
+exclude_patterns = ["_build", "_mathjax"]
+# MathJax 2 from the jupyter-server-mathjax package, shipped with the site: formulas typeset offline too
+html_static_path = ["_mathjax"]
+mathjax_path = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full"
+mathjax2_config = {{
+    "HTML-CSS": {{"availableFonts": [], "webFont": "STIX-Web", "imageFont": None}},  # the one font it ships
+    "tex2jax": {{"processClass": "math|output_area|tex2jax_process"}},  # the theme marks the article "ignore"
+}}
 '''
 
 
@@ -73,6 +81,19 @@ def section(markdown: str, heading: str) -> str:
     return f"# {heading}\n{match.group(1)}"
 
 
+def copy_mathjax(dest: Path) -> None:
+    """Copy MathJax (from the ``jupyter-server-mathjax`` package of the book extra) to ``dest``."""
+    try:
+        import jupyter_server_mathjax
+    except ImportError as exc:
+        raise RuntimeError("jupyter-server-mathjax is missing (pip install -e .[book]): the book ships MathJax "
+                           "so that formulas render offline") from exc
+    static = Path(jupyter_server_mathjax.__file__).parent / "static"
+    if not (static / "MathJax.js").is_file():
+        raise RuntimeError(f"no MathJax.js in {static}; reinstall jupyter-server-mathjax")
+    shutil.copytree(static, dest, ignore=shutil.ignore_patterns("localization", "*.py", "__pycache__"))
+
+
 def assemble(src: Path, executed: dict[str, Path], edition: str, docs: Path = ROOT / "docs",
              readme: Path = ROOT / "README.md") -> list[str]:
     """Write the book's sources into ``src`` (emptied first); return the toc's document names."""
@@ -94,6 +115,7 @@ def assemble(src: Path, executed: dict[str, Path], edition: str, docs: Path = RO
     edition_note = f"\n*{edition.capitalize()} edition.*\n"
     first, _, rest = readme_text.partition("\n")
     (src / "index.md").write_text("\n".join([first, edition_note, rest, *toc]), encoding="utf-8")
+    copy_mathjax(src / "_mathjax" / "mathjax")
     (src / "conf.py").write_text(CONF.format(title=f"{TITLE} ({edition} edition)"), encoding="utf-8")
     return ["index", "syllabus", *pages, *results]
 
