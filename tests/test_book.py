@@ -34,6 +34,15 @@ def test_editions_fold_or_remove_the_solutions_and_drop_the_install_cell():
     assert book.section("# t\n## Syllabus\nrow\n## Next\ny\n", "Syllabus") == "# Syllabus\nrow\n"
 
 
+def test_links_to_files_outside_the_book_go_to_the_repository():
+    text = "see [m](fdistill_lab/method.py), [d](data/README.md), [n](notebooks/01_a.ipynb), [r](docs/r.md), " \
+           "[w](https://x.org/a), [s](#syllabus)"
+    assert book.link_outside_pages(text, "https://github.com/o/r") == (
+        "see [m](https://github.com/o/r/blob/main/fdistill_lab/method.py), "
+        "[d](https://github.com/o/r/blob/main/data/README.md), [n](notebooks/01_a.ipynb), [r](docs/r.md), "
+        "[w](https://x.org/a), [s](#syllabus)")
+
+
 def test_no_execute_without_executed_copies_names_the_command(tmp_path, capsys):
     pytest.importorskip("myst_nb", reason="the book extra is not installed (pip install -e .[book])")
     assert book.main(["--no-execute", "--smoke", "--only", "01_f_divergences", "--build", str(tmp_path)]) == 1

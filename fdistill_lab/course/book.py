@@ -27,7 +27,7 @@ from pathlib import Path
 import nbformat
 
 from .handouts import ROOT, select_notebooks
-from .hosted import INSTALL_TAG
+from .hosted import INSTALL_TAG, repository_url
 from .student_copies import has_solution, student_notebook
 
 EDITIONS = ("instructor", "student")
@@ -43,7 +43,7 @@ html_theme_options = {{"show_toc_level": 2, "home_page_in_toc": True}}
 nb_execution_mode = "off"
 myst_enable_extensions = ["dollarmath", "amsmath"]
 myst_heading_anchors = 3
-suppress_warnings = ["myst.header", "myst.xref_missing", "misc.highlighting_failure"]
+suppress_warnings = ["myst.header", "misc.highlighting_failure", "mystnb.unknown_mime_type"]  # records: JSON for tests
 exclude_patterns = ["_build", "_mathjax"]
 # MathJax 2 from the jupyter-server-mathjax package, shipped with the site: formulas typeset offline too
 html_static_path = ["_mathjax"]
@@ -94,12 +94,23 @@ def copy_mathjax(dest: Path) -> None:
     shutil.copytree(static, dest, ignore=shutil.ignore_patterns("localization", "*.py", "__pycache__"))
 
 
+def link_outside_pages(markdown: str, url: str) -> str:
+    """Point relative links to files that are not pages of the book (``fdistill_lab/method.py``, ``data/README.md``)
+    at the repository ``url``; links to notebooks, ``docs/`` and web addresses are kept."""
+    def fix(match: re.Match) -> str:
+        target = match.group(1)
+        inside = target.startswith(("notebooks/", "docs/", "#")) or re.match(r"[a-z]+:", target)
+        return match.group(0) if inside else f"]({url}/blob/main/{target})"
+
+    return re.sub(r"\]\(([^)\s]+)\)", fix, markdown)
+
+
 def assemble(src: Path, executed: dict[str, Path], edition: str, docs: Path = ROOT / "docs",
              readme: Path = ROOT / "README.md") -> list[str]:
     """Write the book's sources into ``src`` (emptied first); return the toc's document names."""
     shutil.rmtree(src, ignore_errors=True)
     (src / "notebooks").mkdir(parents=True)
-    readme_text = readme.read_text(encoding="utf-8")
+    readme_text = link_outside_pages(readme.read_text(encoding="utf-8"), repository_url())
     (src / "syllabus.md").write_text(section(readme_text, "Syllabus"),
                                      encoding="utf-8")
     pages = []
