@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -30,7 +31,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.notebooks]
 NAME = "01_f_divergences.ipynb"
 UNHOOKED = "99_widget_unhooked.ipynb"
 SERVER_START_S = 180
-RUN_ALL_S = 600  # notebook 01 in smoke mode takes ~10 s on an idle 2-core machine
+RUN_ALL_S = 300  # notebook 01 in smoke mode takes ~10 s on an idle 2-core machine
 REDRAW_S = 90
 
 
@@ -131,46 +132,75 @@ def open_and_run_all(page, lab: Lab, name: str) -> None:
     workspace = Path(name).stem.replace("_", "-")
     page.goto(f"{lab.url}/lab/workspaces/{workspace}/tree/{name}?reset&token={lab.token}", timeout=120_000)
     page.locator(".jp-NotebookPanel .jp-Cell").first.wait_for(timeout=120_000)
+    kernel = _idle_kernel(lab, name)
     page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").wait_for(timeout=180_000)
     started = ("() => [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')]"
                ".some(p => /\\[(\\*|\\d+)\\]/.test(p.textContent))")
-    for attempt in range(1, 4):  # the menu item does nothing until the kernel is connected: retry
-        _accept_dialog(page)
-        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click(timeout=20_000)
-        page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+    for attempt in range(1, 4):  # a click can be lost while JupyterLab is still settling: retry
+        _accept_kernel_choice(page)
+        page.locator(".lm-MenuBar-itemLabel").filter(has_text=re.compile(r"^Run$")).click(timeout=30_000)
+        page.locator(".lm-Menu-itemLabel").filter(has_text=re.compile(r"^Run All Cells$")).click(timeout=30_000)
         try:
             page.wait_for_function(started, timeout=30_000, polling=250)
             break
         except PlaywrightTimeout:
+            page.keyboard.press("Escape")
             if attempt == 3:
-                raise AssertionError("Run > Run All Cells started no cell in 3 tries") from None
+                raise AssertionError(f"Run > Run All Cells started no cell of {name} in 3 tries") from None
     n_code = len([c for c in nbformat.read(lab.root / name, as_version=4).cells if c.cell_type == "code"])
-    page.wait_for_function(
-        """n => {
-            const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')];
-            const done = prompts.filter(p => /\\[\\d+\\]/.test(p.textContent)).length;
-            const busy = document.querySelector(".jp-Notebook-ExecutionIndicator[data-status='busy']");
-            return prompts.length === n && done === n && !busy;
-        }""", arg=n_code, timeout=RUN_ALL_S * 1000, polling=500)
+    try:
+        page.wait_for_function(
+            """n => {
+                const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')];
+                const done = prompts.filter(p => /\\[\\d+\\]/.test(p.textContent)).length;
+                const busy = document.querySelector(".jp-Notebook-ExecutionIndicator[data-status='busy']");
+                return prompts.length === n && done === n && !busy;
+            }""", arg=n_code, timeout=RUN_ALL_S * 1000, polling=500)
+    except PlaywrightTimeout:
+        prompts = page.locator(".jp-CodeCell .jp-InputArea-prompt").all_inner_texts()
+        raise AssertionError(f"{name}: not every cell ran within {RUN_ALL_S} s; prompts {prompts}; kernel "
+                             f"{_kernel_ids(lab)} (was {kernel}); server log {lab.log}") from None
+    assert _kernel_ids(lab) == [kernel], f"the kernel was replaced during Run All: {_kernel_ids(lab)} != {kernel}"
     page.keyboard.press("Control+s")
     page.wait_for_function("() => !document.querySelector('.jp-NotebookPanel.jp-mod-dirty, .jp-mod-dirty')",
                            timeout=60_000)
 
 
+def _api(lab: Lab, path: str, method: str = "GET"):
+    req = urllib.request.Request(f"{lab.url}{path}", headers={"Authorization": f"token {lab.token}"}, method=method)
+    with urllib.request.urlopen(req, timeout=60) as res:
+        body = res.read()
+    return json.loads(body) if body else None
+
+
+def _kernel_ids(lab: Lab) -> list[str]:
+    return [k["id"] for k in _api(lab, "/api/kernels")]
+
+
+def _idle_kernel(lab: Lab, name: str, timeout_s: float = 180) -> str:
+    """Id of the kernel of ``name``'s session once it reports idle (the page can run cells then)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for s in _api(lab, "/api/sessions"):
+            if s["path"].endswith(name) and s["kernel"]["execution_state"] == "idle":
+                return s["kernel"]["id"]
+        time.sleep(0.5)
+    raise AssertionError(f"no idle kernel for {name} within {timeout_s:.0f} s: {_api(lab, '/api/sessions')}")
+
+
 def _shutdown_kernels(lab: Lab) -> None:
-    headers = {"Authorization": f"token {lab.token}"}
-    with urllib.request.urlopen(urllib.request.Request(f"{lab.url}/api/kernels", headers=headers), timeout=30) as r:
-        kernels = json.load(r)
-    for kernel in kernels:
-        req = urllib.request.Request(f"{lab.url}/api/kernels/{kernel['id']}", headers=headers, method="DELETE")
-        urllib.request.urlopen(req, timeout=60).close()
+    for kernel_id in _kernel_ids(lab):
+        _api(lab, f"/api/kernels/{kernel_id}", method="DELETE")
 
 
-def _accept_dialog(page) -> None:
-    """Accept a dialog JupyterLab may open on a slow start (e.g. the kernel choice), which would block clicks."""
+def _accept_kernel_choice(page) -> None:
+    """Accept JupyterLab's "Select Kernel" dialog (its default: the notebook's python3), which would block clicks.
+    Any other dialog is an error: accepting it blindly could restart the kernel."""
     dialog = page.locator(".jp-Dialog")
     if dialog.count() and dialog.first.is_visible():
-        print(f"accepting JupyterLab dialog: {dialog.first.inner_text()[:200]!r}")
+        text = dialog.first.inner_text()
+        assert text.startswith("Select Kernel"), f"unexpected JupyterLab dialog: {text[:300]!r}"
+        print(f"accepting JupyterLab dialog: {text[:100]!r}")
         dialog.first.locator(".jp-Dialog-button.jp-mod-accept").first.click(timeout=10_000)
 
 
