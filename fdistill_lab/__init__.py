@@ -12,8 +12,8 @@ Layers (each imports only from the layers above it in this list; ``tests/test_la
 2. The labs, one subpackage each: ``gaussian1d`` (notebook 01), ``toy`` (02-03), ``digits`` (04), ``train``
    (05: the image trainer on one or many GPUs, presets, data, FID, downloads, EDM teachers).
 3. The course tooling: ``course`` (notebook set-up, results records, exercise checks, student copies, handouts).
-4. Commands: ``python -m fdistill_lab.train`` (also ``fdistill-train``), ``.download``, ``.sweep``, ``.student``
-   and ``.handouts``; the last four are two-line entry modules here that run a lab's or the course's ``main``.
+4. Commands: ``python -m fdistill_lab.train`` (also ``fdistill-train``), ``.download``, ``.sweep``, ``.student``,
+   ``.handouts`` and ``.book``; the last five are two-line entry modules here that run a lab's or the course's ``main``.
 """
 
 __version__ = "0.1.0"

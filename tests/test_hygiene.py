@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 IDS = [p.name for p in NOTEBOOKS]
 PARAM_TYPES = {"int", "float", "str", "bool"}
+PIP_CALL = re.compile(r"[\"']pip[\"']|pip install")
 PIP = re.compile(r"^\s*[%!]\s*(pip|conda|mamba)\b|get_ipython\(\)\.(system|run_line_magic)\(.*pip", re.M)
 
 
@@ -86,6 +87,8 @@ def test_no_pip_no_path_hacks(path):
     for i, cell in enumerate(_read(path).cells):
         if cell.cell_type == "code":
             assert not PIP.search(cell.source), f"cell {i}: no %pip/!pip/conda cells (install with pip install -e .)"
+            if "hosted-install" not in cell.metadata.get("tags", []):  # the generated Colab cell (test_hosted.py)
+                assert not PIP_CALL.search(cell.source), f"cell {i}: only the hosted-install cell may run pip"
             assert "sys.path" not in cell.source, f"cell {i}: no sys.path hacks"
 
 
@@ -106,8 +109,13 @@ def test_hygiene_checks_can_fail(tmp_path):
     params = nbformat.v4.new_code_cell("smoke: bool = False\nsteps = 2 * 10")
     params.metadata["tags"] = ["parameters"]
     pip = nbformat.v4.new_code_cell("%pip install torch")
+    hidden = nbformat.v4.new_code_cell('import subprocess, sys\nsubprocess.run([sys.executable, "-m", "pip"])')
     pip.outputs = [nbformat.v4.new_output("stream", text="x")]
     nb.cells = [params, pip]
+    only_hidden = nbformat.v4.new_notebook(cells=[hidden])
+    nbformat.write(only_hidden, tmp_path / "98_hidden.ipynb")
+    with pytest.raises(AssertionError, match="only the hosted-install cell may run pip"):
+        test_no_pip_no_path_hacks(tmp_path / "98_hidden.ipynb")
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     path = tmp_path / "99_bad.ipynb"
     nbformat.write(nb, path)

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fdistill_lab"
 METHOD = {"divergences", "ratio", "losses", "method", "edm", "mixtures", "files", "image_grid", "networks", "stats"}
 LABS = {"gaussian1d", "toy", "digits", "train"}
 COURSE = {"course"}
-COMMANDS = {"download", "sweep", "student", "handouts"}
+COMMANDS = {"download", "sweep", "student", "handouts", "book"}
 LAYERS = [("method", METHOD), ("labs", LABS), ("course", COURSE), ("commands", COMMANDS)]
 LAB_DEPENDENCIES = {"digits": {"train"}}  # notebook 04 distils digits with the image trainer of notebook 05
 

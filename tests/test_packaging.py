@@ -19,7 +19,7 @@ def test_environment_yml_installs_pyproject_extras():
     assert m, "environment.yml must pip-install the package editable with extras"
     extras = set(m.group(1).split(","))
     assert extras <= set(_pyproject()["project"]["optional-dependencies"])
-    assert {"notebooks", "dev"} <= extras
+    assert {"notebooks", "dev", "book"} <= extras
     # no version pins duplicated outside pyproject
     assert not re.search(r"(torch|numpy|scipy|papermill)\s*[=<>]", text)
 
@@ -46,8 +46,9 @@ def test_pyproject_dependencies():
 
 def test_ci_script_installs_and_guards_exit_code_5():
     text = (ROOT / ".ci" / "run").read_text()
-    assert "torch==2.13.0" in text and '.[notebooks,dev]' in text
-    assert text.index("torch==2.13.0") < text.index(".[notebooks,dev]")
+    assert "torch==2.13.0" in text and '.[notebooks,dev,book]' in text
+    assert text.index("torch==2.13.0") < text.index(".[notebooks,dev,book]")
+    assert "apt-get install" in text and "chromium" in text  # the browser tests run in CI
     assert '"$rc" -eq 5' in text
     readme = (ROOT / "README.md").read_text()
     assert "python -m pytest" in readme and "python -m pytest" in text
@@ -62,7 +63,7 @@ def test_entry_points_answer_help():
     import fdistill_lab.divergences
 
     commands = [[sys.executable, "-m", f"fdistill_lab.{m}", "--help"]
-                for m in ("train", "download", "sweep", "student", "handouts", "train.prepare_imagenet")]
+                for m in ("train", "download", "sweep", "student", "handouts", "book", "train.prepare_imagenet")]
     scripts = _pyproject()["project"]["scripts"]
     assert scripts == {"fdistill-train": "fdistill_lab.train.cli:main"}
     if shutil.which("fdistill-train"):
