@@ -16,14 +16,10 @@ import sys
 from pathlib import Path
 
 from fdistill_lab import stats
+from fdistill_lab.course.tables import markdown_table as _table
 
 RING = ("modes_covered", "precision", "recall", "mass_tv")
 LIGHT = ("light_found", "light_mass", "mass_tv", "recall", "precision")
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def interval_tables(intervals: dict[str, list[dict]], metrics: tuple[str, ...]) -> str:

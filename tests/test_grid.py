@@ -43,6 +43,20 @@ def test_the_same_run_gives_the_same_result_in_the_pool_and_here(tmp_path):
     assert json.loads(path.read_text())["metrics"] == json.loads(json.dumps(here["metrics"]))
 
 
+def test_a_run_keeps_its_curves_and_fluctuation_and_load_run_finds_it(tmp_path):
+    base = {**TINY, "student_update_freq": 2, "critic_warmup": 4, "eval_every": 8}
+    table = grid.run_grid([{"divergence": "fkl"}], tmp_path, base=base, eval_samples=200, progress=False)
+    result = grid.load_run(tmp_path, {"divergence": "fkl"}, base)
+    gen = result["generator_curve"]
+    assert len(gen["step"]) == len(gen["loss_f"]) == len(gen["grad_norm_student"]) == (20 - 4) // 2
+    assert len(result["curve"]["precision"]) == len(result["curve"]["step"])
+    cv = result["fluctuation"]["grad_norm_student"]["cv"]
+    assert table["fluctuation.grad_norm_student.cv"].iloc[0] == cv and cv > 0
+    assert "fluctuation.loss_f.step_change" in table.columns
+    with pytest.raises(FileNotFoundError, match="no result for this run"):
+        grid.load_run(tmp_path, {"divergence": "js"}, base)
+
+
 def test_failures_are_kept_and_retried_and_the_others_finish(tmp_path):
     points = [{"seed": 0}, {"seed": 1, "sigma_data": 0.0}]  # the second run raises while building its networks
     table = grid.run_grid(points, tmp_path, base=TINY, jobs=2, progress=False)

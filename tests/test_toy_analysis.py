@@ -148,6 +148,22 @@ def test_axis_summary_and_heatmaps():
     assert len([a for a in fig.axes if a.get_visible() and a.get_title()]) == 2
 
 
+def test_seed_values_pair_the_settings_of_one_divergence_by_seed():
+    pts = sensitivity.ofat_points(["js", "fkl"], [1, 0], AXES, DEFAULTS)  # seeds out of order on purpose
+    table = pd.DataFrame([{**p, "status": "done", "tv": p["lr"] * 100 + p["seed"] + (p["ratio_max"] == 2.0)}
+                          for p in pts])
+    lr = sensitivity.seed_values(table, "lr", AXES["lr"], DEFAULTS, "tv", AXES, "fkl")
+    assert lr == {"0.002": [0.2, 1.2], "0.005": [0.5, 1.5]}  # seed 0 first in every setting
+    clip = sensitivity.seed_values(table, "clip", AXES["clip"], DEFAULTS, "tv", AXES, "js")
+    assert clip == {"0.1-20": [0.2, 1.2], "0.5-2": [1.2, 2.2]}
+    assert sensitivity.default_label("clip", AXES, DEFAULTS) == "0.1-20"
+    with pytest.raises(ValueError, match="expected"):  # a seed missing from one setting breaks the pairing
+        sensitivity.seed_values(table.drop(index=table.index[(table.seed == 1) & (table.lr == 0.005)]), "lr",
+                                AXES["lr"], DEFAULTS, "tv", AXES, "js")
+    with pytest.raises(ValueError, match="no finished rkl run"):
+        sensitivity.seed_values(table, "lr", AXES["lr"], DEFAULTS, "tv", AXES, "rkl")
+
+
 def test_train_with_snapshots(teacher):
     cfg = toy.ToyConfig(divergence="fkl", steps=20, batch_size=32, critic_warmup=2, eval_every=3, eval_samples=100)
     run, snaps = toy_analysis.train_with_snapshots(teacher, cfg, [2, 14], progress=False)

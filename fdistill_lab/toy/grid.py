@@ -9,7 +9,8 @@ torch thread each) and writes ``<out>/runs/<name>.json`` when a run ends (atomic
 result; the name comes from the run's whole configuration, so grids that share a run share its file). A run that
 raises, or whose process dies, is written with ``status`` "failed" and its error and does not stop the others;
 running the grid again retries exactly the failed and missing runs. :func:`table` reads the results into a
-DataFrame (one row per run, its settings as columns plus ``metrics.*`` and ``cost.*``).
+DataFrame (one row per run, its settings as columns plus ``metrics.*``, ``cost.*`` and ``fluctuation.*``);
+:func:`load_run` reads one run's whole result, its curves included.
 """
 
 from __future__ import annotations
@@ -68,11 +69,15 @@ def run_point(params: dict[str, Any], eval_samples: int) -> dict[str, Any]:
                                       progress=False)
     run = res["run"]
     steps, tv = run.curve("mass_tv")
+    gen_steps, loss = run.curve("loss_f")
     return {"metrics": {k: res["metrics"][k] for k in METRIC_KEYS},
             "cost": {"seconds": res["seconds"], "sec_per_iter": res["sec_per_iter"],
                      "peak_rss_mb": analysis.peak_rss_mb()},
             "fluctuation": res["fluctuation"],
-            "curve": {"step": steps, "mass_tv": tv, "modes_covered": run.curve("modes_covered")[1]}}
+            "curve": {"step": steps, "mass_tv": tv, "modes_covered": run.curve("modes_covered")[1],
+                      "precision": run.curve("precision")[1]},
+            "generator_curve": {"step": gen_steps, "loss_f": loss,
+                                "grad_norm_student": run.curve("grad_norm_student")[1]}}
 
 
 def _worker(params: dict[str, Any], eval_samples: int) -> dict[str, Any]:
@@ -212,7 +217,7 @@ def _finish(path: Path, params: dict[str, Any], result: dict[str, Any], bar: Any
 
 def table(out: str | Path, runs: Mapping[Path, Any] | None = None):
     """One row per result in ``out`` (or per run of ``runs``, result files to settings, that has one): ``run``,
-    ``status``, ``error``, the settings, ``metrics.*`` and ``cost.*``."""
+    ``status``, ``error``, the settings, ``metrics.*``, ``cost.*`` and ``fluctuation.<quantity>.<measure>``."""
     import pandas as pd
 
     paths = sorted(runs) if runs is not None else sorted((Path(out) / RUNS_DIR).glob("*.json"))
@@ -224,10 +229,22 @@ def table(out: str | Path, runs: Mapping[Path, Any] | None = None):
         row = {"run": path.stem, "status": res["status"], "error": res.get("error", ""), **res["params"]}
         for group in ("metrics", "cost"):
             row.update({f"{group}.{k}": v for k, v in res.get(group, {}).items()})
+        for quantity, measures in res.get("fluctuation", {}).items():
+            row.update({f"fluctuation.{quantity}.{k}": v for k, v in measures.items()})
         rows.append(row)
     frame = pd.DataFrame(rows)
     frame.attrs["failed"] = int((frame["status"] != "done").sum()) if rows else 0
     return frame
+
+
+def load_run(out: str | Path, params: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The whole result file of the grid run with settings ``base`` + ``params`` in ``out`` (its curves included);
+    FileNotFoundError naming the run when the grid has none."""
+    path = Path(out) / RUNS_DIR / f"{run_name(plan([params], base)[0])}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no result for this run in {Path(out) / RUNS_DIR}: {path.name} (settings "
+                                f"{dict(params)}); run the grid first")
+    return json.loads(path.read_text())
 
 
 class BackgroundGrid:

@@ -73,6 +73,40 @@ def _matches(table, setting: Mapping[str, Any]) -> np.ndarray:
     return mask
 
 
+def _at_other_defaults(axis: str, axes: Mapping[str, Sequence[Any]], defaults: Mapping[str, Any]) -> Setting:
+    return {k: v for a in axes if a != axis for k, v in _settings(a, [defaults_for(a, axes, defaults)])[0].items()}
+
+
+def seed_values(table, axis: str, values: Sequence[Any], defaults: Mapping[str, Any], metric: str,
+                axes: Mapping[str, Sequence[Any]], divergence: str) -> dict[str, list[float]]:
+    """``{setting label: [metric per seed, in seed order]}`` of one divergence along ``axis`` (finished runs, the
+    other axes at their defaults): what :func:`fdistill_lab.stats.compare` pairs over seeds. ValueError when a
+    setting has no runs or other seeds than the first (the pairing would be wrong)."""
+    if metric not in table.columns:
+        raise ValueError(f"metric {metric!r} is not a column of the sweep table; columns: {list(table.columns)}")
+    done = table[(table["status"] == "done") & (table["divergence"] == divergence)]
+    others = _at_other_defaults(axis, axes, defaults)
+    out, seeds = {}, None
+    for s in _settings(axis, values):
+        rows = done[_matches(done, {**others, **_params(s)})].sort_values("seed")
+        label = setting_label(s)
+        if rows.empty:
+            raise ValueError(f"no finished {divergence} run for {axis} = {label}")
+        if seeds is None:
+            seeds = list(rows["seed"])
+        elif list(rows["seed"]) != seeds:
+            raise ValueError(f"{divergence}, {axis} = {label}: seeds {list(rows['seed'])}, expected {seeds}")
+        out[label] = [float(v) for v in rows[metric]]
+    return out
+
+
+def default_label(axis: str, axes: Mapping[str, Sequence[Any]], defaults: Mapping[str, Any]) -> str:
+    """The label of ``axis``'s setting that equals its defaults (the baseline of its comparisons)."""
+    default = defaults_for(axis, axes, defaults)
+    return next((setting_label(s) for s in _settings(axis, axes[axis]) if _params(s) == default),
+                setting_label(default))
+
+
 def axis_summary(table, axis: str, values: Sequence[Any], defaults: Mapping[str, Any], metric: str,
                  axes: Mapping[str, Sequence[Any]]):
     """(mean, std, count) DataFrames, divergence x setting label, of ``metric`` over seeds.
@@ -85,7 +119,7 @@ def axis_summary(table, axis: str, values: Sequence[Any], defaults: Mapping[str,
     if metric not in table.columns:
         raise ValueError(f"metric {metric!r} is not a column of the sweep table; columns: {list(table.columns)}")
     done = table[table["status"] == "done"]
-    others = {k: v for a in axes if a != axis for k, v in _settings(a, [defaults_for(a, axes, defaults)])[0].items()}
+    others = _at_other_defaults(axis, axes, defaults)
     frames = []
     for s in _settings(axis, values):
         rows = done[_matches(done, {**others, **_params(s)})]
@@ -132,9 +166,7 @@ def plot_heatmaps(table, axes: Mapping[str, Sequence[Any]], defaults: Mapping[st
                 annot.iat[i, j] = text + (f"\n±{s:.2f}" if np.isfinite(m) and np.isfinite(s) else "")
         sns.heatmap(mean.astype(float), annot=annot.to_numpy(), fmt="", cmap=cmap, vmin=vmin, vmax=vmax, ax=ax,
                     cbar=True, annot_kws={"fontsize": 8})
-        default = defaults_for(axis, axes, defaults)
-        default = next((setting_label(s) for s in _settings(axis, values) if _params(s) == default),
-                       setting_label(default))
+        default = default_label(axis, axes, defaults)
         seeds = int(np.nanmax(count.to_numpy(dtype=float))) if count.size else 0
         ax.set_title(f"{(titles or {}).get(axis, axis)} (default {default}; {seeds} seeds)")
         ax.set_xlabel("")
