@@ -205,3 +205,22 @@ def test_per_class_coverage_sees_a_dropped_class(digits):
     assert min(dropped["recall"][c] for c in others) > 0.5
     with pytest.raises(ValueError, match="real images but"):
         dm.per_class_coverage(clf, train.images, held.images, held.labels[:5])
+
+
+def test_design_is_the_notebook_04_settings_and_rejects_unknown_ones():
+    from fdistill_lab.digits import design
+    from fdistill_lab.networks import tiny_adm_config
+
+    net = design.teacher_net((1, 8, 8))
+    assert net == tiny_adm_config(img_resolution=8, img_channels=1, label_dim=10, model_channels=16,
+                                  channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0)
+    assert design.teacher_net((1, 8, 8), label_dim=0)["label_dim"] == 0
+    t = design.teacher_config(net, 600, seed=3)
+    assert (t.steps, t.batch_size, t.lr, t.warmup_steps, t.ema_beta, t.seed) == (600, 128, 2e-3, 50, 0.999, 3)
+    c = design.student_config("js", seed=2, lr=3e-3)
+    assert (c.lr_student, c.lr_fake, c.lr_disc, c.gan_weight_gen, c.disc_placement, c.ema_beta, c.seed) == (
+        3e-3, 3e-3, 3e-3, 0.01, "teacher", 0.9, 2)
+    with pytest.raises(ValueError, match="unknown student setting.*valid: lr, gan_weight"):
+        design.student_config("js", learning_rate=1e-3)
+    with pytest.raises(ValueError, match="disc_placement"):
+        design.student_config("js", disc_placement="nowhere")
