@@ -68,6 +68,25 @@ def test_write_is_idempotent_and_check_detects_a_stale_cell(tmp_path):
     assert hosted.main(["--check", "--notebooks", str(tmp_path)]) == 1
 
 
+def test_write_leaves_current_notebooks_alone_and_keeps_a_stale_cells_id(tmp_path):
+    """--write rewrites only stale notebooks, and reuses the install cell (its id): the committed, stripped
+    notebooks stay byte for byte what nbstripout made of them."""
+    for name in (*hosted.HOSTED, *hosted.NOT_HOSTED):
+        (tmp_path / f"{name}.ipynb").write_bytes((NOTEBOOKS / f"{name}.ipynb").read_bytes())
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("*.ipynb")}
+    assert hosted.main(["--write", "--notebooks", str(tmp_path)]) == 0
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.ipynb")} == before
+    path = tmp_path / "02_toy_mode_coverage.ipynb"
+    stale = nbformat.read(path, as_version=4)
+    cell_id = stale.cells[1]["id"]
+    stale.cells[1].source = "print('an old install cell')"
+    nbformat.write(stale, path)
+    assert hosted.main(["--write", "--notebooks", str(tmp_path)]) == 0
+    fixed = nbformat.read(path, as_version=4)
+    assert fixed.cells[1]["id"] == cell_id and hosted.install_cells(fixed) == [1]
+    assert path.read_bytes() == before[path.name]
+
+
 def test_install_cell_does_nothing_where_the_package_is_installed(monkeypatch):
     def no_pip(*args, **kwargs):
         raise AssertionError(f"the install cell ran {args} although fdistill_lab is importable")

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import nbformat
 
-ROOT = Path(__file__).resolve().parents[2]
+from .handouts import ROOT
+
 HOSTED = ("01_f_divergences", "02_toy_mode_coverage", "03_ratio_normalisation_and_sensitivity", "04_digits")
 NOT_HOSTED = {"05_imagenet": "its real run needs the ImageNet-64 data, the EDM downloads and days on 8 GPUs, "
                              "more than a hosted runtime holds"}
@@ -75,8 +76,11 @@ def with_hosted_cells(nb: nbformat.NotebookNode, name: str, url: str) -> nbforma
     while lines and not lines[-1].strip():
         lines.pop()
     title.source = "\n".join([*lines, "", badge_line(url, name)])
+    existing = [c for c in nb.cells if INSTALL_TAG in c.metadata.get("tags", [])]
     cells = [c for c in nb.cells if INSTALL_TAG not in c.metadata.get("tags", [])]
-    cell = nbformat.v4.new_code_cell(install_cell_source(url))
+    # the first install cell is kept (its id too, so a stripped notebook stays stripped) with the rendered source
+    cell = existing[0] if existing else nbformat.v4.new_code_cell()
+    cell.source, cell.outputs, cell.execution_count = install_cell_source(url), [], None
     cell.metadata["tags"] = [INSTALL_TAG]
     nb.cells = [cells[0], cell, *cells[1:]]
     return nb
@@ -118,10 +122,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"hosted cells up to date ({url})")
         return 0
-    for name in HOSTED:
+    stale = out_of_date(args.notebooks, url)
+    for name in stale:  # only these are rewritten: an up-to-date notebook is left byte for byte
         path = args.notebooks / f"{name}.ipynb"
         nbformat.write(with_hosted_cells(nbformat.read(path, as_version=4), name, url), path)
         print(f"wrote {path}")
+    print(f"{len(stale)} of {len(HOSTED)} notebooks rewritten ({url})")
     return 0
 
 
