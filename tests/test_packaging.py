@@ -15,7 +15,7 @@ def test_environment_yml_installs_pyproject_extras():
     text = (ROOT / "environment.yml").read_text()
     assert re.search(r"^\s*-\s*python=3\.11\s*$", text, re.M)
     assert re.search(r"^\s*-\s*pip\s*$", text, re.M)
-    m = re.search(r'-e\s+"?\.\[([a-z_,]+)\]"?', text)
+    m = re.search(r'-e\s+"?\.\[([a-z0-9_,]+)\]"?', text)
     assert m, "environment.yml must pip-install the package editable with extras"
     extras = set(m.group(1).split(","))
     assert extras <= set(_pyproject()["project"]["optional-dependencies"])
