@@ -40,16 +40,9 @@ class SDDenoiser(nn.Module):
         self.label_dim = int(null_embedding.shape[-1])  # > 0: conditional (labels are text embeddings)
         self.register_buffer("log_sigmas", schedule.log_sigmas(), persistent=False)
         self.register_buffer("null_embedding", null_embedding.detach().float().clone(), persistent=False)
-        self._captured: dict[str, torch.Tensor] | None = None
-        blocks = [(f"down{i}", b) for i, b in enumerate(unet.down_blocks)] + [("mid", unet.mid_block)]
-        for key, block in blocks:
-            block.register_forward_hook(self._hook(key))
 
-    def _hook(self, key: str):
-        def capture(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
-            if self._captured is not None:
-                self._captured[key] = output[0] if isinstance(output, tuple) else output
-        return capture
+    def _blocks(self) -> list[tuple[str, nn.Module]]:
+        return [(f"down{i}", b) for i, b in enumerate(self.unet.down_blocks)] + [("mid", self.unet.mid_block)]
 
     def null_labels(self, n: int) -> torch.Tensor:
         """The empty prompt's embedding for ``n`` samples [n, L, D]."""
@@ -71,19 +64,28 @@ class SDDenoiser(nn.Module):
         s = sigma.reshape(-1, 1, 1, 1)
         c_in = (1.0 + s * s).rsqrt()  # sqrt(a_bar): x_vp = sqrt(a_bar) x
         tau = timestep_from_sigma(sigma, self.log_sigmas).float()
-        self._captured = {} if return_features else None
+        feats: dict[str, torch.Tensor] = {}
+        # hooks live for one call only (a deep copy of this module, the student, must not write into our dict)
+        handles = [block.register_forward_hook(_capture(feats, key)) for key, block in self._blocks()] \
+            if return_features else []
         try:
             dtype = self.unet.dtype
             out = self.unet((x.float() * c_in).to(dtype), tau, encoder_hidden_states=text.to(dtype)).sample.float()
-            feats, self._captured = self._captured, None
         finally:
-            self._captured = None
+            for h in handles:
+                h.remove()
         x = x.float()
         if self.prediction_type == "epsilon":
             x0 = x - s * out
         else:  # v = sqrt(a_bar) eps - sqrt(1 - a_bar) x0_vp, with sqrt(1 - a_bar) = sigma sqrt(a_bar)
             x0 = c_in * (c_in * x) - s * c_in * out
         return (x0, feats) if return_features else x0
+
+
+def _capture(store: dict[str, torch.Tensor], key: str):
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
+        store[key] = output[0] if isinstance(output, tuple) else output
+    return hook
 
 
 class GuidedDenoiser(nn.Module):

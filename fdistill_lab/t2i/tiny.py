@@ -90,3 +90,30 @@ def save_tiny_pipeline(folder: str | Path, seed: int = 0) -> Path:
                                    requires_safety_checker=False)
     pipe.save_pretrained(str(folder))
     return Path(folder)
+
+
+COLOURS = {"red": (1.0, -0.8, -0.8), "green": (-0.8, 0.8, -0.8), "blue": (-0.8, -0.8, 1.0), "yellow": (1.0, 1.0, -0.8)}
+SHAPES = ("square", "circle")
+
+
+def synthetic_pairs(n: int, resolution: int = 32, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """``n`` images [n, 3, R, R] in [-1, 1] of a coloured square or disc on grey, captioned "a red circle" etc.:
+    text-conditional data whose captions say something checkable about the image (smoke runs and tests)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(resolution), torch.arange(resolution), indexing="ij")
+    images, captions = torch.zeros(n, 3, resolution, resolution), []
+    names = list(COLOURS)
+    for i in range(n):
+        colour = names[int(torch.randint(len(names), (1,), generator=g))]
+        shape = SHAPES[int(torch.randint(len(SHAPES), (1,), generator=g))]
+        r = resolution * (0.2 + 0.15 * float(torch.rand((), generator=g)))
+        cy, cx = (resolution * (0.3 + 0.4 * torch.rand(2, generator=g))).tolist()
+        if shape == "square":
+            mask = ((yy - cy).abs() <= r) & ((xx - cx).abs() <= r)
+        else:
+            mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        img = torch.full((3, resolution, resolution), -0.2)
+        img[:, mask] = torch.tensor(COLOURS[colour]).unsqueeze(1)
+        images[i] = img
+        captions.append(f"a {colour} {shape}")
+    return images, captions
