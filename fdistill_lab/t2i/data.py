@@ -127,10 +127,13 @@ def _collate(batch: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[
 
 def latent_batches(dataset: CaptionDataset, components: SDComponents, global_batch: int, rank: int = 0,
                    world_size: int = 1, seed: int = 0, start_batch: int = 0, num_workers: int = 0,
-                   device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                   device: torch.device | str = "cpu", micro_batch: int | None = None,
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (latents [b, 4, h, w], text embeddings [b, L, D]) of this rank's share b = global_batch /
-    world_size of each global batch, starting after ``start_batch`` batches."""
-    sampler = GlobalBatchSampler(len(dataset), global_batch, rank, world_size, seed, start_batch)
+    world_size of each global batch, starting after ``start_batch`` batches; with ``micro_batch`` (gradient
+    accumulation) rank r holds slice r of each global micro-batch, as the trainer's shared random draws expect."""
+    sampler = GlobalBatchSampler(len(dataset), global_batch, rank, world_size, seed, start_batch,
+                                 micro_batch=micro_batch)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                          collate_fn=_collate, persistent_workers=num_workers > 0)
     for images, captions in loader:

@@ -140,7 +140,8 @@ def _train(pipeline: str | Path | SDComponents, data: str | Path, out: Path, pre
                     "world_size": env.world_size, "pipeline": comps.source, "data": str(data), "pairs": len(dataset)})
         main_only.check()
         batches = latent_batches(dataset, comps, rcfg.batch_size, env.rank, env.world_size, dcfg.seed,
-                                 start_batch=trainer.step_count, num_workers=rcfg.num_workers, device=env.device)
+                                 start_batch=trainer.step_count, num_workers=rcfg.num_workers, device=env.device,
+                                 micro_batch=rcfg.per_gpu_batch or None)
         g = torch.Generator().manual_seed(SAMPLE_SEED)
         r = comps.latent_resolution
         sample_z = torch.randn(len(rcfg.sample_prompts), comps.unet.config.in_channels, r, r, generator=g)
