@@ -117,3 +117,60 @@ def synthetic_pairs(n: int, resolution: int = 32, seed: int = 0) -> tuple[torch.
         images[i] = img
         captions.append(f"a {colour} {shape}")
     return images, captions
+
+
+def tiny_clip_scorer(seed: int = 0):
+    """A randomly initialised small CLIPModel with the tiny tokenizer and a 32-pixel image processor, as a
+    :class:`~fdistill_lab.t2i.evaluate.ClipScorer` (smoke runs: its scores mean nothing)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from .evaluate import ClipScorer
+
+    tok = tiny_tokenizer()
+    eos, bos = tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|startoftext|>")
+    layers = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2)
+    cfg = CLIPConfig(text_config=dict(layers, vocab_size=len(tok), max_position_embeddings=TINY_TOKENS,
+                                      eos_token_id=eos, bos_token_id=bos, pad_token_id=eos),
+                     vision_config=dict(layers, image_size=32, patch_size=8), projection_dim=16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(cfg)
+    proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return ClipScorer(model, tok, proc)
+
+
+class RandomFeatureDetector(torch.nn.Module):
+    """Stand-in for the Inception detector in smoke runs: a fixed random projection of 8x8-pooled pixels to
+    ``dim`` features, called as ``detector(uint8 [N, 3, H, W], return_features=True)``. FIDs it gives check the
+    pipeline only; they are not comparable with any published FID."""
+
+    def __init__(self, dim: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("proj", torch.randn(3 * 64, dim, generator=g) / 8)
+
+    def forward(self, images: torch.Tensor, return_features: bool = True) -> torch.Tensor:
+        x = torch.nn.functional.adaptive_avg_pool2d(images.float() / 127.5 - 1, 8).flatten(1)
+        return torch.tanh(x @ self.proj)
+
+
+def write_fake_coco(folder: str | Path, n: int = 16, resolution: int = 48, seed: int = 0) -> Path:
+    """A COCO-2014-val-shaped folder (``annotations/captions_val2014.json``, ``val2014/*.png``) of synthetic
+    captioned images, for tests and the smoke run of the zero-shot FID command."""
+    import PIL.Image
+
+    folder = Path(folder)
+    (folder / "annotations").mkdir(parents=True, exist_ok=True)
+    (folder / "val2014").mkdir(exist_ok=True)
+    images, captions = synthetic_pairs(n, resolution, seed)
+    arr = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    entries, anns = [], []
+    for i, (a, cap) in enumerate(zip(arr, captions)):
+        name = f"COCO_val2014_{i:012d}.png"
+        PIL.Image.fromarray(a, "RGB").save(folder / "val2014" / name)
+        entries.append({"id": i, "file_name": name})
+        anns.append({"id": 2 * i, "image_id": i, "caption": cap})
+        anns.append({"id": 2 * i + 1, "image_id": i, "caption": cap.replace("a ", "one ", 1)})
+    (folder / "annotations" / "captions_val2014.json").write_text(json.dumps({"images": entries,
+                                                                              "annotations": anns}))
+    return folder
