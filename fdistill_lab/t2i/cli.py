@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..train.cli import EXIT_INTERRUPTED
 from ..train.presets import parse_overrides
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, TypeError)
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             res = train(args.pipeline, args.data, args.out, args.preset, parse_overrides(args.set), args.stop_at)
             if os.environ.get("RANK", "0") == "0":  # once, not per torchrun process
                 print(f"{res.status} at step {res.step}: {res.out}")
+            if res.status == "interrupted":
+                return EXIT_INTERRUPTED
         elif args.command == "coco-ref":
             from ..train.fid import load_detector
             from .evaluate import coco_reference

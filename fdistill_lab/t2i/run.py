@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch
 
 from ..files import atomic_save_digest, write_json_atomic
 from ..train import dist as fdist
-from ..train.cli import _MainOnly, _run_folder_lock
+from ..train.cli import _MainOnly, _run_folder_lock, _SigtermFlag
 from ..train.run_folder import (
     LogWindow,
     append_jsonl,
@@ -145,7 +146,7 @@ def _train(pipeline: str | Path | SDComponents, data: str | Path, out: Path, pre
         g = torch.Generator().manual_seed(SAMPLE_SEED)
         r = comps.latent_resolution
         sample_z = torch.randn(len(rcfg.sample_prompts), comps.unet.config.in_channels, r, r, generator=g)
-        window, status = LogWindow(), "done"
+        window, status, sigterm = LogWindow(), "done", _SigtermFlag()  # SIGTERM: checkpoint, then stop
         bar = tqdm(total=rcfg.steps, initial=trainer.step_count, desc=f"t2i f-distill {dcfg.divergence}",
                    disable=not (progress and env.is_main))
         try:
@@ -175,8 +176,8 @@ def _train(pipeline: str | Path | SDComponents, data: str | Path, out: Path, pre
                     if env.is_main and rcfg.sample_every and (done % rcfg.sample_every == 0 or done == rcfg.steps):
                         imgs = trainer.generate(list(rcfg.sample_prompts), z=sample_z)
                         save_grid_png(imgs, out / "samples" / f"step_{done:07d}.png")
-                main_only.check()
-                stop = stop_at is not None and done >= stop_at
+                (signalled,) = main_only.check(sigterm.seen)
+                stop = signalled or (stop_at is not None and done >= stop_at)
                 if (rcfg.ckpt_every and done % rcfg.ckpt_every == 0) or stop or done == rcfg.steps:
                     path = _save(trainer, ckpt_dir, rcfg, env)
                 if stop and done < rcfg.steps:
@@ -184,9 +185,24 @@ def _train(pipeline: str | Path | SDComponents, data: str | Path, out: Path, pre
                     break
         finally:
             bar.close()
+            sigterm.close()
         fdist.barrier()
     return T2IResult(status, trainer.step_count, out, path)
 
 
 def read_config(out: str | Path) -> dict[str, Any]:
     return json.loads((Path(out) / "config.json").read_text())
+
+
+def train_command(pipeline: str | Path, data: str | Path, out: str | Path, preset: str, overrides: dict[str, Any],
+                  gpus: int = 1, python: str = sys.executable) -> list[str]:
+    """``python -m fdistill_lab.t2i train ...`` for one process, or under ``torchrun --standalone
+    --nproc_per_node gpus``: what notebook 06 runs (and prints, to paste into a terminal or a cluster job)."""
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
+        raise ValueError(f"gpus must be an integer >= 0; got {gpus!r}")
+    args = ["train", "--pipeline", str(pipeline), "--data", str(data), "--out", str(out), "--preset", preset]
+    for k, v in overrides.items():
+        args += ["--set", f"{k}={v}"]
+    launcher = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"] if gpus > 1 \
+        else [python]
+    return [*launcher, "-m", "fdistill_lab.t2i", *args]
