@@ -1,0 +1,47 @@
+"""scripts/t2i_gpu_check.py runs its measurement code path on the tiny components on the CPU (the real check, a
+full-size SD1.5 U-Net in bf16, needs a GPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+SCRIPT = "scripts/t2i_gpu_check.py"
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.usefixtures("one_thread")
+def test_t2i_gpu_check_code_path_on_cpu(tmp_path, capsys, load_script):
+    gc = load_script(SCRIPT)
+    rc = gc.main(["--device", "cpu", "--tiny", "--start-batch", "2", "--max-batch", "4", "--repeats", "1",
+                  "--json", str(tmp_path / "f.json")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    fig = json.loads((tmp_path / "f.json").read_text())
+    for text in ("1. batch per GPU 4", "2. generator step", "3. model FLOPs per iteration", "4. estimate: 60000"):
+        assert text in out
+    assert fig["batch_per_gpu"] == 4 and fig["iteration_s"] > 0 and fig["flops_per_iteration"] > 0
+    assert fig["mfu"] is None and fig["paper_run_accum_steps"] == 32 and fig["paper_run_estimate_h"] > 0
+
+
+def test_full_size_unet_config_is_sd15s(load_script):
+    """The random U-Net the GPU check times has SD1.5's shape: 859,520,964 parameters (built on the meta device:
+    no memory, no download)."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = load_script(SCRIPT).SD15_UNET
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**cfg)
+    assert sum(p.numel() for p in unet.parameters()) == 859_520_964
+    assert cfg["sample_size"] == 64 and cfg["cross_attention_dim"] == 768
+
+
+def test_refuses_cuda_without_a_gpu(capsys, load_script):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert load_script(SCRIPT).main(["--device", "cuda"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
