@@ -67,7 +67,7 @@ def test_entry_points_answer_help():
     import fdistill_lab.divergences
 
     commands = [[sys.executable, "-m", f"fdistill_lab.{m}", "--help"]
-                for m in ("train", "download", "sweep", "student", "handouts", "book", "train.prepare_imagenet")]
+                for m in ("train", "download", "sweep", "student", "handouts", "book", "train.prepare_imagenet", "t2i")]
     scripts = _pyproject()["project"]["scripts"]
     assert scripts == {"fdistill-train": "fdistill_lab.train.cli:main"}
     if shutil.which("fdistill-train"):

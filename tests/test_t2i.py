@@ -291,3 +291,19 @@ def test_caption_folder_and_webdataset_shards_read_the_same_pairs(tmp_path):
         CaptionDataset(folder, 32)
     with pytest.raises(FileNotFoundError, match="image-caption data not found"):
         CaptionDataset(tmp_path / "none", 32)
+
+
+def test_gradient_checkpointing_changes_memory_not_numbers_and_bf16_steps_run(comps):
+    batch = _batch(comps)
+    states = []
+    for ckpt in (False, True):
+        tr = T2ITrainer(comps, _cfg(gradient_checkpointing=ckpt), "cpu")
+        assert tr.student.unet.is_gradient_checkpointing == ckpt
+        tr.step(*batch)
+        tr.step(*batch)
+        states.append(torch.cat([p.detach().flatten() for p in tr.student.parameters()]))
+    torch.testing.assert_close(states[0], states[1], rtol=1e-5, atol=1e-7)
+    tr = T2ITrainer(comps, _cfg(precision="bf16"), "cpu")
+    logs = {**tr.step(*batch), **tr.step(*batch)}
+    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    assert T2IConfig(gradient_checkpointing=True).differences(T2IConfig().to_dict()) == {}  # speed only
