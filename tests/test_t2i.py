@@ -120,7 +120,11 @@ def test_guided_teacher_is_the_cfg_combination_in_every_decoder_mode(comps):
         want = u + 1.75 * (c - u)
         got, feats = guided(x, sigma, emb, return_features=True)
         got2, feats2 = guided(x, sigma, emb, return_features=True, decoder="no_grad")
+        decoder_calls = []
+        hook = comps.unet.up_blocks[0].register_forward_hook(lambda *a: decoder_calls.append(1))
         none, feats3 = guided(x, sigma, emb, return_features=True, decoder="skip")
+        hook.remove()
+        assert decoder_calls == []  # features only: the U-Net stopped after its mid block
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got2, want, rtol=1e-4, atol=1e-5)
     assert none is None and sorted(feats) == ["down0", "down1", "mid"] and feats["mid"].shape == (2, 64, 4, 4)

@@ -53,8 +53,10 @@ class SDDenoiser(nn.Module):
         self.unet.enable_gradient_checkpointing()
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None,
-                return_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """x0 [B, C, H, W] in float32 (and the feature maps if ``return_features``) of x = x0 + sigma eps."""
+                return_features: bool = False, features_only: bool = False,
+                ) -> torch.Tensor | tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """x0 [B, C, H, W] in float32 (and the feature maps if ``return_features``) of x = x0 + sigma eps. With
+        ``features_only`` the U-Net stops after its mid block (the decoder's work is skipped) and x0 is None."""
         b = x.shape[0]
         sigma = sigma.float().reshape(-1).expand(b) if sigma.numel() == 1 else sigma.float().reshape(b)
         text = self.null_labels(b) if class_labels is None else class_labels
@@ -66,14 +68,18 @@ class SDDenoiser(nn.Module):
         tau = timestep_from_sigma(sigma, self.log_sigmas).float()
         feats: dict[str, torch.Tensor] = {}
         # hooks live for one call only (a deep copy of this module, the student, must not write into our dict)
-        handles = [block.register_forward_hook(_capture(feats, key)) for key, block in self._blocks()] \
-            if return_features else []
+        handles = [block.register_forward_hook(_capture(feats, key, stop=features_only and key == "mid"))
+                   for key, block in self._blocks()] if return_features or features_only else []
         try:
             dtype = self.unet.dtype
             out = self.unet((x.float() * c_in).to(dtype), tau, encoder_hidden_states=text.to(dtype)).sample.float()
+        except _FeaturesDone:
+            return None, feats
         finally:
             for h in handles:
                 h.remove()
+        if features_only:
+            raise RuntimeError("the U-Net did not run its mid block; features_only needs a UNet2DConditionModel")
         x = x.float()
         if self.prediction_type == "epsilon":
             x0 = x - s * out
@@ -82,9 +88,15 @@ class SDDenoiser(nn.Module):
         return (x0, feats) if return_features else x0
 
 
-def _capture(store: dict[str, torch.Tensor], key: str):
+class _FeaturesDone(Exception):
+    """Raised by the mid block's hook to end a features-only forward pass early."""
+
+
+def _capture(store: dict[str, torch.Tensor], key: str, stop: bool = False):
     def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
         store[key] = output[0] if isinstance(output, tuple) else output
+        if stop:
+            raise _FeaturesDone
     return hook
 
 
@@ -94,7 +106,8 @@ class GuidedDenoiser(nn.Module):
 
     ``decoder`` (as EDMPrecond's, which the trainer passes to networks that set ``decoder_modes``): "grad" runs
     both branches in one batched call, "no_grad" keeps a graph only through the text branch (its features feed the
-    generator's GAN loss; x0 is used detached), "skip" runs the text branch only and returns x0 None.
+    generator's GAN loss; x0 is used detached), "skip" runs the text branch's encoder and mid block only (the
+    discriminator's input) and returns x0 None.
     """
 
     decoder_modes = True
@@ -116,10 +129,11 @@ class GuidedDenoiser(nn.Module):
         b = x.shape[0]
         sigma = sigma.reshape(-1).expand(b) if sigma.numel() == 1 else sigma.reshape(b)
         text = self.net.null_labels(b) if class_labels is None else class_labels
-        if self.scale == 1.0 or decoder == "skip":
-            x0, feats = self.net(x, sigma, text, return_features=True)
-            x0 = None if decoder == "skip" else x0
-            return (x0, feats) if return_features else x0
+        if decoder == "skip":  # the features only: the U-Net stops after its mid block
+            _, feats = self.net(x, sigma, text, features_only=True)
+            return (None, feats) if return_features else None
+        if self.scale == 1.0:
+            return self.net(x, sigma, text, return_features=return_features)
         if decoder == "grad":
             both, feats = self.net(torch.cat([x, x]), torch.cat([sigma, sigma]),
                                    torch.cat([text, self.net.null_labels(b).to(text.dtype)]), return_features=True)
