@@ -20,11 +20,21 @@ from fdistill_lab import divergences  # noqa: E402
 from fdistill_lab.t2i.config import T2IConfig, resolve  # noqa: E402
 from fdistill_lab.t2i.data import CaptionDataset, write_caption_folder  # noqa: E402
 from fdistill_lab.t2i.denoiser import GuidedDenoiser, SDDenoiser  # noqa: E402
+from fdistill_lab.t2i.evaluate import coco_reference  # noqa: E402
 from fdistill_lab.t2i.loader import load_components, missing_files  # noqa: E402
 from fdistill_lab.t2i.run import train  # noqa: E402
 from fdistill_lab.t2i.schedule import VPSchedule, timestep_from_sigma  # noqa: E402
-from fdistill_lab.t2i.tiny import save_tiny_pipeline, synthetic_pairs, tiny_components  # noqa: E402
+from fdistill_lab.t2i.tiny import (  # noqa: E402
+    save_detector,
+    save_tiny_clip,
+    save_tiny_pipeline,
+    synthetic_pairs,
+    tiny_components,
+    write_fake_coco,
+)
 from fdistill_lab.t2i.trainer import T2ITrainer  # noqa: E402
+from fdistill_lab.train.fid import load_detector  # noqa: E402
+from fdistill_lab.train.run_folder import read_jsonl  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPTS = ["a red circle", "a blue square", "a green circle", "a yellow square"]
@@ -39,8 +49,13 @@ def comps():
 def assets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("t2i")
     images, captions = synthetic_pairs(16, 32)
+    coco = write_fake_coco(root / "coco", n=8, resolution=32)
+    det = save_detector(root / "detector.pt")
+    ref = coco_reference(coco, root / "coco.npz", load_detector(det), n=8, resolution=32)
     return {"pipeline": save_tiny_pipeline(root / "pipe"), "data": write_caption_folder(root / "data", images,
-                                                                                         captions)}
+                                                                                         captions),
+            "fid": {"fid_ref": str(ref), "fid_detector": str(det), "clip_model": str(save_tiny_clip(root / "clip")),
+                    "fid_images": 8}}
 
 
 def _batch(comps, seed: int = 0, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,11 +211,13 @@ def _ddp_worker(rank: int, world: int, port: int, assets: dict, out: str, over: 
 
 # adam_eps 1e-4 as in tests/test_train.py: Adam maps float-noise gradients to +-lr; a larger eps keeps the update
 # proportional to the gradient, which is what the comparison checks
-@pytest.mark.parametrize("extra", [{"r1_gamma": 0.5},
+@pytest.mark.parametrize("extra", [{"r1_gamma": 0.5, "fid_every": 3},
                                    {"disc_placement": "fake_score", "per_gpu_batch": 1, "div": "fkl"}],
                          ids=["teacher-disc-r1", "fake-score-disc-accum"])
 def test_two_gloo_processes_equal_one_on_the_same_global_batch(assets, tmp_path, extra):
     over = {"steps": 3, "sample_every": 0, "adam_eps": 1e-4, **extra}
+    if "fid_every" in over:  # the evaluation shards its batches over the ranks: the same FID and CLIP score
+        over.update(assets["fid"])
     single = {**over, "per_gpu_batch": 2 * over["per_gpu_batch"]} if "per_gpu_batch" in over else over
     train(assets["pipeline"], assets["data"], tmp_path / "single", "tiny", single, progress=False)
     mp.start_processes(_ddp_worker, args=(2, _free_port(), assets, str(tmp_path / "ddp"), over), nprocs=2,
@@ -210,13 +227,23 @@ def test_two_gloo_processes_equal_one_on_the_same_global_batch(assets, tmp_path,
     _assert_same(a, b, atol=1e-6)
     teacher = tiny_components().unet.state_dict()
     assert max(float((v - teacher[k.removeprefix("unet.")]).abs().max()) for k, v in b["student"].items()) > 1e-6
+    if "fid_every" in over:
+        fa, fb = (read_jsonl(tmp_path / r / "logs" / "fid.jsonl") for r in ("single", "ddp"))
+        assert [r["step"] for r in fa] == [r["step"] for r in fb] == [3]
+        assert fa[0]["fid"] == pytest.approx(fb[0]["fid"], rel=1e-4, abs=1e-6)
+        assert fa[0]["clip_score"] == pytest.approx(fb[0]["clip_score"], abs=1e-5)
 
 
-def test_run_folder_has_logs_grids_and_config(assets, tmp_path):
-    res = train(assets["pipeline"], assets["data"], tmp_path / "run", "tiny", {"steps": 2}, progress=False)
+def test_run_folder_has_logs_grids_fid_and_config(assets, tmp_path):
+    res = train(assets["pipeline"], assets["data"], tmp_path / "run", "tiny", {"steps": 2, "fid_every": 1,
+                                                                                **assets["fid"]}, progress=False)
     out = res.out
     assert (out / "samples" / "step_0000002.png").is_file() and (out / "logs" / "train.jsonl").is_file()
     assert (out / "checkpoints" / "latest.json").is_file()
+    fids = read_jsonl(out / "logs" / "fid.jsonl")
+    assert [r["step"] for r in fids] == [1, 2] and all(r["images"] == 8 and r["fid"] > 0 for r in fids)
+    with pytest.raises(ValueError, match="fid_every > 0 needs fid_ref"):
+        resolve("tiny", {"fid_every": 10})
 
 
 def test_loader_round_trip_through_save_pretrained(assets):

@@ -124,7 +124,10 @@ class T2IConfig(DistillConfig):
 class T2IRunConfig:
     """Run settings: global ``batch_size`` (all ranks; ``per_gpu_batch`` micro-batches, 0 = no accumulation),
     ``steps`` iterations, ``resolution`` of the real images (pixels; the U-Net's latent size times the VAE
-    factor if 0), intervals in iterations (0 = off), ``sample_prompts`` for the grids, ``keep_checkpoints``,
+    factor if 0), intervals in iterations (0 = off), ``sample_prompts`` for the grids; every ``fid_every``
+    iterations zero-shot FID of the EMA student on the first ``fid_images`` captions of ``fid_ref`` (from
+    ``coco-ref``) with the Inception ``fid_detector``, and CLIP score if ``clip_model`` names a CLIP folder (all
+    ranks share the work; logged to logs/fid.jsonl); ``keep_checkpoints``,
     ``rng_mode`` (as the EDM trainer's), ``device``, ``cpu_threads`` (0: torch's default)."""
 
     batch_size: int = 1024
@@ -136,6 +139,11 @@ class T2IRunConfig:
     sample_every: int = 1000
     sample_prompts: tuple[str, ...] = ("a photo of a cat", "a red car on a street", "a bowl of fruit on a table",
                                        "a mountain lake at sunrise")
+    fid_every: int = 0
+    fid_images: int = 5000
+    fid_ref: str = ""
+    fid_detector: str = ""
+    clip_model: str = ""
     keep_checkpoints: int = 2
     num_workers: int = 4
     rng_mode: str = "per_rank"
@@ -147,8 +155,12 @@ class T2IRunConfig:
         for name in ("batch_size", "steps", "keep_checkpoints"):
             _int_at_least(name, getattr(self, name), 1)
         for name in ("per_gpu_batch", "resolution", "log_every", "ckpt_every", "sample_every", "num_workers",
-                     "cpu_threads"):
+                     "cpu_threads", "fid_every"):
             _int_at_least(name, getattr(self, name), 0)
+        _int_at_least("fid_images", self.fid_images, 2)
+        if self.fid_every and not (self.fid_ref and self.fid_detector):
+            raise ValueError("fid_every > 0 needs fid_ref (python -m fdistill_lab.t2i coco-ref) and fid_detector "
+                             "(inception-2015-12-05.pt); set both, or fid_every=0")
         _choice("rng_mode", self.rng_mode, RNG_MODES)
         _choice("device", self.device, ("auto", "cuda", "cpu"))
         if not self.sample_prompts or not all(isinstance(p, str) for p in self.sample_prompts):

@@ -186,10 +186,13 @@ def _features(detector: Callable[..., torch.Tensor], images: torch.Tensor, devic
 
 @torch.no_grad()
 def evaluate_fid(generate: Callable[[list[str], int], torch.Tensor], detector: Callable[..., torch.Tensor],
-                 ref: str | Path, n: int | None = None, batch_size: int = 32, device: str = "cpu",
-                 clip: ClipScorer | None = None, progress: bool = False) -> dict[str, float]:
+                 ref: str | Path, n: int | None = None, batch_size: int = 32, device: str | torch.device = "cpu",
+                 clip: ClipScorer | None = None, progress: bool = False, rank: int = 0,
+                 world_size: int = 1) -> dict[str, float]:
     """FID (and CLIP score with ``clip``) of ``generate(prompts, first_index) -> [-1, 1] images`` on the first
-    ``n`` captions (all by default) recorded beside the reference statistics ``ref``."""
+    ``n`` captions (all by default) recorded beside the reference statistics ``ref``. Under torch.distributed,
+    rank r of ``world_size`` generates batches r, r + W, ... and the statistics are summed over ranks (float64), so
+    the result does not depend on the number of ranks (image i always comes from caption i and seed i)."""
     from tqdm.auto import tqdm
 
     from ..train.fid import load_reference_stats
@@ -202,17 +205,23 @@ def evaluate_fid(generate: Callable[[list[str], int], torch.Tensor], detector: C
     prompts = [q["caption"] for q in json.loads(p.read_text())["pairs"]][:n]
     if len(prompts) < 2:
         raise ValueError(f"need at least 2 prompts for FID; got {len(prompts)}")
-    stats, scores = FeatureStats(mu_r.shape[0], device), []
-    for i in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="zero-shot FID"):
+    stats = FeatureStats(mu_r.shape[0], device)
+    clip_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of scores, count)
+    starts = list(range(0, len(prompts), batch_size))[rank::world_size]
+    for i in tqdm(starts, disable=not progress, desc="zero-shot FID"):
         chunk = prompts[i:i + batch_size]
         imgs = generate(chunk, i)
         stats.update(_features(detector, imgs, device))
         if clip is not None:
-            scores.append(clip(imgs, chunk))
+            s = clip(imgs, chunk).double()
+            clip_sum += torch.stack([s.sum(), torch.tensor(float(s.numel()), dtype=torch.float64)]).to(device)
+    stats.all_reduce()
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(clip_sum)
     mu, sigma = stats.mean_cov()
     out = {"fid": frechet_distance(mu, sigma, mu_r, sigma_r), "images": len(prompts)}
     if clip is not None:
-        out["clip_score"] = float(torch.cat(scores).mean())
+        out["clip_score"] = float(clip_sum[0] / clip_sum[1])
     return out
 
 

@@ -91,6 +91,17 @@ def _resume(trainer: T2ITrainer, ckpt_dir: Path, env: fdist.DistEnv) -> Path | N
     return path
 
 
+def _fid_tools(rcfg: T2IRunConfig, device: torch.device) -> tuple[Any, Any]:
+    """(Inception detector, CLIP scorer or None) for periodic evaluation, or (None, None) when it is off."""
+    if not rcfg.fid_every:
+        return None, None
+    from ..train.fid import load_detector
+    from .evaluate import ClipScorer
+
+    clip = ClipScorer.from_pretrained(rcfg.clip_model, device) if rcfg.clip_model else None
+    return load_detector(rcfg.fid_detector, device), clip
+
+
 def train(pipeline: str | Path | SDComponents, data: str | Path, out: str | Path, preset: str = "sd15",
           overrides: dict[str, Any] | None = None, stop_at: int | None = None, progress: bool = True,
           callback: Callable[[int, dict[str, float]], None] | None = None) -> T2IResult:
@@ -125,6 +136,7 @@ def _train(pipeline: str | Path | SDComponents, data: str | Path, out: Path, pre
     trainer = T2ITrainer(comps, dcfg, env.device, env.rank, env.world_size, rcfg.rng_mode)
     with _run_folder_lock(out, env):
         ckpt_dir, log_path = out / "checkpoints", out / "logs" / "train.jsonl"
+        fid_log = out / "logs" / "fid.jsonl"
         main_only = _MainOnly(env)
         if env.is_main:
             with main_only:
@@ -134,6 +146,7 @@ def _train(pipeline: str | Path | SDComponents, data: str | Path, out: Path, pre
         if env.is_main:
             with main_only:
                 truncate_jsonl(log_path, trainer.step_count)
+                truncate_jsonl(fid_log, trainer.step_count)
                 write_json_atomic(out / "config.json", {
                     "trainer": "fdistill_lab.t2i", "preset": preset, "overrides": {k: str(v) for k, v in
                                                                                      (overrides or {}).items()},
@@ -146,6 +159,7 @@ def _train(pipeline: str | Path | SDComponents, data: str | Path, out: Path, pre
         g = torch.Generator().manual_seed(SAMPLE_SEED)
         r = comps.latent_resolution
         sample_z = torch.randn(len(rcfg.sample_prompts), comps.unet.config.in_channels, r, r, generator=g)
+        detector, clip = _fid_tools(rcfg, env.device)
         window, status, sigterm = LogWindow(), "done", _SigtermFlag()  # SIGTERM: checkpoint, then stop
         bar = tqdm(total=rcfg.steps, initial=trainer.step_count, desc=f"t2i f-distill {dcfg.divergence}",
                    disable=not (progress and env.is_main))
@@ -176,6 +190,15 @@ def _train(pipeline: str | Path | SDComponents, data: str | Path, out: Path, pre
                     if env.is_main and rcfg.sample_every and (done % rcfg.sample_every == 0 or done == rcfg.steps):
                         imgs = trainer.generate(list(rcfg.sample_prompts), z=sample_z)
                         save_grid_png(imgs, out / "samples" / f"step_{done:07d}.png")
+                if rcfg.fid_every and (done % rcfg.fid_every == 0 or done == rcfg.steps):
+                    main_only.check()  # every rank agrees before the (collective) evaluation
+                    from .evaluate import evaluate_fid, student_generator
+
+                    record = evaluate_fid(student_generator(trainer), detector, rcfg.fid_ref, rcfg.fid_images,
+                                          device=env.device, clip=clip, rank=env.rank, world_size=env.world_size)
+                    with main_only:
+                        if env.is_main:
+                            append_jsonl(fid_log, {"step": done, **record})
                 (signalled,) = main_only.check(sigterm.seen)
                 stop = signalled or (stop_at is not None and done >= stop_at)
                 if (rcfg.ckpt_every and done % rcfg.ckpt_every == 0) or stop or done == rcfg.steps:

@@ -174,3 +174,22 @@ def write_fake_coco(folder: str | Path, n: int = 16, resolution: int = 48, seed:
     (folder / "annotations" / "captions_val2014.json").write_text(json.dumps({"images": entries,
                                                                               "annotations": anns}))
     return folder
+
+
+def save_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
+    """Save :func:`tiny_clip_scorer`'s model, tokenizer and image processor with ``save_pretrained`` into
+    ``folder``, the layout :meth:`~fdistill_lab.t2i.evaluate.ClipScorer.from_pretrained` reads."""
+    scorer = tiny_clip_scorer(seed)
+    for part in (scorer.model, scorer.tokenizer, scorer.image_processor):
+        part.save_pretrained(str(folder))
+    return Path(folder)
+
+
+def save_detector(path: str | Path, dim: int = 64, seed: int = 0) -> Path:
+    """Write :class:`RandomFeatureDetector` as TorchScript, loadable like the Inception detector file."""
+    import warnings
+
+    with warnings.catch_warnings():  # TorchScript is deprecated in torch >= 2.10; the Inception detector is one
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(RandomFeatureDetector(dim, seed)).save(str(path))
+    return Path(path)
