@@ -23,7 +23,7 @@ pytestmark = pytest.mark.notebooks
 def test_declared_parameters():
     params = declared_parameters(NAME)
     for name in ("div", "preset", "pipeline", "data", "coco_ref", "fid_detector", "clip_model", "guidance",
-                 "batch_size", "steps", "gpus", "fid_images", "overrides", "seed", "smoke", "output_dir"):
+                 "batch_size", "steps", "gpus", "fid_every", "fid_images", "overrides", "seed", "smoke", "output_dir"):
         assert name in params, f"parameter {name} missing; declared {sorted(params)}"
     assert params["div"]["default"].strip("\"'") == "js" and params["guidance"]["default"] == "1.75"
     assert params["batch_size"]["default"] == "1024" and params["steps"]["default"] == "60000"
@@ -60,6 +60,7 @@ def test_smoke_run_trains_evaluates_and_tabulates_against_table4(tmp_path):
     run, m = rec["run"], rec["metrics"]
     assert run["status"] == "done" and run["preset"] == "tiny" and run["smoke"] and run["divergence"] == "js"
     assert run["steps_done"] == 4 and run["world_size"] == 1 and run["sample_grids"] == 2
+    assert run["fid_evaluations_during_training"] == 2
     assert m["images"] == 16 and math.isfinite(m["fid"]) and m["fid"] > 0 and -1 <= m["clip_score"] <= 1
     assert 0 < m["latency_student_s"] < m["latency_teacher50_s"] and not m["comparable_with_paper"]
     assert math.isfinite(m["final_loss_f"]) and m["final_ratio_mean"] > 0
