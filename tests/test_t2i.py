@@ -212,8 +212,9 @@ def _ddp_worker(rank: int, world: int, port: int, assets: dict, out: str, over: 
 # adam_eps 1e-4 as in tests/test_train.py: Adam maps float-noise gradients to +-lr; a larger eps keeps the update
 # proportional to the gradient, which is what the comparison checks
 @pytest.mark.parametrize("extra", [{"r1_gamma": 0.5, "fid_every": 3},
-                                   {"disc_placement": "fake_score", "per_gpu_batch": 1, "div": "fkl"}],
-                         ids=["teacher-disc-r1", "fake-score-disc-accum"])
+                                   pytest.param({"disc_placement": "fake_score", "per_gpu_batch": 1, "div": "fkl"},
+                                                marks=pytest.mark.slow)],
+                         ids=["teacher-disc-r1-fid", "fake-score-disc-accum"])
 def test_two_gloo_processes_equal_one_on_the_same_global_batch(assets, tmp_path, extra):
     over = {"steps": 3, "sample_every": 0, "adam_eps": 1e-4, **extra}
     if "fid_every" in over:  # the evaluation shards its batches over the ranks: the same FID and CLIP score
