@@ -339,3 +339,13 @@ def test_gradient_checkpointing_changes_memory_not_numbers_and_bf16_steps_run(co
     logs = {**tr.step(*batch), **tr.step(*batch)}
     assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
     assert T2IConfig(gradient_checkpointing=True).differences(T2IConfig().to_dict()) == {}  # speed only
+
+
+def test_latent_batches_encode_under_bf16_without_leaking_autocast(assets, comps):
+    from fdistill_lab.t2i.data import latent_batches
+
+    ds = CaptionDataset(assets["data"], 32)
+    for bf16 in (False, True):
+        lat, emb = next(latent_batches(ds, comps, 4, bf16=bf16))
+        assert lat.shape == (4, 4, 8, 8) and emb.shape == (4, 16, 32) and lat.dtype == emb.dtype == torch.float32
+        assert not torch.is_autocast_enabled("cpu")  # the consumer (the trainer) runs in its own precision

@@ -127,17 +127,21 @@ def _collate(batch: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[
 
 def latent_batches(dataset: CaptionDataset, components: SDComponents, global_batch: int, rank: int = 0,
                    world_size: int = 1, seed: int = 0, start_batch: int = 0, num_workers: int = 0,
-                   device: torch.device | str = "cpu", micro_batch: int | None = None,
+                   device: torch.device | str = "cpu", micro_batch: int | None = None, bf16: bool = False,
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (latents [b, 4, h, w], text embeddings [b, L, D]) of this rank's share b = global_batch /
     world_size of each global batch, starting after ``start_batch`` batches; with ``micro_batch`` (gradient
-    accumulation) rank r holds slice r of each global micro-batch, as the trainer's shared random draws expect."""
+    accumulation) rank r holds slice r of each global micro-batch, as the trainer's shared random draws expect.
+    ``bf16``: the frozen VAE encoder and text encoder run under bf16 autocast (their outputs are float32)."""
     sampler = GlobalBatchSampler(len(dataset), global_batch, rank, world_size, seed, start_batch,
                                  micro_batch=micro_batch)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                          collate_fn=_collate, persistent_workers=num_workers > 0)
+    dev = torch.device(device)
     for images, captions in loader:
-        yield components.encode_images(images.to(device)), components.encode_text(captions, device)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):  # closed before the yield
+            batch = components.encode_images(images.to(dev)), components.encode_text(captions, dev)
+        yield batch
 
 
 def write_caption_folder(folder: str | Path, images: torch.Tensor, captions: list[str]) -> Path:

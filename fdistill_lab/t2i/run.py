@@ -155,7 +155,7 @@ def _train(pipeline: str | Path | SDComponents, data: str | Path, out: Path, pre
         main_only.check()
         batches = latent_batches(dataset, comps, rcfg.batch_size, env.rank, env.world_size, dcfg.seed,
                                  start_batch=trainer.step_count, num_workers=rcfg.num_workers, device=env.device,
-                                 micro_batch=rcfg.per_gpu_batch or None)
+                                 micro_batch=rcfg.per_gpu_batch or None, bf16=dcfg.precision == "bf16")
         g = torch.Generator().manual_seed(SAMPLE_SEED)
         r = comps.latent_resolution
         sample_z = torch.randn(len(rcfg.sample_prompts), comps.unet.config.in_channels, r, r, generator=g)
