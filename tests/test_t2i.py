@@ -191,6 +191,9 @@ def test_kill_and_resume_equals_an_uninterrupted_run(assets, tmp_path):
     _assert_same(a, b)
     moved = max(float((v - a["student_ema"][k]).abs().max()) for k, v in a["student"].items())
     assert moved > 0  # the run trained something
+    with pytest.raises(ValueError, match="trained with batch_size 4, this command gives 8"):
+        train(assets["pipeline"], assets["data"], tmp_path / "part", "tiny", {**over, "steps": 6, "batch_size": 8},
+              progress=False)
     with pytest.raises(ValueError, match="another configuration"):
         train(assets["pipeline"], assets["data"], tmp_path / "part", "tiny", {**over, "steps": 6, "div": "fkl"},
               progress=False)
@@ -241,6 +244,11 @@ def test_run_folder_has_logs_grids_fid_and_config(assets, tmp_path):
     out = res.out
     assert (out / "samples" / "step_0000002.png").is_file() and (out / "logs" / "train.jsonl").is_file()
     assert (out / "checkpoints" / "latest.json").is_file()
+    from diffusers import UNet2DConditionModel
+
+    exported = UNet2DConditionModel.from_pretrained(out / "student_final", local_files_only=True)
+    ckpt = _state(out)["student_ema"]
+    assert all(torch.equal(v, ckpt["unet." + k]) for k, v in exported.state_dict().items())
     fids = read_jsonl(out / "logs" / "fid.jsonl")
     assert [r["step"] for r in fids] == [1, 2] and all(r["images"] == 8 and r["fid"] > 0 for r in fids)
     with pytest.raises(ValueError, match="fid_every > 0 needs fid_ref"):

@@ -143,6 +143,12 @@ def _train(pipeline: str | Path | SDComponents, data: str | Path, out: Path, pre
                 ckpt_dir.mkdir(parents=True, exist_ok=True)
         main_only.check()
         path = _resume(trainer, ckpt_dir, env)
+        if path is not None and (out / "config.json").is_file():
+            recorded = read_config(out)["run"].get("batch_size")
+            if recorded != rcfg.batch_size:
+                raise ValueError(f"{out} was trained with batch_size {recorded}, this command gives "
+                                 f"{rcfg.batch_size}: the data stream would change; resume with batch_size={recorded} "
+                                 "or train into a new --out")
         if env.is_main:
             with main_only:
                 truncate_jsonl(log_path, trainer.step_count)
@@ -209,8 +215,37 @@ def _train(pipeline: str | Path | SDComponents, data: str | Path, out: Path, pre
         finally:
             bar.close()
             sigterm.close()
+        if status == "done" and env.is_main:
+            export_student(trainer, out / STUDENT_DIR)
         fdist.barrier()
     return T2IResult(status, trainer.step_count, out, path)
+
+
+STUDENT_DIR = "student_final"
+
+
+def export_student(trainer: T2ITrainer, folder: Path) -> Path:
+    """The EMA student's U-Net as a diffusers folder (``save_pretrained``; load it with
+    ``UNet2DConditionModel.from_pretrained`` and call it once at the last timestep for one-step images), written
+    into a temporary folder first and renamed, so a crash never leaves a half-written one."""
+    import shutil
+    import tempfile
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        trainer.student_ema.unet.save_pretrained(str(tmp))
+        c = trainer.config
+        (tmp / "fdistill.json").write_text(json.dumps({"step": trainer.step_count, "student_t": c.student_t,
+                                                       "student_sigma": c.student_sigma, "divergence": c.divergence,
+                                                       "guidance_scale": c.guidance_scale}))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
 
 
 def read_config(out: str | Path) -> dict[str, Any]:
