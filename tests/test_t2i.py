@@ -357,3 +357,20 @@ def test_latent_batches_encode_under_bf16_without_leaking_autocast(assets, comps
         lat, emb = next(latent_batches(ds, comps, 4, bf16=bf16))
         assert lat.shape == (4, 4, 8, 8) and emb.shape == (4, 16, 32) and lat.dtype == emb.dtype == torch.float32
         assert not torch.is_autocast_enabled("cpu")  # the consumer (the trainer) runs in its own precision
+
+
+def test_loader_finds_a_repo_id_in_the_hugging_face_cache_offline(assets, tmp_path, monkeypatch):
+    """A repo id resolves through the local HF cache layout (refs/main -> snapshots/<commit>), never the network."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--someone--tiny-sd"
+    shutil.copytree(assets["pipeline"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    comps = load_components("someone/tiny-sd")
+    assert comps.source == str(repo / "snapshots" / commit) and comps.latent_resolution == 8
