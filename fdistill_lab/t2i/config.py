@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any
 
+from ..edm import SIGMA_MAX
 from ..train.config import DistillConfig, _choice, _int_at_least, _positive
 from ..train.presets import parse_value
 from ..train.rng import RNG_MODES
@@ -81,7 +83,11 @@ class T2IConfig(DistillConfig):
         _int_at_least("num_train_timesteps", self.num_train_timesteps, 2)
         for name in ("beta_start", "beta_end"):
             _positive(name, getattr(self, name))
-        self.student_sigma = float(self.noise_schedule.sigma_at(self.student_t))
+        derived = float(self.noise_schedule.sigma_at(self.student_t))
+        if self.student_sigma != SIGMA_MAX and not math.isclose(self.student_sigma, derived, rel_tol=1e-9):
+            raise ValueError(f"student_sigma follows from student_t here (sigma({self.student_t}) = {derived:.6g}); "
+                             f"set student_t in (0, 1] instead of student_sigma={self.student_sigma!r}")
+        self.student_sigma = derived
         if self.generator_labels != "real":
             raise ValueError("generator_labels must be 'real' for text-to-image (the generator uses the batch's "
                              f"captions; there are no classes to draw); got {self.generator_labels!r}")
