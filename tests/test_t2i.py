@@ -375,3 +375,33 @@ def test_loader_finds_a_repo_id_in_the_hugging_face_cache_offline(assets, tmp_pa
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     comps = load_components("someone/tiny-sd")
     assert comps.source == str(repo / "snapshots" / commit) and comps.latent_resolution == 8
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_checkpoints_and_the_rerun_equals_an_uninterrupted_run(assets, tmp_path):
+    """A real kill: SIGTERM to `python -m fdistill_lab.t2i train` mid-run saves a checkpoint and exits 143; the same
+    command again finishes the run, equal to one that was never interrupted."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    over = {"steps": 30, "sample_every": 0, "ckpt_every": 0}
+    train(assets["pipeline"], assets["data"], tmp_path / "ref", "tiny", over, progress=False)
+    cmd = [sys.executable, "-m", "fdistill_lab.t2i", "train", "--pipeline", str(assets["pipeline"]), "--data",
+           str(assets["data"]), "--out", str(tmp_path / "killed"), "--preset", "tiny",
+           *[a for k, v in over.items() for a in ("--set", f"{k}={v}")]]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "killed" / "logs" / "train.jsonl"
+    while proc.poll() is None and not (log.is_file() and len(read_jsonl(log)) >= 3):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143, out[-2000:]
+    part = _state(tmp_path / "killed")
+    assert 3 <= part["step"] < 30
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0 and "done at step 30" in res.stdout, res.stdout[-1000:] + res.stderr[-2000:]
+    _assert_same(_state(tmp_path / "ref"), _state(tmp_path / "killed"))
