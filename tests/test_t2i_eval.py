@@ -104,6 +104,12 @@ def test_command_line_trains_builds_the_reference_and_evaluates(tmp_path, capsys
     res = json.loads((run / "results.json").read_text())
     assert res["images"] == 6 and np.isfinite(res["fid"]) and res["step"] == 2
     assert 0 < res["latency_student_s"] < res["latency_teacher50_s"]
+    grid = tmp_path / "grid.png"
+    assert cli.main(["grid", "--run", str(run), "--pipeline", str(pipe), "--prompt", "a red circle", "--prompt",
+                     "a blue square", "--out", str(grid), "--teacher-steps", "3"]) == 0
+    from PIL import Image
+
+    assert Image.open(grid).size == (2 * 33 + 1, 2 * 33 + 1)  # 2 x 2 tiles of 32 pixels, 1-pixel padding
     assert cli.main(["describe", "--preset", "sd15", "--set", "cfg=nope"]) == 2
     assert "guidance_scale" in capsys.readouterr().err
 

@@ -7,6 +7,8 @@ train`` for DDP):
   reference statistics (30k captions) and the captions beside them;
 * ``evaluate --run <run> --pipeline ... --detector ... --ref coco30k.npz [--clip <CLIP folder>]``: FID, CLIP score
   and latency of the run's EMA student -> ``<run>/results.json``;
+* ``grid --run <run> --pipeline ... --prompt "a cat" [--prompt ...] --out grid.png [--teacher-steps 50]``: one-step
+  images of the EMA student (and the teacher's, for comparison) for fixed prompts and seeds;
 * ``describe [--preset sd15] [--set ...]``: the resolved settings.
 """
 
@@ -52,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--clip", default="", help="CLIP model folder (e.g. openai/clip-vit-large-patch14, downloaded)")
     e.add_argument("--n", type=int, default=None, help="first n captions (default: all of the reference's)")
     e.add_argument("--batch", type=int, default=32)
+    g = sub.add_parser("grid", help="one-step images of a run's EMA student for given prompts, as one PNG")
+    g.add_argument("--run", required=True)
+    g.add_argument("--pipeline", required=True)
+    g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    g.add_argument("--out", required=True, help="PNG file")
+    g.add_argument("--seed", type=int, default=0, help="image i's latent comes from seed + i")
+    g.add_argument("--teacher-steps", type=int, default=0, help="also the teacher's DDIM images (CFG 3), a second row")
     d = sub.add_parser("describe", help="print the resolved settings")
     d.add_argument("--preset", default="sd15")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -102,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             out = coco_reference(args.coco, args.out, load_detector(args.detector, args.device), args.n,
                                  args.resolution, args.seed, device=args.device, progress=True)
             print(f"wrote {out}")
+        elif args.command == "grid":
+            _grid(args)
         else:
             _evaluate(args)
     except USER_ERRORS as exc:
@@ -125,3 +136,19 @@ def _evaluate(args: argparse.Namespace) -> None:
     res["step"] = trainer.step_count
     write_results(Path(args.run) / "results.json", res)
     print(json.dumps(res, indent=1))
+
+
+def _grid(args: argparse.Namespace) -> None:
+    from ..train.fid import latents_from_seeds
+    from ..train.run_folder import save_grid_png
+    from .evaluate import teacher_sample
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    trainer = load_run(args.run, args.pipeline, device)
+    r, c = trainer.teacher.img_resolution, trainer.teacher.img_channels
+    z = latents_from_seeds(range(args.seed, args.seed + len(args.prompt)), (c, r, r))
+    rows = [trainer.generate(args.prompt, z=z)]
+    if args.teacher_steps:
+        rows.append(teacher_sample(trainer.components, args.prompt, args.teacher_steps, 3.0, z=z))
+    out = save_grid_png(torch.cat(rows).cpu(), Path(args.out), nrow=len(args.prompt))
+    print(f"wrote {out} ({len(rows)} row(s): student" + (", teacher" if args.teacher_steps else "") + ")")
