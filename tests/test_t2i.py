@@ -291,6 +291,7 @@ def test_missing_or_partial_pipeline_folder_names_what_to_download(assets, tmp_p
     ({"no_such": 1}, "unknown setting 'no_such'; valid settings"),
     ({"batch_size": "many"}, "must be an integer"),
     ({"student_sigma": 20.0}, "student_sigma follows from student_t"),
+    ({"compile_norms": True}, "compile_norms fuses the GroupNorms"),
 ])
 def test_bad_settings_raise_clear_errors(over, match):
     with pytest.raises(ValueError, match=match):

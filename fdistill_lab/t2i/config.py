@@ -91,6 +91,9 @@ class T2IConfig(DistillConfig):
         if self.generator_labels != "real":
             raise ValueError("generator_labels must be 'real' for text-to-image (the generator uses the batch's "
                              f"captions; there are no classes to draw); got {self.generator_labels!r}")
+        if self.compile_norms:
+            raise ValueError("compile_norms fuses the GroupNorms of this package's EDM networks; the diffusers U-Net "
+                             "has none of them, so it would change nothing here: leave it False")
         changed = {k: getattr(self, k) for k, v in _EDM_ONLY.items() if getattr(self, k) != v}
         if changed:
             raise ValueError(f"{sorted(changed)} are the EDM trainer's Karras-grid settings; the text-to-image "
