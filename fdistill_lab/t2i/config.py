@@ -183,7 +183,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {"distill": dict(student_update_freq=2, lr_student=1e-4, lr_fake=1e-4, lr_disc=1e-4, ema_beta=0.9,
                              gan_weight_gen=1e-2, r1_gamma=0.0, precision="fp32", disc_features=("mid",)),
              "run": dict(batch_size=4, steps=4, log_every=1, ckpt_every=2, sample_every=2, num_workers=0,
-                         rng_mode="shared", device="cpu", cpu_threads=1, sample_prompts=("a cat", "a red car"))},
+                         rng_mode="shared", device="auto", cpu_threads=1, sample_prompts=("a cat", "a red car"))},
 }
 ALIASES: dict[str, tuple[str, ...]] = {"lr": ("lr_student", "lr_fake", "lr_disc"), "div": ("divergence",),
                                        "cfg": ("guidance_scale",)}
