@@ -406,3 +406,22 @@ def test_sigterm_checkpoints_and_the_rerun_equals_an_uninterrupted_run(assets, t
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0 and "done at step 30" in res.stdout, res.stdout[-1000:] + res.stderr[-2000:]
     _assert_same(_state(tmp_path / "ref"), _state(tmp_path / "killed"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_torchrun_two_cpu_processes_equal_one(assets, tmp_path):
+    """The real launcher notebook 06 uses for gpus > 1: torchrun --nproc_per_node 2 (gloo here) equals one process."""
+    import subprocess
+
+    from fdistill_lab.t2i.run import train_command
+
+    over = {"steps": 3, "sample_every": 0, "adam_eps": 1e-4}
+    cmd = train_command(assets["pipeline"], assets["data"], tmp_path / "tr", "tiny", over, gpus=2)
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-1000:] + res.stderr[-3000:]
+    assert res.stdout.count("done at step 3") == 1  # printed by rank 0 only
+    train(assets["pipeline"], assets["data"], tmp_path / "single", "tiny", over, progress=False)
+    _assert_same(_state(tmp_path / "single"), _state(tmp_path / "tr"), atol=1e-6)
