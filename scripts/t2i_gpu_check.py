@@ -14,6 +14,9 @@ embeddings [B, 77, 768] and random latents (the frozen VAE and text encoder only
    accumulation when the largest batch is smaller; linear scaling, communication not included).
 
 ``--device cpu --tiny`` runs the same code on the tiny components (tests on machines without a GPU).
+``--device meta`` counts the model FLOPs of one generator and one critic step per image without running anything
+(shapes only, on PyTorch's meta device: no GPU, no memory) and the lower bound on the paper run's time they imply;
+it times nothing.
 """
 
 from __future__ import annotations
@@ -92,9 +95,45 @@ def fits(trainer, n: int) -> bool:
             torch.cuda.empty_cache()
 
 
+def count_flops(args: argparse.Namespace, preset: str) -> int:
+    """Model FLOPs per image of a generator and a critic step (losses and backward passes, R1 included; no
+    optimiser), counted on the meta device, and the paper run's time at 100% of a GPU's bf16 peak."""
+    from fdistill_lab.t2i.config import resolve
+    from fdistill_lab.t2i.trainer import T2ITrainer
+
+    with torch.device("meta"):
+        comps = build_components(args.tiny)
+    dcfg, _ = resolve(preset, {"precision": "fp32"})  # the same FLOPs as bf16; autocast has no meta kernels
+    trainer = T2ITrainer(comps, dcfg, "meta")
+    lat, emb = make_batch(trainer, 1)
+    flops = []
+    for loss_fn in (lambda: trainer._generator_loss(emb, 1), lambda: trainer._critic_loss(lat, emb)):
+        with FlopCounterMode(display=False) as fc:
+            loss, _ = loss_fn()
+            loss.backward()
+        flops.append(fc.get_total_flops())
+    k = dcfg.student_update_freq
+    per_image = (flops[0] + (k - 1) * flops[1]) / k
+    peak = peak_flops("H100", args.peak_tflops)
+    bound_h = PAPER_ITERATIONS * PAPER_BATCH * per_image / (GPUS * peak) / 3600
+    fig = {"device": "meta (FLOPs counted, nothing run)", "preset": preset, "generator_step_flops_per_image": flops[0],
+           "critic_step_flops_per_image": flops[1], "iteration_flops_per_image": per_image,
+           "paper_run_flops": PAPER_ITERATIONS * PAPER_BATCH * per_image, "paper_run_hours_at_peak": bound_h,
+           "peak_flops": peak}
+    print(f"model FLOPs per image: generator step {flops[0] / 1e12:.3f} TFLOP, critic step "
+          f"{flops[1] / 1e12:.3f} TFLOP, iteration (K = {k}) {per_image / 1e12:.3f} TFLOP")
+    print(f"paper run ({PAPER_ITERATIONS} iterations x {PAPER_BATCH} images): {fig['paper_run_flops']:.3g} FLOP, at "
+          f"least {bound_h:.1f} h on {GPUS} GPUs at 100% of {peak / 1e12:.0f} TFLOP/s "
+          "(a lower bound, not a measurement)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(fig, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu", "meta"))
     p.add_argument("--tiny", action="store_true", help="tiny components (code-path test on a CPU)")
     p.add_argument("--batch", type=int, default=0, help="per-GPU batch (0: the largest that fits)")
     p.add_argument("--start-batch", type=int, default=4)
@@ -124,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     from fdistill_lab.t2i.trainer import T2ITrainer
 
     preset = "tiny" if args.tiny else "sd15"
+    if device.type == "meta":
+        return count_flops(args, preset)
     dcfg, _ = resolve(preset, {"gradient_checkpointing": args.gradient_checkpointing,
                                **({"precision": "bf16"} if device.type == "cuda" else {})})
     trainer = T2ITrainer(build_components(args.tiny), dcfg, device)

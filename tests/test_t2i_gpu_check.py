@@ -45,3 +45,14 @@ def test_refuses_cuda_without_a_gpu(capsys, load_script):
         pytest.skip("a GPU is present")
     assert load_script(SCRIPT).main(["--device", "cuda"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_flop_count_on_the_meta_device_runs_nothing(tmp_path, capsys, load_script):
+    gc = load_script(SCRIPT)
+    assert gc.main(["--device", "meta", "--tiny", "--json", str(tmp_path / "f.json")]) == 0
+    fig = json.loads((tmp_path / "f.json").read_text())
+    assert fig["generator_step_flops_per_image"] > 0 and fig["critic_step_flops_per_image"] > 0
+    k = 2  # the tiny preset's student_update_freq
+    want = (fig["generator_step_flops_per_image"] + (k - 1) * fig["critic_step_flops_per_image"]) / k
+    assert fig["iteration_flops_per_image"] == pytest.approx(want)
+    assert "a lower bound, not a measurement" in capsys.readouterr().out
