@@ -46,9 +46,15 @@ SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12
 PAPER_ITERATIONS, PAPER_BATCH, GPUS = 60_000, 1024, 8
 
 
-def build_components(tiny: bool):
-    """Tiny components, or a random full-size SD1.5 U-Net and text encoder (a tiny VAE: it is not timed)."""
+def build_components(tiny: bool, pipeline: str = ""):
+    """Tiny components, the user's SD1.5 ``pipeline`` folder (real weights), or a random full-size SD1.5 U-Net and
+    text encoder (with a tiny VAE: it is not timed)."""
     from fdistill_lab.t2i import tiny as tiny_mod
+
+    if pipeline:
+        from fdistill_lab.t2i.loader import load_components
+
+        return load_components(pipeline)
 
     comps = tiny_mod.tiny_components()
     if tiny:
@@ -135,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu", "meta"))
     p.add_argument("--tiny", action="store_true", help="tiny components (code-path test on a CPU)")
+    p.add_argument("--pipeline", default="", help="a downloaded SD1.5 folder instead of random weights")
     p.add_argument("--batch", type=int, default=0, help="per-GPU batch (0: the largest that fits)")
     p.add_argument("--start-batch", type=int, default=4)
     p.add_argument("--max-batch", type=int, default=256)
@@ -167,9 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         return count_flops(args, preset)
     dcfg, _ = resolve(preset, {"gradient_checkpointing": args.gradient_checkpointing,
                                **({"precision": "bf16"} if device.type == "cuda" else {})})
-    trainer = T2ITrainer(build_components(args.tiny), dcfg, device)
+    trainer = T2ITrainer(build_components(args.tiny, args.pipeline), dcfg, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     fig: dict[str, object] = {"device": name, "torch": torch.__version__, "preset": preset,
+                              "weights": trainer.components.source,
                               "unet_parameters": count_parameters(trainer.student),
                               "gradient_checkpointing": args.gradient_checkpointing,
                               "memory_cap_gib": args.memory_gib or None, "precision": dcfg.precision}

@@ -28,6 +28,16 @@ def test_t2i_gpu_check_code_path_on_cpu(tmp_path, capsys, load_script):
     assert fig["mfu"] is None and fig["paper_run_accum_steps"] == 32 and fig["paper_run_estimate_h"] > 0
 
 
+def test_a_pipeline_folder_replaces_the_random_weights(tmp_path, capsys, load_script):
+    from fdistill_lab.t2i.tiny import save_tiny_pipeline
+
+    pipe = save_tiny_pipeline(tmp_path / "pipe")
+    rc = load_script(SCRIPT).main(["--device", "cpu", "--tiny", "--pipeline", str(pipe), "--batch", "2", "--repeats",
+                                   "1", "--json", str(tmp_path / "f.json")])
+    assert rc == 0 and "1. batch per GPU 2" in capsys.readouterr().out
+    assert json.loads((tmp_path / "f.json").read_text())["weights"] == str(pipe)
+
+
 def test_full_size_unet_config_is_sd15s(load_script):
     """The random U-Net the GPU check times has SD1.5's shape: 859,520,964 parameters (built on the meta device:
     no memory, no download)."""
