@@ -11,11 +11,12 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fdistill_lab"
 METHOD = {"divergences", "ratio", "losses", "method", "edm", "mixtures", "files", "image_grid", "networks", "stats"}
-LABS = {"gaussian1d", "toy", "digits", "train"}
+LABS = {"gaussian1d", "toy", "digits", "train", "t2i"}
 COURSE = {"course"}
 COMMANDS = {"download", "sweep", "student", "handouts", "book"}
 LAYERS = [("method", METHOD), ("labs", LABS), ("course", COURSE), ("commands", COMMANDS)]
-LAB_DEPENDENCIES = {"digits": {"train"}}  # notebook 04 distils digits with the image trainer of notebook 05
+LAB_DEPENDENCIES = {"digits": {"train"},  # notebook 04 distils digits with the image trainer of notebook 05
+                    "t2i": {"train"}}  # notebook 06 runs the same trainer on Stable Diffusion latents
 
 
 def module_name(path: Path, root: Path = PACKAGE) -> str:

@@ -15,11 +15,11 @@ def test_environment_yml_installs_pyproject_extras():
     text = (ROOT / "environment.yml").read_text()
     assert re.search(r"^\s*-\s*python=3\.11\s*$", text, re.M)
     assert re.search(r"^\s*-\s*pip\s*$", text, re.M)
-    m = re.search(r'-e\s+"?\.\[([a-z_,]+)\]"?', text)
+    m = re.search(r'-e\s+"?\.\[([a-z0-9_,]+)\]"?', text)
     assert m, "environment.yml must pip-install the package editable with extras"
     extras = set(m.group(1).split(","))
     assert extras <= set(_pyproject()["project"]["optional-dependencies"])
-    assert {"notebooks", "dev", "book"} <= extras
+    assert {"notebooks", "dev", "book", "t2i"} <= extras
     # no version pins duplicated outside pyproject
     assert not re.search(r"(torch|numpy|scipy|papermill)\s*[=<>]", text)
 
@@ -42,12 +42,16 @@ def test_pyproject_dependencies():
     dev = " ".join(proj["optional-dependencies"]["dev"])
     for name in ("pytest", "pytest-timeout", "nbstripout", "ruff"):
         assert name in dev
+    t2i = proj["optional-dependencies"]["t2i"]  # notebook 06: ranges, never exact pins
+    for name in ("diffusers", "transformers", "safetensors"):
+        req = next(d for d in t2i if d.startswith(name))
+        assert ">=" in req and "==" not in req, req
 
 
 def test_ci_script_installs_and_guards_exit_code_5():
     text = (ROOT / ".ci" / "run").read_text()
-    assert "torch==2.13.0" in text and '.[notebooks,dev,book]' in text
-    assert text.index("torch==2.13.0") < text.index(".[notebooks,dev,book]")
+    assert "torch==2.13.0" in text and '.[notebooks,dev,book,t2i]' in text
+    assert text.index("torch==2.13.0") < text.index(".[notebooks,dev,book,t2i]")
     assert "apt-get install" in text and "chromium" in text  # the browser tests run in CI
     assert '"$rc" -eq 5' in text
     readme = (ROOT / "README.md").read_text()
@@ -63,7 +67,7 @@ def test_entry_points_answer_help():
     import fdistill_lab.divergences
 
     commands = [[sys.executable, "-m", f"fdistill_lab.{m}", "--help"]
-                for m in ("train", "download", "sweep", "student", "handouts", "book", "train.prepare_imagenet")]
+                for m in ("train", "download", "sweep", "student", "handouts", "book", "train.prepare_imagenet", "t2i")]
     scripts = _pyproject()["project"]["scripts"]
     assert scripts == {"fdistill-train": "fdistill_lab.train.cli:main"}
     if shutil.which("fdistill-train"):

@@ -4,7 +4,7 @@
 ``<build>/handouts/<full|smoke>/``, ``executed/<nb>.ipynb``, ``html/instructor/<nb>.html`` and
 ``html/student/<nb>.html`` (solution regions replaced by the exercise stub, as :mod:`.student_copies` does). Each
 notebook runs in a fresh ``outputs/<nb>`` folder there, so a handout shows a complete run (notebook 04 retrains its
-small teacher). Notebooks in ``ALWAYS_SMOKE`` (05: its full run is days of multi-GPU training)
+small teacher). Notebooks in ``ALWAYS_SMOKE`` (05 and 06: their full runs are multi-GPU training)
 run in smoke mode in both builds. A notebook that fails is still rendered, with its error, and the next
 ones run; the command then exits with status 1.
 """
@@ -23,7 +23,8 @@ import nbformat
 from .student_copies import student_notebook
 
 ROOT = Path(__file__).resolve().parents[2]
-ALWAYS_SMOKE = {"05_imagenet": "its full run is days of multi-GPU ImageNet training"}
+ALWAYS_SMOKE = {"05_imagenet": "its full run is days of multi-GPU ImageNet training",
+                "06_text_to_image": "its full run is a multi-GPU Stable Diffusion distillation"}
 
 
 @dataclass

@@ -22,7 +22,9 @@ from .handouts import ROOT
 
 HOSTED = ("01_f_divergences", "02_toy_mode_coverage", "03_ratio_normalisation_and_sensitivity", "04_digits")
 NOT_HOSTED = {"05_imagenet": "its real run needs the ImageNet-64 data, the EDM downloads and days on 8 GPUs, "
-                             "more than a hosted runtime holds"}
+                             "more than a hosted runtime holds",
+              "06_text_to_image": "its real run needs the SD1.5 download, an image-caption data set and a multi-GPU "
+                                  "job, more than a hosted runtime holds"}
 INSTALL_TAG = "hosted-install"
 BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
 BADGE_PREFIX = "[![Open In Colab]"

@@ -102,7 +102,9 @@ class Discriminator(nn.Module):
         res, ch = int(net.img_resolution), int(net.img_channels)
         p = next(net.parameters())
         x = torch.zeros(1, ch, res, res, device=p.device)
-        if class_labels is None and getattr(net, "label_dim", 0):
+        if class_labels is None and hasattr(net, "null_labels"):  # e.g. a text-conditioned network's empty prompt
+            class_labels = net.null_labels(1)
+        elif class_labels is None and getattr(net, "label_dim", 0):
             class_labels = torch.zeros(1, dtype=torch.long, device=p.device)
         with torch.no_grad():
             _, feats = net(x, torch.ones(1, device=p.device), class_labels, return_features=True)

@@ -246,14 +246,16 @@ class GlobalBatchSampler:
 NEEDS_CUDA = "needs a CUDA GPU"  # in the message of require_cuda_or_smoke; tools recognise the stop by it
 
 
-def require_cuda_or_smoke(smoke: bool) -> None:
+def require_cuda_or_smoke(smoke: bool, what: str = "the real ImageNet-64 training",
+                          smoke_what: str = "tiny network, synthetic data") -> None:
     """Stop (RuntimeError) unless a CUDA GPU is available or smoke mode is on (``smoke`` or FDISTILL_SMOKE=1).
 
-    Called first thing by the ImageNet-64 notebook, before any other check."""
+    Called first thing by the GPU notebooks (05, 06), before any other check; ``what`` names the real run and
+    ``smoke_what`` what the smoke run uses instead."""
     env = os.environ.get(SMOKE_ENV, "").strip().lower()
     if smoke is True or env in ("1", "true", "yes") or torch.cuda.is_available():
         return
     raise RuntimeError(
-        f"This notebook {NEEDS_CUDA} for the real ImageNet-64 training (torch.cuda.is_available() is False). "
+        f"This notebook {NEEDS_CUDA} for {what} (torch.cuda.is_available() is False). "
         "Run it on a machine with an NVIDIA GPU and a CUDA build of torch, or run the CPU smoke version of the "
-        "whole pipeline with `-p smoke True` (tiny network, synthetic data).")
+        f"whole pipeline with `-p smoke True` ({smoke_what}).")

@@ -244,12 +244,13 @@ def _parse_scalar(key: str, raw: Any, typ: type) -> Any:
     raise TypeError(f"unsupported setting type {typ} for {key!r}")  # pragma: no cover
 
 
-def parse_value(key: str, raw: Any) -> Any:
+def parse_value(key: str, raw: Any, hints: dict[str, Any] | None = None) -> Any:
     """Convert ``raw`` (a command-line string or a Python value) to the type of setting ``key``.
 
-    Optional settings accept ``none``; tuple settings accept ``a,b`` (or a list/tuple).
+    Optional settings accept ``none``; tuple settings accept ``a,b`` (or a list/tuple). ``hints``: the settings'
+    types (default: those of DistillConfig and RunConfig; the text-to-image trainer passes its own).
     """
-    typ = _field_types()[key]
+    typ = (hints or _field_types())[key]
     args = typing.get_args(typ)
     if typing.get_origin(typ) in (types.UnionType, typing.Union) and type(None) in args:
         if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("none", "null", "off")):

@@ -52,6 +52,11 @@ class TrainerRNG:
         s = sample_sigma_grid(n * self.shares, lo, hi, num_grid, generator=self.cpu)
         return self._mine(s, n).to(device=self.device, dtype=torch.float32)
 
+    def uniform(self, n: int, lo: float, hi: float) -> torch.Tensor:
+        """Uniform numbers in [lo, hi) (float64), e.g. the text-to-image trainer's noise times."""
+        full = lo + (hi - lo) * torch.rand(n * self.shares, generator=self.cpu, dtype=torch.float64)
+        return self._mine(full, n)
+
     def labels(self, n: int, num_classes: int) -> torch.Tensor:
         """Uniform class labels."""
         full = torch.randint(0, num_classes, (n * self.shares,), generator=self.cpu)

@@ -154,7 +154,8 @@ class FDistillTrainer:
                   decoder: str = "grad") -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """(x0, features) of ``net``. ``decoder`` "no_grad" (x0 is only used detached) or "skip" (x0 unused)
         saves the decoder's memory or work on EDM networks; other networks run whole (same results)."""
-        kwargs = {"decoder": decoder} if decoder != "grad" and isinstance(net, EDMPrecond) else {}
+        takes = getattr(net, "decoder_modes", isinstance(net, EDMPrecond))  # adapters may declare support
+        kwargs = {"decoder": decoder} if decoder != "grad" and takes else {}
         with self._autocast():
             x0, feats = net(x, sigma, labels, return_features=True, **kwargs)
         return (x0.float() if x0 is not None else None), feats
@@ -189,8 +190,15 @@ class FDistillTrainer:
         """(labels, x = G(80 z), sigma, eps) of a generator micro-batch, in this order of draws."""
         labels = self._labels(real_labels, n)
         x = self._generate(n, labels)
-        sigma = self.rng.sigma(n, self.config.min_index, self.config.max_index, self.config.num_grid)
+        sigma = self.draw_sigma(n, critic=False)
         return labels, x, sigma, self.rng.randn(*x.shape)
+
+    def draw_sigma(self, n: int, critic: bool) -> torch.Tensor:
+        """Noise levels of a generator (``critic`` False) or critic micro-batch: uniform indices of the Karras
+        grid (section 9). Subclasses with another noise schedule (the text-to-image trainer) override this."""
+        cfg = self.config
+        lo, hi = (cfg.fake_min_index, cfg.fake_max_index) if critic else (cfg.min_index, cfg.max_index)
+        return self.rng.sigma(n, lo, hi, cfg.num_grid)
 
     def _generator_predict(self, sigma: torch.Tensor, labels: torch.Tensor | None
                            ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -251,12 +259,12 @@ class FDistillTrainer:
         labels = self._labels(real_labels, n)
         with torch.no_grad():
             x_fake = self._generate(n, labels, self.student)
-        sigma = self.rng.sigma(n, cfg.fake_min_index, cfg.fake_max_index, cfg.num_grid)
+        sigma = self.draw_sigma(n, critic=True)
         eps = self.rng.randn(*x_fake.shape)
         if cfg.real_same_t:
             sigma_r, eps_r = sigma, eps
         else:
-            sigma_r = self.rng.sigma(n, cfg.fake_min_index, cfg.fake_max_index, cfg.num_grid)
+            sigma_r = self.draw_sigma(n, critic=True)
             eps_r = self.rng.randn(*real.shape)
         use_r1 = cfg.r1_gamma > 0
         both_labels = torch.cat([labels, real_labels.to(self.device)]) if labels is not None else None
