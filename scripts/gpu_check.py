@@ -317,12 +317,18 @@ def time_variant(args: argparse.Namespace, device: torch.device, teacher: torch.
                  batch: int, k: int) -> dict:
     """A fresh trainer with ``settings`` on a copy of ``teacher``, measured at ``batch`` (:func:`measure_variant`),
     with its JS-vs-reverse-KL overhead if ``--variant-js-rkl`` asks for it."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     trainer, emas = build(args, device, settings, copy.deepcopy(teacher))
     torch.manual_seed(1)  # the same real batch for every variant
     x, y = batch_of(trainer, batch)
     res = measure_variant(trainer, emas, x, y, device, args.variant_repeats)
     res["settings"] = settings
     compiled = trainer.config.compile != "none"
+    if compiled:  # graphs compiled, and graphs that inductor ran without CUDA graphs (it says why on stderr)
+        res["graphs"] = counters["stats"]["unique_graphs"]
+        res["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
     if args.variant_js_rkl == "all" or (args.variant_js_rkl == "uncompiled" and not compiled):
         js_weighting = trainer.weighting
         trainer.weighting = FDistillWeighting.from_config(trainer.config, "rkl").to(device)
@@ -342,7 +348,8 @@ def variant_row(vname: str, r: dict) -> str:
             f"images/s, peak " + (f"{r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] == r["peak_memory_gib"]
                                   else "n/a") + ", MFU "
             + (f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a (unknown peak)")
-            + f", compile {r['compile_s']:.0f} s")
+            + f", compile {r['compile_s']:.0f} s"
+            + (f" ({r['graphs']} graphs, {r['cudagraph_skips']} without CUDA graphs)" if "graphs" in r else ""))
     if "max_rel_diff_vs_eager" in r:
         text += f"; first steps vs eager: max rel. diff {r['max_rel_diff_vs_eager']:.1e} ({r['max_rel_diff_key']})"
     if "js_overhead" in r:

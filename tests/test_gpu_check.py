@@ -104,6 +104,7 @@ def test_gpu_check_times_the_step_variants_side_by_side(tmp_path, capsys, load_s
     for name in ("layout", "compile_steps"):  # fp32 on a CPU: the same numbers up to rounding
         assert var[name]["max_rel_diff_vs_eager"] < 1e-5 and var[name]["first_logs"]["loss_critic"] > 0
     assert var["compile_steps"]["compile_s"] > 10 * var["compile_steps"]["iteration_s"]  # dynamo traced it
+    assert var["compile_steps"]["graphs"] >= 2 and "graphs" not in var["layout"]
     assert "js_overhead" in var["layout"] and "js_overhead" not in var["compile_steps"]  # --variant-js-rkl default
     mb = var["microbatch"]
     assert mb["batch"] == 8 and mb["settings"] == {"accum_steps": 4} and mb["single_micro_batch"]["batch"] == 2

@@ -163,6 +163,13 @@ def test_cuda_graphs_on_a_cpu_is_refused_not_ignored():
         speed.Compiler("all", False, torch.device("cpu"))
 
 
+def test_compiled_steps_under_ddp_are_refused():
+    """DDP's forward cannot be traced into one graph: compile="steps" with several ranks fails before any
+    process-group call, pointing to compile="networks" (which wraps DDP around the compiled networks)."""
+    with pytest.raises(ValueError, match=r"world_size=2\): use compile='networks' with several processes"):
+        FDistillTrainer(_teacher(), DistillConfig(compile="steps"), device="cpu", rank=0, world_size=2)
+
+
 def test_speed_settings_are_overridable_and_resumable():
     """--set compile=steps etc. parse from the command line; a bad value names the choices; the settings are speed
     only, so a checkpoint resumes under other ones."""
@@ -208,8 +215,10 @@ def test_speed_settings_equal_the_eager_bf16_step_on_a_gpu(settings):
     networks after a generator, a critic and a second generator step stay within bf16 tolerance of the eager
     trainer's, with attention and micro-batches."""
     import torch._dynamo
+    from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
+    counters.clear()
     cfg = tiny_adm_config(img_resolution=16, model_channels=64, channel_mult=[1, 2], attn_resolutions=[8])
 
     def run(**extra) -> tuple[list[dict[str, float]], FDistillTrainer]:
@@ -224,3 +233,5 @@ def test_speed_settings_equal_the_eager_bf16_step_on_a_gpu(settings):
         return logs, tr
 
     _assert_same(run(), run(**settings), tol=0.05)
+    if settings.get("cuda_graphs"):  # every compiled graph ran as CUDA graphs (inductor skips some silently)
+        assert counters["stats"]["unique_graphs"] >= 2 and counters["inductor"]["cudagraph_skips"] == 0

@@ -103,6 +103,9 @@ class FDistillTrainer:
             _freeze_unfed_inputs(net)
         self.student_ema = copy.deepcopy(self.student).eval().requires_grad_(False)
         self._compiler = speed.Compiler(cfg.compile, cfg.cuda_graphs, self.device)
+        if cfg.compile == "steps" and world_size > 1:
+            raise ValueError(f"compile='steps' traces a whole step into one graph, which DDP's forward does not allow "
+                             f"(world_size={world_size}): use compile='networks' with several processes")
         for net in (self.teacher, self.student, self.fake_score, self.student_ema):
             use_compiled_norms(net, cfg.compile_norms)
         speed.prepare_networks((self.teacher, self.student, self.fake_score, self.student_ema), cfg.channels_last,
@@ -114,10 +117,9 @@ class FDistillTrainer:
         self.weighting = FDistillWeighting.from_config(cfg).to(self.device)
         self._student_fwd, self._fake_fwd, self._disc_fwd = (self._wrap(m) for m in (self.student, self.fake_score,
                                                                                        self.disc))
-        # compile="networks": each network (and its DDP wrapper) called through its compiled version
-        nets = (self.teacher, self.student, self.fake_score, self.disc, self._student_fwd, self._fake_fwd,
-                self._disc_fwd)
-        self._compiled = {id(m): self._compiler.wrap(m, "networks") for m in nets}
+        # compile="networks": each unwrapped network called through its compiled version (a DDP wrapper holds one)
+        self._compiled = {id(m): self._compiler.wrap(m, "networks")
+                          for m in (self.teacher, self.student, self.fake_score, self.disc)}
         # compile="steps": each micro-batch's forward computation as one graph
         self._gen_compute = self._compiler.wrap(self._generator_compute, "steps")
         self._gen_logits_compute = self._compiler.wrap(self._generator_logits_compute, "steps")
@@ -135,7 +137,9 @@ class FDistillTrainer:
         if self.world_size == 1:
             return net
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(net, device_ids=ids, gradient_as_bucket_view=True, **_NO_BUFFER_SYNC)
+        # compile="networks": DDP around the compiled network (dynamo cannot trace DDP's forward into one graph)
+        return DistributedDataParallel(self._compiler.wrap(net, "networks"), device_ids=ids,
+                                       gradient_as_bucket_view=True, **_NO_BUFFER_SYNC)
 
     # ------------------------------------------------------------------ network calls
 
