@@ -87,7 +87,7 @@ def test_compiled_networks_with_r1_on_ddpmpp_run_the_r1_pass_eagerly(graph_captu
     """The cifar10 preset's recipe (DDPM++ with attention, several heads, R1, fake score placement too): with
     compile="networks" the R1 pass, whose double backward torch.compile lacks, runs the eager networks and the
     rest the compiled ones; the results are the eager trainer's."""
-    cfg = tiny_ddpmpp_config(img_resolution=8, attn_resolutions=[4])
+    cfg = tiny_ddpmpp_config(img_resolution=8, attn_resolutions=[4], num_blocks=1)
     settings = dict(r1_gamma=1.0, disc_features=("8x8", "4x4"), disc_placement="fake_score")
     ref = _run(steps=2, teacher_cfg=cfg, **settings)
     out = _run(steps=2, teacher_cfg=cfg, compile="networks", **settings)
@@ -235,3 +235,19 @@ def test_speed_settings_equal_the_eager_bf16_step_on_a_gpu(settings):
     _assert_same(run(), run(**settings), tol=0.05)
     if settings.get("cuda_graphs"):  # every compiled graph ran as CUDA graphs (inductor skips some silently)
         assert counters["stats"]["unique_graphs"] >= 2 and counters["inductor"]["cudagraph_skips"] == 0
+
+
+def test_cli_reports_bad_speed_settings(tmp_path, capsys):
+    """python -m fdistill_lab.train --set ...: exit 2 with the setting's error, before any training."""
+    from fdistill_lab.train.cli import main
+    from fdistill_lab.train.smoke_assets import make_smoke_assets
+
+    assets = make_smoke_assets(tmp_path / "assets", num_images=16)
+    common = ["--preset", "tiny", "--teacher", str(assets["teacher"]), "--data", str(assets["data"]), "--out",
+              str(tmp_path / "run"), "--set", "fid_every=0"]
+    assert main([*common, "--set", "compile=fastest"]) == 2
+    assert "compile must be one of ('none', 'networks', 'steps'); got 'fastest'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*common, "--set", "compile=steps", "--set", "cuda_graphs=true"]) == 2
+        assert "cuda_graphs=True needs a CUDA device" in capsys.readouterr().err
+    assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
