@@ -62,12 +62,12 @@ run_stage() {
   (( rc == 0 )) || status=1
 }
 
-run_stage variants 300 "$PY" scripts/gpu_check.py "${DEV[@]}" "${IN64[@]}" --skip passes,student_ab \
-  --variants eager,layout,microbatch,compile_steps,compile_steps_graphs,compile_networks,channels_last,fused_adamw,fold_biases \
+run_stage variants 330 "$PY" scripts/gpu_check.py "${DEV[@]}" "${IN64[@]}" --skip passes,js_vs_rkl,student_ab \
+  --variants eager,layout,microbatch,compile_steps,compile_steps_graphs,channels_last,fused_adamw,fold_biases,compile_networks \
   --json "$OUT/variants.json" "$@"
-run_stage cifar10_r1 90 "$PY" scripts/gpu_check.py "${DEV[@]}" --preset cifar10 "${CIFAR[@]}" \
+run_stage cifar10_r1 75 "$PY" scripts/gpu_check.py "${DEV[@]}" --preset cifar10 "${CIFAR[@]}" \
   --skip passes,student_ab --variants eager,layout --json "$OUT/cifar10_r1.json"
-run_stage pytest_gpu 120 "$PY" -m pytest -q -m gpu tests/test_speed.py -p no:cacheprovider
+run_stage pytest_gpu 100 "$PY" -m pytest -q -m gpu tests/test_speed.py -p no:cacheprovider
 run_stage js_rkl_compiled 120 "$PY" scripts/gpu_check.py "${DEV[@]}" "${IN64[@]}" \
   --skip passes,js_vs_rkl,mfu,student_ab --variants compile_steps --variant-js-rkl all \
   --json "$OUT/js_rkl_compiled.json" "$@"
@@ -86,7 +86,7 @@ print("device setting:", json.loads((Path(sys.argv[1]) / "run" / "config.json").
 PY
 }
 export -f nb_smoke; export OUT PY
-run_stage notebook 60 bash -c nb_smoke
+run_stage notebook 45 bash -c nb_smoke
 
 STAMP=$(date -u +%Y-%m-%d)
 SLUG=$(echo "$DEVICE" | tr -cs 'A-Za-z0-9' '-' | sed 's/^-//; s/-$//')

@@ -23,10 +23,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "microbatch": {},  # per-GPU micro-batch x 4 with gradient accumulation (see MICRO_BATCHES)
     "compile_steps": dict(compile="steps", **_LAYOUT),
     "compile_steps_graphs": dict(compile="steps", cuda_graphs=True, **_LAYOUT),
-    "compile_networks": dict(compile="networks", **_LAYOUT),
     "channels_last": dict(channels_last=True),
     "fused_adamw": dict(fused_optimizer=True),
     "fold_biases": dict(fold_biases=True),
+    "compile_networks": dict(compile="networks", **_LAYOUT),
     "compile_norms": dict(compile_norms=True),
 }
 MICRO_BATCHES = 4
