@@ -123,7 +123,7 @@ class FDistillTrainer:
         # compile="steps": each micro-batch's forward computation as one graph
         self._gen_compute = self._compiler.wrap(self._generator_compute, "steps")
         self._gen_logits_compute = self._compiler.wrap(self._generator_logits_compute, "steps")
-        self._critic_compute = self._compiler.wrap(self._critic_compute_eager, "steps")
+        self._crit_compute = self._compiler.wrap(self._critic_compute, "steps")
         adam = dict(betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.adam_eps, fused=cfg.fused_optimizer)
         self.opt_student = speed.adamw(self.student.parameters(), cfg.lr_student, **adam)
         self.opt_fake = speed.adamw(self.fake_score.parameters(), cfg.lr_fake, **adam)
@@ -297,9 +297,9 @@ class FDistillTrainer:
         return (labels, z, sigma, eps, self.rng.sigma(n, cfg.fake_min_index, cfg.fake_max_index, cfg.num_grid),
                 self.rng.randn(*real.shape))
 
-    def _critic_compute_eager(self, real: torch.Tensor, real_labels: torch.Tensor | None,
-                              labels: torch.Tensor | None, z: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor,
-                              sigma_r: torch.Tensor, eps_r: torch.Tensor) -> tuple[torch.Tensor, Scalars]:
+    def _critic_compute(self, real: torch.Tensor, real_labels: torch.Tensor | None, labels: torch.Tensor | None,
+                        z: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor, sigma_r: torch.Tensor,
+                        eps_r: torch.Tensor) -> tuple[torch.Tensor, Scalars]:
         """:func:`~fdistill_lab.method.critic_objective` on detached student samples G(z) and one real
         micro-batch, with the drawn noise."""
         cfg = self.config
@@ -337,7 +337,7 @@ class FDistillTrainer:
         """:func:`~fdistill_lab.method.critic_objective` on detached student samples and one real micro-batch."""
         labels, z, sigma, eps, sigma_r, eps_r = self._critic_draws(real, real_labels)
         real_labels = real_labels.to(self.device) if labels is not None else None
-        return self._compiler.call(self._critic_compute, real, real_labels, labels, z, sigma, eps, sigma_r, eps_r)
+        return self._compiler.call(self._crit_compute, real, real_labels, labels, z, sigma, eps, sigma_r, eps_r)
 
     # ------------------------------------------------------------------ steps
 
