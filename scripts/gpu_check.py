@@ -328,7 +328,8 @@ def time_variant(args: argparse.Namespace, device: torch.device, teacher: torch.
     compiled = trainer.config.compile != "none"
     if compiled:  # graphs compiled, and graphs that inductor ran without CUDA graphs (it says why on stderr)
         res["graphs"] = counters["stats"]["unique_graphs"]
-        res["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
+        if trainer.config.cuda_graphs:
+            res["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
     if args.variant_js_rkl == "all" or (args.variant_js_rkl == "uncompiled" and not compiled):
         js_weighting = trainer.weighting
         trainer.weighting = FDistillWeighting.from_config(trainer.config, "rkl").to(device)
@@ -349,7 +350,9 @@ def variant_row(vname: str, r: dict) -> str:
                                   else "n/a") + ", MFU "
             + (f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a (unknown peak)")
             + f", compile {r['compile_s']:.0f} s"
-            + (f" ({r['graphs']} graphs, {r['cudagraph_skips']} without CUDA graphs)" if "graphs" in r else ""))
+            + (f" ({r['graphs']} graphs" if "graphs" in r else "")
+            + (f", {r['cudagraph_skips']} without CUDA graphs" if "cudagraph_skips" in r else "")
+            + (")" if "graphs" in r else ""))
     if "max_rel_diff_vs_eager" in r:
         text += f"; first steps vs eager: max rel. diff {r['max_rel_diff_vs_eager']:.1e} ({r['max_rel_diff_key']})"
     if "js_overhead" in r:

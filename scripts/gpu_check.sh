@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check of the training step (issues 7 and 21), on one H100 or H200, in stages ordered by value; each stage has
 # its own time limit, a failing or timed-out stage does not stop the next ones, and the whole run stays within
-# GPU_CHECK_BUDGET seconds (default 600: a stage that would start with under 30 s left is skipped):
+# GPU_CHECK_BUDGET seconds (default 540, so that it fits a 10-minute call; a stage that would start with under 30 s
+# left is skipped):
 #   variants         full-size ADM, imagenet64 preset, bf16, batch 160, memory capped at 79 GiB (an 80 GB H100):
 #                    today's eager step and each step variant side by side (scripts/gpu_check.py --variants: iteration
 #                    time, images/s, peak memory, MFU with the eager FLOP count, compile time, JS vs reverse KL for the
@@ -10,8 +11,9 @@
 #   pytest_gpu       the gpu-marked equality tests of the speed settings (tests/test_speed.py)
 #   js_rkl_compiled  JS vs reverse KL on the compiled step (compiles the reverse-KL graph too)
 #   notebook         notebook 05's smoke path on the GPU (papermill, tiny preset, synthetic data)
-# Figures go to stdout and GPU_CHECK_OUT (default build/gpu_check): one JSON per stage and, merged with each stage's
-# exit status and wall time, gpu_check_<date>_<device>.json (commit that one under docs/gpu/).
+# Figures go to stdout and GPU_CHECK_OUT (default build/gpu_check): one JSON per stage, the notebook's log and,
+# merged with each stage's exit status and wall time, gpu_check_<date>_<device>.json (commit that one under
+# docs/gpu/); the notebook's run folder goes to GPU_CHECK_WORK (default build/gpu_check_work).
 #   bash scripts/gpu_check.sh [extra gpu_check.py flags for the imagenet64 stages, e.g. --teacher <edm pickle>]
 # GPU_CHECK_STAGES: comma-separated stages to run (default all, in the order above). GPU_CHECK_DRY_RUN=1 runs the
 # same stages on the CPU with the tiny network (--device cpu --tiny, aot_eager compilation; a test of this script).
@@ -22,7 +24,9 @@ PY=${PYTHON:-$(command -v python || command -v python3)}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${GPU_CHECK_OUT:-build/gpu_check}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-BUDGET=${GPU_CHECK_BUDGET:-600}
+BUDGET=${GPU_CHECK_BUDGET:-540}
+WORK=${GPU_CHECK_WORK:-build/gpu_check_work}
+mkdir -p "$WORK" && WORK=$(cd "$WORK" && pwd)
 STAGES=${GPU_CHECK_STAGES:-variants,cifar10_r1,pytest_gpu,js_rkl_compiled,notebook}
 ALL_STAGES=" variants cifar10_r1 pytest_gpu js_rkl_compiled notebook "
 for s in ${STAGES//,/ }; do
@@ -62,22 +66,22 @@ run_stage() {
   (( rc == 0 )) || status=1
 }
 
-run_stage variants 330 "$PY" scripts/gpu_check.py "${DEV[@]}" "${IN64[@]}" --skip passes,js_vs_rkl,student_ab \
+run_stage variants 300 "$PY" scripts/gpu_check.py "${DEV[@]}" "${IN64[@]}" --skip passes,js_vs_rkl,student_ab \
   --variants eager,layout,microbatch,compile_steps,compile_steps_graphs,channels_last,fused_adamw,fold_biases,compile_networks \
   --json "$OUT/variants.json" "$@"
-run_stage cifar10_r1 75 "$PY" scripts/gpu_check.py "${DEV[@]}" --preset cifar10 "${CIFAR[@]}" \
+run_stage cifar10_r1 70 "$PY" scripts/gpu_check.py "${DEV[@]}" --preset cifar10 "${CIFAR[@]}" \
   --skip passes,student_ab --variants eager,layout --json "$OUT/cifar10_r1.json"
-run_stage pytest_gpu 100 "$PY" -m pytest -q -m gpu tests/test_speed.py -p no:cacheprovider
-run_stage js_rkl_compiled 120 "$PY" scripts/gpu_check.py "${DEV[@]}" "${IN64[@]}" \
+run_stage pytest_gpu 90 "$PY" -m pytest -q -m gpu tests/test_speed.py -p no:cacheprovider
+run_stage js_rkl_compiled 100 "$PY" scripts/gpu_check.py "${DEV[@]}" "${IN64[@]}" \
   --skip passes,js_vs_rkl,mfu,student_ab --variants compile_steps --variant-js-rkl all \
   --json "$OUT/js_rkl_compiled.json" "$@"
 
 nb_smoke() {
-  rm -rf "$OUT/nb05_smoke"
-  "$PY" -m papermill notebooks/05_imagenet.ipynb "$OUT/05_imagenet_gpu_smoke.ipynb" -p smoke True \
-    -p output_dir "$OUT/nb05_smoke" --cwd notebooks -k python3 --no-progress-bar --log-output \
+  rm -rf "$WORK/nb05_smoke"
+  "$PY" -m papermill notebooks/05_imagenet.ipynb "$WORK/05_imagenet_gpu_smoke.ipynb" -p smoke True \
+    -p output_dir "$WORK/nb05_smoke" --cwd notebooks -k python3 --no-progress-bar --log-output \
     > "$OUT/nb05_smoke.log" 2>&1 || { tail -40 "$OUT/nb05_smoke.log"; return 1; }
-  "$PY" - "$OUT/nb05_smoke" <<'PY'
+  "$PY" - "$WORK/nb05_smoke" <<'PY'
 import json, sys
 from pathlib import Path
 rec = json.loads((Path(sys.argv[1]) / "results.json").read_text())
@@ -85,7 +89,7 @@ print("records:", json.dumps(rec))
 print("device setting:", json.loads((Path(sys.argv[1]) / "run" / "config.json").read_text())["run"]["device"])
 PY
 }
-export -f nb_smoke; export OUT PY
+export -f nb_smoke; export OUT WORK PY
 run_stage notebook 45 bash -c nb_smoke
 
 STAMP=$(date -u +%Y-%m-%d)
