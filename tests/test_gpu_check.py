@@ -87,8 +87,8 @@ def test_gpu_check_presets_pick_their_edm_network(load_script, capsys):
 @pytest.mark.usefixtures("one_thread")
 def test_gpu_check_times_the_step_variants_side_by_side(tmp_path, capsys, load_script):
     """Stage 8 on the CPU: the eager step and its variants (a compiled one with dynamo's eager backend: graph capture
-    only; tests/test_speed.py checks the compiled maths), each from the same initial state, with the same FLOP count (counted here, stage 5 being skipped); the CUDA-graph variant is
-    left out on a CPU, and says so."""
+    only; tests/test_speed.py checks the compiled maths), each from the same initial state, with the same FLOP
+    count (counted here, stage 5 being skipped); the CUDA-graph variant is left out on a CPU, and says so."""
     rc, out, fig = _run_tiny(load_script(SCRIPT), tmp_path, capsys, "--batch", "4", "--skip",
                              "passes,js_vs_rkl,mfu,student_ab", "--variants",
                              "layout,microbatch,compile_steps,compile_steps_graphs", "--compile-backend", "eager",

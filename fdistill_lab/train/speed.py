@@ -4,13 +4,15 @@ how a step runs and not its maths (the eager step's results up to rounding; ``te
 * ``compile``: ``"none"`` (eager), ``"networks"`` (each network call through ``torch.compile``) or ``"steps"``
   (the whole forward computation of a generator or critic micro-batch, networks, weighting and losses, as one
   compiled graph; its backward is compiled with it). Static shapes and ``fullgraph``: a graph break (a host sync
-  such as ``.item()``, data-dependent Python control flow) is an error, not a silent return to eager code.
+  such as ``.item()``, data-dependent Python control flow) is an error, not a silent return to eager code. Under
+  DDP (several processes) only ``"networks"``: each DDP wrapper holds the compiled network.
 * ``cuda_graphs``: the compiled graphs are replayed as CUDA graphs (``torch.compile`` mode ``reduce-overhead``),
   so the host launches a step in a few calls; needs ``compile`` and a CUDA device.
 * ``channels_last``: every network's weights and inputs in channels-last layout, so cuDNN's bf16 kernels get
   NHWC tensors without conversions.
 * ``fused_optimizer``: AdamW with ``fused=True`` (one kernel for all parameters of a network).
-* ``fold_biases``: a plain convolution's bias added by the convolution itself (one kernel instead of two).
+* ``fold_biases``: a convolution's bias added by the convolution itself instead of a separate add (not in the
+  3-channel image convolutions that bf16 pads to 8 channels).
 """
 
 from __future__ import annotations
