@@ -385,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="", help="also write the figures to this JSON file (after every stage)")
     p.add_argument("--variants", default="", help="step variants to time side by side with the eager step, "
                    f"comma-separated, or all: {', '.join(VARIANTS)} (default: none)")
+    p.add_argument("--variant-batch", type=int, default=0,
+                   help="per-GPU batch of the variants (default: the batch of stage 2), e.g. one that only a "
+                        "compiled variant fits")
     p.add_argument("--variant-repeats", type=int, default=3, help="timed step pairs per variant")
     p.add_argument("--variant-js-rkl", default="uncompiled", choices=("none", "uncompiled", "all"),
                    help="variants whose JS-vs-reverse-KL overhead is measured (a compiled one compiles again)")
@@ -565,13 +568,13 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, dict] = figures.setdefault("variants", {})  # type: ignore[assignment]
         for skipped in cuda_only:
             results[skipped] = {"skipped": "needs a CUDA device"}
-        print(f"8. step variants at batch {n}, each a fresh trainer from the same initial state ("
+        print(f"8. step variants at batch {args.variant_batch or n}, each a fresh trainer from the same initial state ("
               + ", ".join(f"{v}: {VARIANTS[v] or 'preset as is'}" for v in variant_names if v != "microbatch")
               + (f"; microbatch: {MICRO_BATCHES} x {micro} with accumulation" if "microbatch" in variant_names else "")
               + (f"; left out, they need CUDA: {', '.join(cuda_only)}" if cuda_only else "") + "):", flush=True)
 
         def run_variant(vname: str) -> None:
-            settings, b = dict(VARIANTS[vname]), n
+            settings, b = dict(VARIANTS[vname]), args.variant_batch or n
             if vname == "microbatch":
                 settings["accum_steps"], b = MICRO_BATCHES, MICRO_BATCHES * micro
             res = time_variant(args, device, teacher, settings, b, k)
@@ -584,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
                     res["first_logs"], results["eager"]["first_logs"])
             if "flops_per_image" not in figures:  # the eager step's model FLOPs (stage 5 skipped or failed)
                 tr, _ = build(args, device, {}, copy.deepcopy(teacher))
-                figures["flops_per_image"] = step_flops_per_image(tr, n)
+                figures["flops_per_image"] = step_flops_per_image(tr, args.variant_batch or n)
                 del tr
             achieved = figures["flops_per_image"] * res["images_per_s"]  # type: ignore[operator]
             res["mfu"] = achieved / pk if pk else None

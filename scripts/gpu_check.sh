@@ -17,10 +17,16 @@
 #   bash scripts/gpu_check.sh [extra gpu_check.py flags for the imagenet64 stages, e.g. --teacher <edm pickle>]
 # GPU_CHECK_STAGES: comma-separated stages to run (default all, in the order above). GPU_CHECK_DRY_RUN=1 runs the
 # same stages on the CPU with the tiny network (--device cpu --tiny, aot_eager compilation; a test of this script).
-# PYTHON picks the interpreter (default: python, else python3).
+# PYTHON picks the interpreter (default: the first of python3 and python that imports torch).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-$(command -v python || command -v python3)}
+PY=${PYTHON:-}
+if [[ -z "$PY" ]]; then  # the first of python3 and python that has torch (the CUDA image's python3 holds it)
+  for c in python3 python; do
+    if command -v "$c" >/dev/null && "$c" -c "import torch" 2>/dev/null; then PY=$(command -v "$c"); break; fi
+  done
+fi
+[[ -n "$PY" ]] || { echo "no python with torch found (set PYTHON)" >&2; exit 2; }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${GPU_CHECK_OUT:-build/gpu_check}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)

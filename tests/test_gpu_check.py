@@ -92,14 +92,15 @@ def test_gpu_check_times_the_step_variants_side_by_side(tmp_path, capsys, load_s
     rc, out, fig = _run_tiny(load_script(SCRIPT), tmp_path, capsys, "--batch", "4", "--skip",
                              "passes,js_vs_rkl,mfu,student_ab", "--variants",
                              "layout,microbatch,compile_steps,compile_steps_graphs", "--compile-backend", "eager",
-                             "--variant-repeats", "1", "--micro-batch", "2")
-    assert rc == 0 and "errors" not in fig
+                             "--variant-repeats", "1", "--micro-batch", "2", "--variant-batch", "6")
+    assert rc == 0 and "errors" not in fig and fig["batch_per_gpu"] == 4
     var = fig["variants"]
     assert list(var) == ["compile_steps_graphs", "eager", "layout", "microbatch", "compile_steps"]
     assert var["compile_steps_graphs"] == {"skipped": "needs a CUDA device"} and "they need CUDA" in out
     for name in ("eager", "layout", "microbatch", "compile_steps"):
         r = var[name]
         assert r["iteration_s"] > 0 and r["images_per_s"] > 0 and r["mfu"] is None and f"   {name}: batch" in out
+        assert r["batch"] == (8 if name == "microbatch" else 6)  # --variant-batch; microbatch: 4 x --micro-batch
     assert fig["flops_per_image"] > 0
     for name in ("layout", "compile_steps"):  # fp32 on a CPU: the same numbers up to rounding
         assert var[name]["max_rel_diff_vs_eager"] < 1e-5 and var[name]["first_logs"]["loss_critic"] > 0
