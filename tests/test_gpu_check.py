@@ -143,3 +143,27 @@ def test_gpu_check_sh_dry_run_writes_the_merged_figures(tmp_path):
     stage = doc["stages"]["cifar10_r1"]
     assert stage["exit"] == 0 and stage["wall_s"] >= 1
     assert set(stage["figures"]["variants"]) == {"eager", "layout"} and "== cifar10_r1:" in run.stdout
+
+
+@pytest.mark.timeout(60)
+def test_gpu_table_renders_a_merged_run(tmp_path, capsys, load_script):
+    """scripts/gpu_table.py: one markdown row per measured variant, from gpu_check.sh's merged JSON."""
+    eager = {"batch": 160, "iteration_s": 0.75, "images_per_s": 213.3, "peak_memory_gib": 65.6, "mfu": 0.225,
+             "compile_s": 0.0, "js_overhead": 0.001}
+    fast = {**eager, "iteration_s": 0.5, "images_per_s": 320.0, "mfu": 0.3375, "compile_s": 95.0,
+            "max_rel_diff_vs_eager": 2e-3}
+    micro = {**eager, "batch": 512, "single_micro_batch": {"batch": 128}, "overhead_vs_single": 0.031}
+    doc = {"device": "NVIDIA H200", "date": "2026-12-04", "stages": {"variants": {"exit": 0, "wall_s": 250, "figures": {
+        "variants": {"eager": eager, "compile_steps": fast, "microbatch": micro,
+                     "compile_steps_graphs": {"skipped": "needs a CUDA device"}}}}, "pytest_gpu": {"exit": 0}}}
+    path = tmp_path / "gpu_check_2026-12-04_NVIDIA-H200.json"
+    path.write_text(json.dumps(doc))
+    table = load_script("scripts/gpu_table.py")
+    assert table.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    row = "| variants | compile_steps | 160 | 500 ms | 320 | 1.50x | 65.6 GiB | 33.8% | 95 s | 2.0e-03 | +0.10% |"
+    assert row in out
+    assert "| variants | microbatch (4 x 128: +3.10% vs one) | 512 |" in out and "skipped: needs a CUDA device" in out
+    assert table.main([str(tmp_path / "missing.json")]) == 2 and "not found" in capsys.readouterr().err
+    path.write_text(json.dumps({"stages": {"pytest_gpu": {"exit": 0}}}))
+    assert table.main([str(path)]) == 1 and "no measured variants (stages: pytest_gpu)" in capsys.readouterr().err
