@@ -77,7 +77,7 @@ run_stage variants 300 "$PY" scripts/gpu_check.py "${DEV[@]}" "${IN64[@]}" --ski
   --json "$OUT/variants.json" "$@"
 run_stage cifar10_r1 70 "$PY" scripts/gpu_check.py "${DEV[@]}" --preset cifar10 "${CIFAR[@]}" \
   --skip passes,student_ab --variants eager,layout --json "$OUT/cifar10_r1.json"
-run_stage pytest_gpu 90 "$PY" -m pytest -q -m gpu tests/test_speed.py -p no:cacheprovider
+run_stage pytest_gpu 90 "$PY" -m pytest -v -m gpu tests/test_speed.py -p no:cacheprovider --durations=0
 run_stage js_rkl_compiled 100 "$PY" scripts/gpu_check.py "${DEV[@]}" "${IN64[@]}" \
   --skip passes,js_vs_rkl,mfu,student_ab --variants compile_steps --variant-js-rkl all \
   --json "$OUT/js_rkl_compiled.json" "$@"
