@@ -60,9 +60,15 @@ def adamw(params: Iterable[nn.Parameter], lr: float, fused: bool, **kwargs: Any)
     return torch.optim.AdamW(params, lr=lr, fused=True if fused else None, **kwargs)
 
 
-def _raise_recompile_limit() -> None:
+def _configure_compilation() -> None:
+    """More graphs per function than dynamo's default allows (and an error past them, not eager code); and compiled
+    code drawing its random numbers (dropout, label dropout) with the eager random ops, in program order, from the
+    global generators: the trainer replays a micro-batch's draws in its gradient pass from the random state of its
+    gradient-free logits pass, which is another graph."""
     import torch._dynamo
+    import torch._inductor.config
 
+    torch._inductor.config.fallback_random = True
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # torch < 2.6
     setattr(cfg, name, max(getattr(cfg, name), RECOMPILE_LIMIT))
@@ -86,7 +92,7 @@ class Compiler:
         check_device(cuda_graphs, device)
         self.mode, self.cuda_graphs = mode, cuda_graphs
         if mode != "none":
-            _raise_recompile_limit()
+            _configure_compilation()
 
     def wrap(self, fn: Callable[..., Any], level: str) -> Callable[..., Any]:
         """``fn`` compiled if ``level`` ("networks" or "steps") is this compiler's mode, else ``fn``."""
