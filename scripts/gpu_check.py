@@ -314,23 +314,24 @@ def step_flops_per_image(trainer: FDistillTrainer, n: int) -> float:
 
 
 def time_variant(args: argparse.Namespace, device: torch.device, teacher: torch.nn.Module, settings: dict,
-                 batch: int, k: int) -> dict:
-    """A fresh trainer with ``settings`` on a copy of ``teacher``, measured at ``batch`` (:func:`measure_variant`),
-    with its JS-vs-reverse-KL overhead if ``--variant-js-rkl`` asks for it."""
+                 batch: int, k: int, js_rkl: bool = True) -> dict:
+    """A fresh trainer with ``settings`` on a copy of ``teacher``, measured at ``batch`` (:func:`measure_variant`:
+    two warm-up step pairs after compilation, one without), with its JS-vs-reverse-KL overhead if ``js_rkl`` and
+    ``--variant-js-rkl`` ask for it."""
     from torch._dynamo.utils import counters
 
     counters.clear()
     trainer, emas = build(args, device, settings, copy.deepcopy(teacher))
     torch.manual_seed(1)  # the same real batch for every variant
     x, y = batch_of(trainer, batch)
-    res = measure_variant(trainer, emas, x, y, device, args.variant_repeats)
-    res["settings"] = settings
     compiled = trainer.config.compile != "none"
+    res = measure_variant(trainer, emas, x, y, device, args.variant_repeats, warmup=2 if compiled else 1)
+    res["settings"] = settings
     if compiled:  # graphs compiled, and graphs that inductor ran without CUDA graphs (it says why on stderr)
         res["graphs"] = counters["stats"]["unique_graphs"]
         if trainer.config.cuda_graphs:
             res["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
-    if args.variant_js_rkl == "all" or (args.variant_js_rkl == "uncompiled" and not compiled):
+    if js_rkl and (args.variant_js_rkl == "all" or (args.variant_js_rkl == "uncompiled" and not compiled)):
         js_weighting = trainer.weighting
         trainer.weighting = FDistillWeighting.from_config(trainer.config, "rkl").to(device)
         trainer.generator_step(x, y)  # a compiled step compiles again: the weighting is part of its graph
@@ -577,9 +578,9 @@ def main(argv: list[str] | None = None) -> int:
             settings, b = dict(VARIANTS[vname]), args.variant_batch or n
             if vname == "microbatch":
                 settings["accum_steps"], b = MICRO_BATCHES, MICRO_BATCHES * micro
-            res = time_variant(args, device, teacher, settings, b, k)
+            res = time_variant(args, device, teacher, settings, b, k, js_rkl=vname != "microbatch")
             if vname == "microbatch":  # against eager steps on one micro-batch
-                single = time_variant(args, device, teacher, {}, micro, k)
+                single = time_variant(args, device, teacher, {}, micro, k, js_rkl=False)
                 res["single_micro_batch"] = {key: v for key, v in single.items() if key != "first_logs"}
                 res["overhead_vs_single"] = res["iteration_s"] / (MICRO_BATCHES * single["iteration_s"]) - 1
             elif vname != "eager":

@@ -42,7 +42,7 @@ if [[ "${GPU_CHECK_DRY_RUN:-0}" == 1 ]]; then
   DEV=(--device cpu --tiny --repeats 1 --variant-repeats 1 --micro-batch 2 --compile-backend aot_eager)
   IN64=(--batch 4); CIFAR=(--batch 4); DEVICE=cpu
 else
-  DEV=(); IN64=(--batch 160 --memory-gib 79); CIFAR=(--batch 256 --memory-gib 79)
+  DEV=(--repeats 3); IN64=(--batch 160 --memory-gib 79); CIFAR=(--batch 256 --memory-gib 79)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   DEVICE=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0))" 2>/dev/null || echo unknown)
 fi
@@ -72,7 +72,7 @@ run_stage() {
   (( rc == 0 )) || status=1
 }
 
-run_stage variants 300 "$PY" scripts/gpu_check.py "${DEV[@]}" "${IN64[@]}" --skip passes,js_vs_rkl,student_ab \
+run_stage variants 330 "$PY" scripts/gpu_check.py "${DEV[@]}" "${IN64[@]}" --skip passes,js_vs_rkl,student_ab \
   --variants eager,layout,microbatch,compile_steps,compile_steps_graphs,channels_last,fused_adamw,fold_biases,compile_networks \
   --json "$OUT/variants.json" "$@"
 run_stage cifar10_r1 70 "$PY" scripts/gpu_check.py "${DEV[@]}" --preset cifar10 "${CIFAR[@]}" \

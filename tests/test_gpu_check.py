@@ -107,6 +107,7 @@ def test_gpu_check_times_the_step_variants_side_by_side(tmp_path, capsys, load_s
     assert var["compile_steps"]["compile_s"] > 10 * var["compile_steps"]["iteration_s"]  # dynamo traced it
     assert var["compile_steps"]["graphs"] >= 2 and "graphs" not in var["layout"]
     assert "js_overhead" in var["layout"] and "js_overhead" not in var["compile_steps"]  # --variant-js-rkl default
+    assert "js_overhead" not in var["microbatch"]  # measured on one batch, not on the micro-batches
     mb = var["microbatch"]
     assert mb["batch"] == 8 and mb["settings"] == {"accum_steps": 4} and mb["single_micro_batch"]["batch"] == 2
     assert mb["overhead_vs_single"] == pytest.approx(mb["iteration_s"] / (4 * mb["single_micro_batch"]["iteration_s"])
