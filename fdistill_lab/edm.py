@@ -48,9 +48,11 @@ def as_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
 def precond(
     sigma: torch.Tensor, sigma_data: float = SIGMA_DATA
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """EDM preconditioning (Karras et al. 2022, Table 1): c_skip, c_out, c_in, c_noise."""
+    """EDM preconditioning (Karras et al. 2022, Table 1): c_skip, c_out, c_in, c_noise. Sigma is checked eagerly
+    only: the check reads the values back to the host, which a compiled graph (``torch.compile``) must not do."""
     sigma = torch.as_tensor(sigma)
-    _check_sigma(sigma)
+    if not torch.compiler.is_compiling():
+        _check_sigma(sigma)
     s2 = sigma**2 + sigma_data**2
     c_skip = sigma_data**2 / s2
     c_out = sigma * sigma_data / s2.sqrt()

@@ -17,7 +17,13 @@ with R1), then prints:
 6. A/B timings of the student's forward+backward, each with one change from the trainer's default: EDM's float32
    attention (instead of the fused bf16 kernel), channels-last memory layout, compiled norms (``compile_norms``);
 7. with ``--profile N``: the N operators that take the most device time in one generator + one critic step
-   (torch.profiler).
+   (torch.profiler);
+8. with ``--variants``: the step variants of :mod:`fdistill_lab.train.variants` side by side with today's eager
+   step, each a fresh trainer from the same initial state: the first step pair's losses against the eager ones
+   (the same maths up to bf16 rounding), iteration time, images/s, peak memory, MFU with the eager step's FLOP count,
+   compile time (first step pair minus a warm one) and the JS-vs-reverse-KL overhead (``--variant-js-rkl``);
+   ``microbatch`` trains ``--micro-batch`` x 4 with gradient accumulation (the generator step's extra gradient-free
+   pass that normalises over the whole batch) against one micro-batch of eager steps.
 
 A failing stage is reported and the later ones still run; the JSON file is rewritten after every stage.
 ``--memory-gib`` caps the memory PyTorch may take (e.g. 79 on an H200 to find the batch of an 80 GB H100).
@@ -28,6 +34,8 @@ A failing stage is reported and the later ones still run; the JSON file is rewri
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
 import json
 import statistics
 import sys
@@ -42,10 +50,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from fdistill_lab.method import FDistillWeighting
 from fdistill_lab.networks import build_edm, cifar10_ddpmpp_config, count_parameters, imagenet64_adm_config
 from fdistill_lab.networks.layers import eager_norms
+from fdistill_lab.train import speed
 from fdistill_lab.train.presets import resolve
 from fdistill_lab.train.run_folder import StudentEMAs
 from fdistill_lab.train.smoke_assets import smoke_teacher_config
 from fdistill_lab.train.trainer import FDistillTrainer
+from fdistill_lab.train.variants import COMPARED, MICRO_BATCHES, VARIANTS, compare_logs, measure_variant, parse_variants
 
 # dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched in this order against the device
 # name (an SXM H100 reports "NVIDIA H100 80GB HBM3"; the PCIe and NVL boards are slower)
@@ -94,20 +104,25 @@ def teacher_config(preset: str, tiny: bool) -> dict:
     return smoke_teacher_config() if tiny else dict(PRESET_NETWORKS[preset](), dropout=0.0)
 
 
-def build(args: argparse.Namespace, device: torch.device) -> tuple[FDistillTrainer, StudentEMAs]:
-    preset = "tiny" if args.tiny else args.preset
-    dcfg, rcfg = resolve(preset, {"precision": "bf16" if device.type == "cuda" else "fp32",
-                                  "compile_norms": args.compile_norms})
+def new_teacher(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    """The ``--teacher`` pickle, else a random-weight teacher of the preset's network (seed 0)."""
     if args.teacher:
         from fdistill_lab.train.teachers import load_edm
 
-        teacher = load_edm(args.teacher, device=device)
-    else:
-        cfg = teacher_config(args.preset, args.tiny)
-        torch.manual_seed(0)
-        with torch.device(device):
-            teacher = build_edm(**cfg).eval().requires_grad_(False)
-    trainer = FDistillTrainer(teacher, dcfg, device, rng_mode="per_rank")
+        return load_edm(args.teacher, device=device)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return build_edm(**teacher_config(args.preset, args.tiny)).eval().requires_grad_(False)
+
+
+def build(args: argparse.Namespace, device: torch.device, settings: dict | None = None,
+          teacher: torch.nn.Module | None = None) -> tuple[FDistillTrainer, StudentEMAs]:
+    """The preset's trainer (with ``settings`` on top) and its extra EMAs, on ``teacher`` or a new one."""
+    preset = "tiny" if args.tiny else args.preset
+    dcfg, rcfg = resolve(preset, {"precision": "bf16" if device.type == "cuda" else "fp32",
+                                  "compile_norms": args.compile_norms, **(settings or {})})
+    trainer = FDistillTrainer(teacher if teacher is not None else new_teacher(args, device), dcfg, device,
+                              rng_mode="per_rank")
     return trainer, StudentEMAs(trainer.student, rcfg.extra_ema_betas)
 
 
@@ -291,6 +306,65 @@ def step_flops(trainer: FDistillTrainer, n: int) -> tuple[int, int]:
     return flops[0], flops[1]
 
 
+def step_flops_per_image(trainer: FDistillTrainer, n: int) -> float:
+    """Model FLOPs of one iteration (1 generator + K-1 critic steps, averaged) per image at batch n."""
+    f_gen, f_crit = step_flops(trainer, n)
+    k = trainer.config.student_update_freq
+    return (f_gen + (k - 1) * f_crit) / k / n
+
+
+def time_variant(args: argparse.Namespace, device: torch.device, teacher: torch.nn.Module, settings: dict,
+                 batch: int, k: int, js_rkl: bool = True) -> dict:
+    """A fresh trainer with ``settings`` on a copy of ``teacher``, measured at ``batch`` (:func:`measure_variant`:
+    two warm-up step pairs after compilation, one without), with its JS-vs-reverse-KL overhead if ``js_rkl`` and
+    ``--variant-js-rkl`` ask for it."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    trainer, emas = build(args, device, settings, copy.deepcopy(teacher))
+    torch.manual_seed(1)  # the same real batch for every variant
+    x, y = batch_of(trainer, batch)
+    compiled = trainer.config.compile != "none"
+    res = measure_variant(trainer, emas, x, y, device, args.variant_repeats, warmup=2 if compiled else 1)
+    res["settings"] = settings
+    if compiled:  # graphs compiled, and graphs that inductor ran without CUDA graphs (it says why on stderr)
+        res["graphs"] = counters["stats"]["unique_graphs"]
+        if trainer.config.cuda_graphs:
+            res["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
+    if js_rkl and (args.variant_js_rkl == "all" or (args.variant_js_rkl == "uncompiled" and not compiled)):
+        js_weighting = trainer.weighting
+        trainer.weighting = FDistillWeighting.from_config(trainer.config, "rkl").to(device)
+        trainer.generator_step(x, y)  # a compiled step compiles again: the weighting is part of its graph
+        rkl = timed(lambda: trainer.generator_step(x, y), device, args.variant_repeats, warmup=1)
+        trainer.weighting = js_weighting
+        js = min(res["generator_step_s"], timed(lambda: trainer.generator_step(x, y), device, args.variant_repeats))
+        res.update(js_gen_s=js, rkl_gen_s=rkl, js_overhead=(js - rkl) / (rkl + (k - 1) * res["critic_step_s"]))
+    res["first_logs"] = {key: v for key, v in res["first_logs"].items() if key in COMPARED}
+    return res
+
+
+def variant_row(vname: str, r: dict) -> str:
+    """One printed line of a variant's figures."""
+    text = (f"{vname}: batch {r['batch']}, generator {r['generator_step_s'] * 1e3:.0f} ms, critic "
+            f"{r['critic_step_s'] * 1e3:.0f} ms, iteration {r['iteration_s'] * 1e3:.0f} ms, {r['images_per_s']:.0f} "
+            f"images/s, peak " + (f"{r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] == r["peak_memory_gib"]
+                                  else "n/a") + ", MFU "
+            + (f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "n/a (unknown peak)")
+            + f", compile {r['compile_s']:.0f} s"
+            + (f" ({r['graphs']} graphs" if "graphs" in r else "")
+            + (f", {r['cudagraph_skips']} without CUDA graphs" if "cudagraph_skips" in r else "")
+            + (")" if "graphs" in r else ""))
+    if "max_rel_diff_vs_eager" in r:
+        text += f"; first steps vs eager: max rel. diff {r['max_rel_diff_vs_eager']:.1e} ({r['max_rel_diff_key']})"
+    if "js_overhead" in r:
+        text += f"; JS vs reverse KL {100 * r['js_overhead']:+.2f}% of the iteration"
+    if "overhead_vs_single" in r:
+        s = r["single_micro_batch"]
+        text += (f"; vs {MICRO_BATCHES} x one micro-batch of {s['batch']} ({s['iteration_s'] * 1e3:.0f} ms per "
+                 f"iteration): {100 * r['overhead_vs_single']:+.1f}%")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -310,7 +384,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", type=int, default=0, help="print the N costliest operators of one step pair")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s if the GPU is not known")
     p.add_argument("--json", default="", help="also write the figures to this JSON file (after every stage)")
+    p.add_argument("--variants", default="", help="step variants to time side by side with the eager step, "
+                   f"comma-separated, or all: {', '.join(VARIANTS)} (default: none)")
+    p.add_argument("--variant-batch", type=int, default=0,
+                   help="per-GPU batch of the variants (default: the batch of stage 2), e.g. one that only a "
+                        "compiled variant fits")
+    p.add_argument("--variant-repeats", type=int, default=3, help="timed step pairs per variant")
+    p.add_argument("--variant-js-rkl", default="uncompiled", choices=("none", "uncompiled", "all"),
+                   help="variants whose JS-vs-reverse-KL overhead is measured (a compiled one compiles again)")
+    p.add_argument("--micro-batch", type=int, default=0,
+                   help=f"per-GPU micro-batch of the microbatch variant (x {MICRO_BATCHES}; default 128, tiny 2)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of compiled variants "
+                   "(e.g. aot_eager: graph capture without code generation, to test the code path quickly)")
     args = p.parse_args(argv)
+    try:
+        variant_names, cuda_only = parse_variants(args.variants, torch.device(args.device)) if args.variants \
+            else ([], [])
+    except ValueError as exc:
+        print(f"error: --variants: {exc}", file=sys.stderr)
+        return 2
+    speed.BACKEND = args.compile_backend
     skip = {t.strip() for t in args.skip.split(",") if t.strip()}
     if skip - set(SKIPPABLE):
         print(f"error: --skip takes stages among {', '.join(SKIPPABLE)}; got {', '.join(sorted(skip))}",
@@ -421,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     def utilisation() -> None:
         f_gen, f_crit = step_flops(trainer, n)
         f_iter = (f_gen + (k - 1) * f_crit) / k
+        figures["flops_per_image"] = f_iter / n
         achieved = f_iter / t_iter
         pk = peak_flops(name, args.peak_tflops)
         mfu = achieved / pk if pk else None
@@ -463,6 +557,54 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         print(f"7. the {args.profile} costliest operators of one generator + one critic step:", flush=True)
         stage("profile", profile)
+
+    if variant_names:
+        teacher = trainer.teacher  # each variant trains a fresh trainer on a copy of it
+        trainer = emas = None  # free the first trainer's memory for the variants
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        micro = args.micro_batch or (2 if args.tiny else 128)
+        pk = peak_flops(name, args.peak_tflops)
+        results: dict[str, dict] = figures.setdefault("variants", {})  # type: ignore[assignment]
+        for skipped in cuda_only:
+            results[skipped] = {"skipped": "needs a CUDA device"}
+        print(f"8. step variants at batch {args.variant_batch or n}, each a fresh trainer from the same initial state ("
+              + ", ".join(f"{v}: {VARIANTS[v] or 'preset as is'}" for v in variant_names if v != "microbatch")
+              + (f"; microbatch: {MICRO_BATCHES} x {micro} with accumulation" if "microbatch" in variant_names else "")
+              + (f"; left out, they need CUDA: {', '.join(cuda_only)}" if cuda_only else "") + "):", flush=True)
+
+        def run_variant(vname: str) -> None:
+            settings, b = dict(VARIANTS[vname]), args.variant_batch or n
+            if vname == "microbatch":
+                settings["accum_steps"], b = MICRO_BATCHES, MICRO_BATCHES * micro
+            res = time_variant(args, device, teacher, settings, b, k, js_rkl=vname != "microbatch")
+            if vname == "microbatch":  # against eager steps on one micro-batch
+                single = time_variant(args, device, teacher, {}, micro, k, js_rkl=False)
+                res["single_micro_batch"] = {key: v for key, v in single.items() if key != "first_logs"}
+                res["overhead_vs_single"] = res["iteration_s"] / (MICRO_BATCHES * single["iteration_s"]) - 1
+            elif vname != "eager":
+                res["max_rel_diff_vs_eager"], res["max_rel_diff_key"] = compare_logs(
+                    res["first_logs"], results["eager"]["first_logs"])
+            if "flops_per_image" not in figures:  # the eager step's model FLOPs (stage 5 skipped or failed)
+                tr, _ = build(args, device, {}, copy.deepcopy(teacher))
+                figures["flops_per_image"] = step_flops_per_image(tr, args.variant_batch or n)
+                del tr
+            achieved = figures["flops_per_image"] * res["images_per_s"]  # type: ignore[operator]
+            res["mfu"] = achieved / pk if pk else None
+            results[vname] = res
+            print("   " + variant_row(vname, res), flush=True)
+
+        for vname in variant_names:
+            stage(f"variant {vname}", lambda vname=vname: run_variant(vname))
+            gc.collect()
+            torch._dynamo.reset()  # free the variant's compiled graphs (and CUDA graph pools)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        base = results.get("eager", {}).get("images_per_s")
+        if base:
+            print("   images/s against eager: " + ", ".join(
+                f"{v} {r['images_per_s'] / base:.2f}x" for v, r in results.items() if "images_per_s" in r), flush=True)
     save()
     print(f"total {figures['wall_s']:.0f} s" + (f"; failed stages: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

@@ -193,6 +193,20 @@ def test_two_process_gloo_ddp_equals_single_process(assets, tmp_path, overrides)
                                    atol=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_process_ddp_with_compiled_networks_equals_eager_ddp(assets, tmp_path, monkeypatch):
+    """compile=networks under DDP (each DDP wrapper around the compiled network; aot_eager backend, inherited by the
+    forked ranks) trains as eager DDP does, micro-batches included."""
+    from fdistill_lab.train import speed
+
+    monkeypatch.setattr(speed, "BACKEND", "aot_eager")
+    over = {"steps": 3, "adam_eps": 1e-4, "per_gpu_batch": 2}
+    _ddp(assets, tmp_path / "eager", over)
+    _ddp(assets, tmp_path / "compiled", {**over, "compile": "networks"})
+    _assert_states_equal(_state(tmp_path / "eager"), _state(tmp_path / "compiled"), exact=False, atol=1e-6)
+
+
 def test_two_process_stop_and_resume_restores_every_ranks_rng(assets, tmp_path):
     over = {"steps": 4, "rng_mode": "per_rank"}  # each rank its own noise streams: both must be restored
     _ddp(assets, tmp_path / "ref", over)

@@ -117,6 +117,7 @@ class Conv2d(nn.Module):
         self.up = up
         self.down = down
         self.fused_resample = fused_resample
+        self.fold_bias = False  # add the bias inside a plain convolution's kernel (speed setting fold_biases)
         fan = dict(fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
         if kernel:
             w = weight_init([out_channels, in_channels, kernel, kernel], init_mode, **fan) * init_weight
@@ -153,8 +154,13 @@ class Conv2d(nn.Module):
             if self.down:
                 x = F.conv2d(x, f.tile([self.in_channels, 1, 1, 1]), groups=self.in_channels, stride=2,
                              padding=f_pad)
-            if w is not None:
-                x = _conv2d_padded(x, w, w_pad) if _pad_channels(x, w) else F.conv2d(x, w, padding=w_pad)
+            if w is not None and _pad_channels(x, w):
+                x = _conv2d_padded(x, w, w_pad)
+            elif w is not None:
+                folded = self.fold_bias and self.bias is not None
+                x = F.conv2d(x, w, _cast(self.bias, x) if folded else None, padding=w_pad)
+                if folded:
+                    return x
         if self.bias is not None:  # in the output's dtype: bf16/fp16 under autocast, as in EDM's fp16 mode
             x = x + self.bias.to(x.dtype).reshape(1, -1, 1, 1)
         return x

@@ -12,6 +12,7 @@ from .. import divergences
 from ..edm import SIGMA_MAX
 from ..losses import FAKE_SCORE_WEIGHTINGS, GAN_HEAD_LOSSES
 from ..method import SCHEDULES, WeightingConfig
+from .speed import COMPILE_MODES
 
 DISC_PLACEMENTS = ("teacher", "fake_score")
 GENERATOR_LABELS = ("real", "uniform")
@@ -20,7 +21,8 @@ BIN_SPACINGS = ("linear", "log")
 # settings that change speed, not results: a resumed run may change them (and older checkpoints lack them)
 # (accum_steps follows per_gpu_batch: the weights are normalised over the whole batch either way, but the random
 # draws come in other micro-batches, so a resumed run is statistically, not bitwise, the one it continues)
-SPEED_ONLY_SETTINGS = ("compile_norms", "accum_steps")
+SPEED_ONLY_SETTINGS = ("compile_norms", "accum_steps", "compile", "cuda_graphs", "channels_last", "fused_optimizer",
+                       "fold_biases")
 # settings added after runs were recorded without them: the value that reproduces how those runs trained (not the
 # default), so that resuming such a run with a new default is refused rather than silently changing the maths
 LEGACY_VALUES: dict[str, Any] = {"gan_head_loss": "mean_logit"}
@@ -47,7 +49,11 @@ class DistillConfig(WeightingConfig):
     ``student_sigma``: the student maps ``student_sigma * z`` at that noise level (80, as DMD2). ``accum_steps``
     splits each batch into micro-batches (gradient accumulation). ``compile_norms`` (speed only, the same maths up
     to rounding) runs each U-Net GroupNorm with its scale/shift and SiLU as ``torch.compile``d fused kernels
-    (:func:`~fdistill_lab.networks.layers.use_compiled_norms`); the first iterations compile.
+    (:func:`~fdistill_lab.networks.layers.use_compiled_norms`); the first iterations compile. The other speed
+    settings (:mod:`fdistill_lab.train.speed`, the same maths up to rounding): ``compile`` "none" / "networks" /
+    "steps" (torch.compile of each network call, or of each micro-batch's whole forward computation),
+    ``cuda_graphs`` (the compiled graphs replayed as CUDA graphs), ``channels_last``, ``fused_optimizer`` (AdamW
+    ``fused=True``) and ``fold_biases`` (convolution biases added inside the convolution).
     """
 
     schedule: str = "fastgen"
@@ -81,6 +87,11 @@ class DistillConfig(WeightingConfig):
     generator_labels: str = "real"
     precision: str = "fp32"
     compile_norms: bool = False
+    compile: str = "none"
+    cuda_graphs: bool = False
+    channels_last: bool = False
+    fused_optimizer: bool = False
+    fold_biases: bool = False
     accum_steps: int = 1
     seed: int = 0
 
@@ -103,6 +114,8 @@ class DistillConfig(WeightingConfig):
         _choice("bin_spacing", self.bin_spacing, BIN_SPACINGS)
         _choice("fake_score_weighting", self.fake_score_weighting, FAKE_SCORE_WEIGHTINGS)
         _choice("gan_head_loss", self.gan_head_loss, GAN_HEAD_LOSSES)
+        _choice("compile", self.compile, COMPILE_MODES)
+        self._check_speed_settings()
         _int_at_least("student_update_freq", self.student_update_freq, 1)
         if self.schedule != "dmd2" and self.student_update_freq < 2:
             raise ValueError(f"student_update_freq must be >= 2 with schedule={self.schedule!r} (K-1 critic steps per "
@@ -139,6 +152,18 @@ class DistillConfig(WeightingConfig):
                              f"or '8x8'; got {self.disc_features!r}")
         if self.disc_hidden is not None:
             _int_at_least("disc_hidden", self.disc_hidden, 1)
+
+    def _check_speed_settings(self) -> None:
+        if self.cuda_graphs and self.compile == "none":
+            raise ValueError("cuda_graphs=True needs compile='networks' or 'steps' (torch.compile captures the "
+                             "graphs); got compile='none'")
+        if self.compile != "none" and self.compile_norms:
+            raise ValueError(f"compile_norms compiles the norms of eager networks; with compile={self.compile!r} "
+                             "they are compiled with the rest: set compile_norms=False")
+        if self.compile == "steps" and self.r1_gamma > 0:
+            raise ValueError("compile='steps' cannot compile R1's double backward (r1_gamma > 0; torch.compile has "
+                             "no double backward): use compile='networks' (the R1 pass then runs eagerly) or "
+                             "r1_gamma=0")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -36,6 +36,7 @@ from ..method import FDistillWeighting, critic_objective, frozen, generator_obje
 from ..networks import EDMPrecond
 from ..networks.discriminator import Discriminator
 from ..networks.layers import twice_differentiable, use_compiled_norms
+from . import speed
 from .config import DistillConfig, _int_at_least
 from .rng import TrainerRNG
 
@@ -101,8 +102,14 @@ class FDistillTrainer:
             net.requires_grad_(True)
             _freeze_unfed_inputs(net)
         self.student_ema = copy.deepcopy(self.student).eval().requires_grad_(False)
+        self._compiler = speed.Compiler(cfg.compile, cfg.cuda_graphs, self.device)
+        if cfg.compile == "steps" and world_size > 1:
+            raise ValueError(f"compile='steps' traces a whole step into one graph, which DDP's forward does not allow "
+                             f"(world_size={world_size}): use compile='networks' with several processes")
         for net in (self.teacher, self.student, self.fake_score, self.student_ema):
             use_compiled_norms(net, cfg.compile_norms)
+        speed.prepare_networks((self.teacher, self.student, self.fake_score, self.student_ema), cfg.channels_last,
+                               cfg.fold_biases)
         feat_net = self.teacher if cfg.disc_placement == "teacher" else self.fake_score
         with torch.random.fork_rng(devices=[]):  # heads initialised from config.seed, not the global RNG state
             torch.default_generator.manual_seed(cfg.seed)  # the CPU stream only: CUDA RNGs are not forked here
@@ -110,10 +117,17 @@ class FDistillTrainer:
         self.weighting = FDistillWeighting.from_config(cfg).to(self.device)
         self._student_fwd, self._fake_fwd, self._disc_fwd = (self._wrap(m) for m in (self.student, self.fake_score,
                                                                                        self.disc))
-        adam = dict(betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
-        self.opt_student = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr_student, **adam)
-        self.opt_fake = torch.optim.AdamW(self.fake_score.parameters(), lr=cfg.lr_fake, **adam)
-        self.opt_disc = torch.optim.AdamW(self.disc.parameters(), lr=cfg.lr_disc, **adam)
+        # compile="networks": each unwrapped network called through its compiled version (a DDP wrapper holds one)
+        self._compiled = {id(m): self._compiler.wrap(m, "networks")
+                          for m in (self.teacher, self.student, self.fake_score, self.disc)}
+        # compile="steps": each micro-batch's forward computation as one graph
+        self._gen_compute = self._compiler.wrap(self._generator_compute, "steps")
+        self._gen_logits_compute = self._compiler.wrap(self._generator_logits_compute, "steps")
+        self._crit_compute = self._compiler.wrap(self._critic_compute, "steps")
+        adam = dict(betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.adam_eps, fused=cfg.fused_optimizer)
+        self.opt_student = speed.adamw(self.student.parameters(), cfg.lr_student, **adam)
+        self.opt_fake = speed.adamw(self.fake_score.parameters(), cfg.lr_fake, **adam)
+        self.opt_disc = speed.adamw(self.disc.parameters(), cfg.lr_disc, **adam)
         self.label_dim = int(getattr(teacher, "label_dim", 0))
         self.step_count = 0
         self.history: list[dict[str, float]] = []
@@ -123,9 +137,18 @@ class FDistillTrainer:
         if self.world_size == 1:
             return net
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(net, device_ids=ids, gradient_as_bucket_view=True, **_NO_BUFFER_SYNC)
+        # compile="networks": DDP around the compiled network (dynamo cannot trace DDP's forward into one graph)
+        return DistributedDataParallel(self._compiler.wrap(net, "networks"), device_ids=ids,
+                                       gradient_as_bucket_view=True, **_NO_BUFFER_SYNC)
 
     # ------------------------------------------------------------------ network calls
+
+    def _net(self, net: nn.Module, eager: bool = False) -> nn.Module:
+        """What calls ``net``: its compiled version with compile="networks" (unless ``eager``), else itself."""
+        return net if eager else self._compiled.get(id(net), net)
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        return speed.memory_format(x, self.config.channels_last)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.config.precision == "bf16":
@@ -143,32 +166,35 @@ class FDistillTrainer:
             return self.rng.labels(n, self.label_dim)
         return real_labels.to(self.device)
 
-    def _generate(self, n: int, labels: torch.Tensor | None, net: nn.Module | None = None) -> torch.Tensor:
-        z = self.rng.randn(*self._shape(n))
-        s = self.config.student_sigma
+    def _generate(self, z: torch.Tensor, labels: torch.Tensor | None, net: nn.Module | None = None) -> torch.Tensor:
+        """x = G(student_sigma z) in fp32 for latents ``z``."""
+        n, s = z.shape[0], self.config.student_sigma
         with self._autocast():
-            x = (net or self._student_fwd)(z * s, torch.full((n,), s, device=self.device), labels)
+            x = self._net(net or self._student_fwd)(self._input(z * s), torch.full((n,), s, device=z.device), labels)
         return x.float()
 
     def _features(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None,
-                  decoder: str = "grad") -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+                  decoder: str = "grad", eager: bool = False) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """(x0, features) of ``net``. ``decoder`` "no_grad" (x0 is only used detached) or "skip" (x0 unused)
-        saves the decoder's memory or work on EDM networks; other networks run whole (same results)."""
+        saves the decoder's memory or work on EDM networks; other networks run whole (same results), unless they
+        declare ``decoder_modes``. ``eager``: never the compiled network (R1's pass, whose double backward
+        torch.compile lacks)."""
         takes = getattr(net, "decoder_modes", isinstance(net, EDMPrecond))  # adapters may declare support
         kwargs = {"decoder": decoder} if decoder != "grad" and takes else {}
         with self._autocast():
-            x0, feats = net(x, sigma, labels, return_features=True, **kwargs)
+            x0, feats = self._net(net, eager)(self._input(x), sigma, labels, return_features=True, **kwargs)
         return (x0.float() if x0 is not None else None), feats
 
     def _denoise(self, net: nn.Module, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None
                  ) -> torch.Tensor:
         with self._autocast():
-            return net(x, sigma, labels).float()
+            return self._net(net)(self._input(x), sigma, labels).float()
 
-    def _logits(self, feats: dict[str, torch.Tensor], disc: nn.Module | None = None) -> torch.Tensor:
+    def _logits(self, feats: dict[str, torch.Tensor], disc: nn.Module | None = None, eager: bool = False
+                ) -> torch.Tensor:
         """The discriminator heads' logits [B, H] in fp32, one column per head (``disc_features``)."""
         with self._autocast():
-            return (disc or self._disc_fwd)(feats).float()
+            return self._net(disc or self._disc_fwd, eager)(feats).float()
 
     def _micro_batches(self, images: torch.Tensor, labels: torch.Tensor | None
                        ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -184,14 +210,16 @@ class FDistillTrainer:
         return list(zip(imgs, labs))
 
     # ------------------------------------------------------------------ the two objectives
+    # Each micro-batch first draws its random numbers (eagerly), then runs one forward computation of them (the
+    # networks, the weighting, the losses): one function, which compile="steps" compiles as one graph.
 
     def _generator_draws(self, real_labels: torch.Tensor | None, n: int
                          ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(labels, x = G(80 z), sigma, eps) of a generator micro-batch, in this order of draws."""
+        """(labels, latents z, sigma, eps) of a generator micro-batch, in this order of draws."""
         labels = self._labels(real_labels, n)
-        x = self._generate(n, labels)
+        z = self.rng.randn(*self._shape(n))
         sigma = self.draw_sigma(n, critic=False)
-        return labels, x, sigma, self.rng.randn(*x.shape)
+        return labels, z, sigma, self.rng.randn(*self._shape(n))
 
     def draw_sigma(self, n: int, critic: bool) -> torch.Tensor:
         """Noise levels of a generator (``critic`` False) or critic micro-batch: uniform indices of the Karras
@@ -216,25 +244,36 @@ class FDistillTrainer:
             return x0_teacher, x0_fake, self._logits(feats, self.disc)
         return predict
 
+    def _generator_compute(self, z: torch.Tensor, labels: torch.Tensor | None, sigma: torch.Tensor,
+                           eps: torch.Tensor, weights: tuple[torch.Tensor, Scalars] | None
+                           ) -> tuple[torch.Tensor, Scalars]:
+        """:func:`~fdistill_lab.method.generator_objective` of x = G(z) with the drawn sigma and eps."""
+        cfg = self.config
+        return generator_objective(self._generate(z, labels), sigma, eps, self._generator_predict(sigma, labels),
+                                   self.weighting, cfg.gan_weight_gen, cfg.dmd_normalize, weights, cfg.gan_head_loss)
+
     def _generator_loss(self, real_labels: torch.Tensor | None, n: int,
                         weights: tuple[torch.Tensor, Scalars] | None = None) -> tuple[torch.Tensor, Scalars]:
-        """:func:`~fdistill_lab.method.generator_objective` on one micro-batch. ``weights``: (h_norm, statistics)
-        computed beforehand over the whole batch (:meth:`_batch_weights`); None computes them from this one."""
-        cfg = self.config
-        labels, x, sigma, eps = self._generator_draws(real_labels, n)
-        return generator_objective(x, sigma, eps, self._generator_predict(sigma, labels), self.weighting,
-                                   cfg.gan_weight_gen, cfg.dmd_normalize, weights, cfg.gan_head_loss)
+        """The generator objective on one micro-batch. ``weights``: (h_norm, statistics) computed beforehand over
+        the whole batch (:meth:`_batch_weights`); None computes them from this one."""
+        labels, z, sigma, eps = self._generator_draws(real_labels, n)
+        return self._compiler.call(self._gen_compute, z, labels, sigma, eps, weights)
 
     @torch.no_grad()
+    def _generator_logits_compute(self, z: torch.Tensor, labels: torch.Tensor | None, sigma: torch.Tensor,
+                                  eps: torch.Tensor) -> torch.Tensor:
+        x = self._generate(z, labels)
+        net = self.teacher if self.config.disc_placement == "teacher" else self.fake_score
+        _, feats = self._features(net, noisy(x, sigma, eps), sigma, labels, decoder="skip")
+        return mean_logit(self._logits(feats, self.disc))
+
     def _generator_logits(self, real_labels: torch.Tensor | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean logits [B] (what the ratio needs) and noise levels of one generator micro-batch, with the same
         draws as :meth:`_generator_loss` makes from the same random states (the networks drawing nothing in
         between: the teacher is in eval mode, and the fake score's no-grad denoising comes after the draws that
         reach the logits)."""
-        labels, x, sigma, eps = self._generator_draws(real_labels, n)
-        net = self.teacher if self.config.disc_placement == "teacher" else self.fake_score
-        _, feats = self._features(net, noisy(x, sigma, eps), sigma, labels, decoder="skip")
-        return mean_logit(self._logits(feats, self.disc)), sigma
+        labels, z, sigma, eps = self._generator_draws(real_labels, n)
+        return self._compiler.call(self._gen_logits_compute, z, labels, sigma, eps), sigma
 
     def _batch_weights(self, chunks: list[tuple[torch.Tensor, torch.Tensor | None]]
                        ) -> tuple[list[list[Any]], list[tuple[torch.Tensor, Scalars]]]:
@@ -252,44 +291,61 @@ class FDistillTrainer:
         summary = wstats.summary_tensors()
         return states, [(part, summary) for part in h.split([lg.shape[0] for lg in logits])]
 
-    def _critic_loss(self, real: torch.Tensor, real_labels: torch.Tensor | None) -> tuple[torch.Tensor, Scalars]:
-        """:func:`~fdistill_lab.method.critic_objective` on detached student samples and one real micro-batch."""
+    def _critic_draws(self, real: torch.Tensor, real_labels: torch.Tensor | None
+                      ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                 torch.Tensor]:
+        """(labels, z, sigma, eps, sigma_real, eps_real) of a critic micro-batch, in this order of draws."""
         cfg = self.config
         n = real.shape[0]
         labels = self._labels(real_labels, n)
-        with torch.no_grad():
-            x_fake = self._generate(n, labels, self.student)
+        z = self.rng.randn(*self._shape(n))
         sigma = self.draw_sigma(n, critic=True)
-        eps = self.rng.randn(*x_fake.shape)
+        eps = self.rng.randn(*self._shape(n))
         if cfg.real_same_t:
-            sigma_r, eps_r = sigma, eps
-        else:
-            sigma_r = self.draw_sigma(n, critic=True)
-            eps_r = self.rng.randn(*real.shape)
+            return labels, z, sigma, eps, sigma, eps
+        return labels, z, sigma, eps, self.draw_sigma(n, critic=True), self.rng.randn(*real.shape)
+
+    def _critic_compute(self, real: torch.Tensor, real_labels: torch.Tensor | None, labels: torch.Tensor | None,
+                        z: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor, sigma_r: torch.Tensor,
+                        eps_r: torch.Tensor) -> tuple[torch.Tensor, Scalars]:
+        """:func:`~fdistill_lab.method.critic_objective` on detached student samples G(z) and one real
+        micro-batch, with the drawn noise."""
+        cfg = self.config
+        n = real.shape[0]
+        with torch.no_grad():
+            x_fake = self._generate(z, labels, self.student)
         use_r1 = cfg.r1_gamma > 0
-        both_labels = torch.cat([labels, real_labels.to(self.device)]) if labels is not None else None
+        both_labels = torch.cat([labels, real_labels]) if labels is not None else None
 
         def predict(x_t: torch.Tensor, x_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             # fake and real go through each network in one batched call (one forward per backward: DDP-safe)
             both_x, both_sigma = torch.cat([x_t, x_r]), torch.cat([sigma, sigma_r])
-            # R1 differentiates the discriminator's input gradient: attention without the fused kernels
+            # R1 differentiates the discriminator's input gradient: attention without the fused kernels, eager
+            # networks (torch.compile has no double backward)
             twice = twice_differentiable() if use_r1 else contextlib.nullcontext()
             if cfg.disc_placement == "teacher":
                 x0_fake = self._denoise(self._fake_fwd, x_t, sigma, labels)
                 with torch.set_grad_enabled(use_r1), twice:
-                    _, feats = self._features(self.teacher, both_x, both_sigma, both_labels, decoder="skip")
+                    _, feats = self._features(self.teacher, both_x, both_sigma, both_labels, decoder="skip",
+                                              eager=use_r1)
                 if not use_r1:
                     feats = {k: v.detach() for k, v in feats.items()}
             else:
                 with twice:
-                    x0_both, feats = self._features(self._fake_fwd, both_x, both_sigma, both_labels)
+                    x0_both, feats = self._features(self._fake_fwd, both_x, both_sigma, both_labels, eager=use_r1)
                 x0_fake = x0_both[:n]
-            logits_fake, logits_real = self._logits(feats).split([n, n])
+            logits_fake, logits_real = self._logits(feats, eager=use_r1).split([n, n])
             return x0_fake, logits_fake, logits_real
 
         return critic_objective(x_fake, sigma, eps, real, sigma_r, eps_r, predict, cfg.fake_score_weighting,
                                 gan_weight=cfg.gan_weight_disc, r1_gamma=cfg.r1_gamma,
                                 gan_head_loss=cfg.gan_head_loss)
+
+    def _critic_loss(self, real: torch.Tensor, real_labels: torch.Tensor | None) -> tuple[torch.Tensor, Scalars]:
+        """:func:`~fdistill_lab.method.critic_objective` on detached student samples and one real micro-batch."""
+        labels, z, sigma, eps, sigma_r, eps_r = self._critic_draws(real, real_labels)
+        real_labels = real_labels.to(self.device) if labels is not None else None
+        return self._compiler.call(self._crit_compute, real, real_labels, labels, z, sigma, eps, sigma_r, eps_r)
 
     # ------------------------------------------------------------------ steps
 
@@ -299,6 +355,7 @@ class FDistillTrainer:
         ``generator_labels="real"``."""
         cfg = self.config
         self.opt_student.zero_grad(set_to_none=True)
+        self._compiler.begin_step()
         logs: list[Scalars] = []
         chunks = self._micro_batches(images, labels)
         with frozen(self.fake_score, self.disc):
@@ -325,6 +382,7 @@ class FDistillTrainer:
         cfg = self.config
         self.opt_fake.zero_grad(set_to_none=True)
         self.opt_disc.zero_grad(set_to_none=True)
+        self._compiler.begin_step()
         logs: list[Scalars] = []
         chunks = self._micro_batches(images, labels)
         for i, (imgs, labs) in enumerate(chunks):
