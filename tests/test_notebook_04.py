@@ -42,7 +42,7 @@ def _one_thread(monkeypatch):
 
 
 @pytest.mark.timeout(400)
-def test_smoke_run_records_metrics_then_corrupted_teacher_cache_is_refused(tmp_path):
+def test_smoke_run_records_metrics_then_corrupted_teacher_cache_is_refused(tmp_path, load_script, capsys):
     _, rec = run_notebook(NAME, tmp_path, budget_s=90.0, min_images=4)
     assert rec["config"]["divergences"] == ["js"] and rec["config"]["smoke"] is True
     assert rec["classifier_accuracy"] > 0.8  # the yardstick is trained on real digits
@@ -72,6 +72,13 @@ def test_smoke_run_records_metrics_then_corrupted_teacher_cache_is_refused(tmp_p
     assert [r["name"] for r in imb["intervals"]["rare_mass"]] == ["rkl", "js", "fkl"]
     caches = sorted(tmp_path.glob("teacher_*.pt"))
     assert len(caches) == 2  # the class-conditional teacher and section 9's unconditional one
+    capsys.readouterr()
+    assert load_script("scripts/notebook04_tables.py").main([str(tmp_path)]) == 0  # the results document's tables
+    printed = capsys.readouterr().out
+    for title in ("Teacher and students", "FD curves", "Rare classes"):
+        assert f"## {title}" in printed
+    rkl_mass = ", ".join(f"{r['rare_mass']:.3f}" for r in imb["runs"]["rkl"])
+    assert f"| rkl | {rkl_mass} |" in printed and "| fkl minus rkl |" in printed
 
     # the second run must refuse a corrupted cache (never use it, never silently retrain)
     caches[0].write_bytes(b"corrupted teacher checkpoint")
