@@ -1,10 +1,11 @@
 """Markdown tables of notebook 03's results, as docs/notebook03_full_study.md shows them.
 
-Reads the ``results.json`` and the grid's CSV that a run of ``notebooks/03_ratio_normalisation_and_sensitivity.ipynb``
-wrote (``-p full True`` for the full study) and prints every table of the document, so that a rerun can be put into
-it without copying numbers by hand:
+Reads the ``results.json`` that a run of ``notebooks/03_ratio_normalisation_and_sensitivity.ipynb`` wrote (``-p full
+True`` for the full study) and the grid's CSV beside it, and prints every table of the document: the
+normalisation, GAN and sensitivity comparisons (mean with its 95% interval over seeds, the paired difference against
+the default with its verdict), the values per seed, the ratio calibration, the gradient variance and the cost.
 
-    python scripts/full_study_tables.py notebooks/outputs/03_ratio_normalisation_and_sensitivity
+    python scripts/notebook03_tables.py notebooks/outputs/03_ratio_normalisation_and_sensitivity
 """
 
 from __future__ import annotations
@@ -16,87 +17,30 @@ from pathlib import Path
 
 import pandas as pd
 
-from fdistill_lab import stats
+from fdistill_lab.course.tables import comparison_table, markdown_table
 
 DIVS = ("rkl", "srkl", "js", "sh", "fkl", "jeffreys")
-
-
-def _table(header: list[str], rows: list[list[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _g3(x: float) -> str:
     return f"{x:.3g}"
 
 
-def _pm(values: pd.Series, digits: int = 2) -> str:
-    mean = f"{values.mean():.{digits}f}"
-    return f"{mean} ± {values.std():.{digits}f}" if len(values) > 1 else mean
+def gan_ablation(res: dict) -> str:
+    """Per divergence and measure: both arms with their intervals, the paired change of switching the term off."""
+    rows = [[r["div"], r["metric"], r["w/ GAN"], r["w/o GAN"], r["w/o GAN minus w/"], r["verdict"]]
+            for r in res["gan_effect"]]
+    return markdown_table(["div", "measure", "w/ GAN [95% CI]", "w/o GAN [95% CI]", "w/o minus w/ [95% CI]",
+                           "verdict"], rows)
 
 
-def sensitivity(csv: Path) -> str:
-    """One block per hyperparameter (the others at their defaults): mean ± std of the mode-mass TV over seeds."""
-    d = pd.read_csv(csv)
-    d = d[d.status == "done"]
-    default = {"lr_student": 0.002, "gan_weight_gen": 0.0, "clip": "0.1-20", "student_update_freq": 3}
-    d["clip"] = d.ratio_min.map("{:g}".format) + "-" + d.ratio_max.map("{:g}".format)
-    blocks = [("lr_student", "lr"), ("gan_weight_gen", "GAN"), ("clip", "clip"), ("student_update_freq", "K")]
-    header, cols = ["div"], []
-    for key, label in blocks:
-        others = [k for k in default if k != key]
-        at_default = d[(d[others] == pd.Series({k: default[k] for k in others})).all(axis=1)]
-        # numbers ascending; clip ranges from the narrowest to the widest, as the document shows them
-        levels = sorted(at_default[key].unique(), key=lambda v: float(str(v).split("-")[-1]))
-        for v in levels:
-            header.append(f"{label} {v:g}" if key != "clip" else f"clip {v}")
-            cols.append((key, v, at_default))
+def gan_per_seed(res: dict) -> str:
+    d = pd.DataFrame(res["gan_ablation"])
     rows = []
-    for div in [v for v in DIVS if v in set(d["divergence"])]:
-        rows.append([div] + [_pm(sub[(sub["divergence"] == div) & (sub[key] == v)]["metrics.mass_tv"])
-                             for key, v, sub in cols])
-    return _table(header, rows) + f"\n\n{len(d)} runs, {int((pd.read_csv(csv).status != 'done').sum())} failed."
-
-
-def sensitivity_changes(csv: Path) -> str:
-    """Each non-default cell's paired change of the mode-mass TV against its divergence's defaults (same seeds), with
-    its 95% t interval; the cells whose interval excludes zero are listed first."""
-    d = pd.read_csv(csv)
-    d = d[d.status == "done"].copy()
-    d["clip"] = d.ratio_min.map("{:g}".format) + "-" + d.ratio_max.map("{:g}".format)
-    default = {"lr_student": 0.002, "gan_weight_gen": 0.0, "clip": "0.1-20", "student_update_freq": 3}
-    at = (d[list(default)] == pd.Series(default)).all(axis=1)
-    rows = []
-    for key in default:
-        others = [k for k in default if k != key]
-        block = d[(d[others] == pd.Series({k: default[k] for k in others})).all(axis=1) & ~at]
-        for (div, value), g in block.groupby(["divergence", key]):
-            base = d[at & (d.divergence == div)].sort_values("seed")
-            g = g.sort_values("seed")
-            diff = stats.paired_difference(list(g["metrics.mass_tv"]), list(base["metrics.mass_tv"]))
-            rows.append([div, f"{key} = {value}", f"{base['metrics.mass_tv'].mean():.2f}",
-                         f"{g['metrics.mass_tv'].mean():.2f}", diff.format(digits=2, signed=True),
-                         "measured" if diff.excludes_zero() else stats.NO_DIFFERENCE])
-    rows.sort(key=lambda r: (r[-1] != "measured", DIVS.index(r[0]) if r[0] in DIVS else 99, r[1]))
-    return _table(["div", "setting", "TV at defaults", "TV", "change [95% CI]", "verdict"], rows)
-
-
-def interval_rows(rows: list[dict], label: str) -> list[list[str]]:
-    return [[label, r["name"], stats.row_text(r, digits=2), stats.row_text(r, diff=True, digits=2), r["verdict"]]
-            for r in rows]
-
-
-def normalisation_changes(res: dict) -> str:
-    out = []
-    for name, rows in res.get("normalisation_intervals", {}).items():
-        out += interval_rows(rows, name)
-    return _table(["div / measure", "variant", "mean [95% CI]", "minus both stages", "verdict"], out)
-
-
-def gan_changes(res: dict) -> str:
-    rows = [[r["div"], r["metric"], r["w/ GAN minus w/o"], r["verdict"]] for r in res.get("gan_effect", [])]
-    return _table(["div", "measure", "w/ GAN minus w/o [95% CI]", "verdict"], rows)
+    for (div, arm), g in d.groupby(["div", "GAN"], sort=False):
+        g = g.sort_values("seed")
+        rows.append([div, arm, *(", ".join(f"{v:.3g}" for v in g[k]) for k in ("precision", "mass_tv", "recall"))])
+    return markdown_table([f"div (seeds {res['config']['seeds']})", "arm", "precision", "mass_tv", "recall"], rows)
 
 
 def ratio_calibration(res: dict) -> str:
@@ -108,14 +52,7 @@ def ratio_calibration(res: dict) -> str:
                     _g3(by.abs_log_error["clipped+bins"]), _g3(by.mean_ratio["raw"]),
                     _g3(by.mean_ratio["clipped+bins"]), _g3(by.mean_ratio["true (KDE)"])])
     head = ["sigma", "raw", "clipped", "clipped+bins", "E_q[r] raw", "E_q[r] clipped+bins", "E_q[r] true (KDE)"]
-    return f"KDE bandwidth {res['ratio_calibration']['kde_bandwidth']:g}\n\n" + _table(head, out)
-
-
-def normalisation(res: dict) -> str:
-    d = pd.DataFrame(res["normalisation"]).groupby(["div", "variant"], sort=False).mean(numeric_only=True)
-    rows = [[f"{div} / {variant}", _g3(r.loss_cv), _g3(r.grad_cv), _g3(r.mass_tv), _g3(r.modes)]
-            for (div, variant), r in d.iterrows()]
-    return _table(["div / variant", "loss_cv", "grad_cv", "mass_tv", "modes"], rows)
+    return f"KDE bandwidth {res['ratio_calibration']['kde_bandwidth']:g}\n\n" + markdown_table(head, out)
 
 
 def gradient_variance(res: dict) -> str:
@@ -126,29 +63,20 @@ def gradient_variance(res: dict) -> str:
     for div in [v for v in DIVS if v in set(d["div"])]:
         sub = d[d["div"] == div].set_index("state")
         rows.append([div] + [_g3(sub.weight_var[s]) for s in states] + [_g3(sub.rel_var[s]) for s in states])
-    return _table(head, rows)
-
-
-def gan_ablation(res: dict) -> str:
-    d = pd.DataFrame(res["gan_ablation"])
-    rows = []
-    for div in [v for v in DIVS if v in set(d["div"])]:
-        off, on = (d[(d["div"] == div) & (d.GAN == g)] for g in ("w/o GAN", "w/ GAN"))
-        rows.append([div, _pm(off.mass_tv), _pm(on.mass_tv), _pm(off.modes), _pm(on.modes)])
-    return _table(["div", "mass_tv w/o GAN", "mass_tv w/ GAN", "modes w/o GAN", "modes w/ GAN"], rows)
+    return markdown_table(head, rows)
 
 
 def cost(res: dict, csv: Path) -> str:
     d = pd.DataFrame(res["cost"]).set_index("div")
-    k = int(res["config"].get("student_update_freq", 3))  # iterations per cycle
+    k = int(res["config"]["student_update_freq"])  # iterations per cycle
     rows = [[div, f"{r.sec_per_iter * k * 1e3:.3g}", f"{r.gen_step_s * 1e3:.3g}", f"{r.weighting_s * 1e6:.3g}",
              f"{r.peak_tensor_mb:.3g}"] for div, r in d.iterrows()]
-    first = _table(["div", "ms / cycle", "ms / generator step", "µs / weighting", "peak tensor MB"], rows)
+    first = markdown_table(["div", "ms / cycle", "ms / generator step", "µs / weighting", "peak tensor MB"], rows)
     s = pd.read_csv(csv)
     s = s[s.status == "done"].groupby("divergence")[["cost.sec_per_iter", "cost.peak_rss_mb", "cost.seconds"]].median()
-    rows = [[div, _g3(r["cost.sec_per_iter"]), f"{r['cost.peak_rss_mb']:.0f}", _g3(r["cost.seconds"])]
+    rows = [[div, _g3(r["cost.sec_per_iter"]), f"{r['cost.peak_rss_mb']:.0f}", f"{r['cost.seconds']:.0f}"]
             for div, r in s.reindex([v for v in DIVS if v in s.index]).iterrows()]
-    second = _table(["div", "s / iteration", "peak RSS MB", "training s"], rows)
+    second = markdown_table(["div", "s / iteration", "peak RSS MB", "training s"], rows)
     return first + "\n\nIn the grid's worker processes (median over runs):\n\n" + second
 
 
@@ -161,18 +89,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {path} not found; run notebook 03 with -p output_dir {args.output_dir} first", file=sys.stderr)
         return 2
     res = json.loads(path.read_text())
+    if "sensitivity_intervals" not in res:
+        print(f"error: {path} was written by an older notebook 03 (no sensitivity_intervals); rerun it",
+              file=sys.stderr)
+        return 2
     csv = Path(res["sweep"]["csv"])
     if not csv.is_file():
         csv = args.output_dir / "sweep" / "sweep.csv"
-    print(f"seconds in all: {res['seconds_total']:.0f}; config {res['config']}\n")
-    for title, text in (("Sensitivity (mode-mass TV)", sensitivity(csv)),
-                        ("Sensitivity: paired changes against the defaults", sensitivity_changes(csv)),
-                        ("Density ratio", ratio_calibration(res)),
-                        ("Two-stage normalisation", normalisation(res)),
-                        ("Two-stage normalisation: intervals", normalisation_changes(res)),
-                        ("Gradient variance", gradient_variance(res)),
-                        ("GAN ablation", gan_ablation(res)), ("GAN ablation: paired changes", gan_changes(res)),
-                        ("Cost", cost(res, csv))):
+    config = res["config"]
+    print(f"seconds in all: {res['seconds_total']:.0f}; {config['steps']} iterations per run, seeds {config['seeds']}, "
+          f"{res['sweep']['runs']} grid runs, {res['sweep']['failed']} failed; design {json.dumps(config['design'])}\n")
+    axes = config["axes"]
+    sections = [("Two-stage normalisation (" + ", ".join(axes["normalisation"]["divergences"]) + ")",
+                 comparison_table(res["normalisation_intervals"], against="minus both stages")),
+                ("GAN ablation", gan_ablation(res)), ("GAN ablation: values per seed", gan_per_seed(res))]
+    for axis, intervals in res["sensitivity_intervals"].items():
+        div = ", ".join(axes[axis]["divergences"])
+        sections.append((f"Sensitivity: {axis} ({div})", comparison_table(intervals, against="minus the default")))
+    sections += [("Density ratio", ratio_calibration(res)), ("Gradient variance", gradient_variance(res)),
+                 ("Cost", cost(res, csv))]
+    for title, text in sections:
         print(f"## {title}\n\n{text}\n")
     return 0
 
