@@ -112,17 +112,6 @@ class T2IConfig(DistillConfig):
     def sigma_max(self) -> float:
         return float(self.noise_schedule.sigma_at(self.t_max))
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> T2IConfig:
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown T2IConfig setting(s) {unknown}; valid: {', '.join(valid)}")
-        return cls(**d)
-
-    def replace(self, **changes: Any) -> T2IConfig:
-        return type(self).from_dict({**self.to_dict(), **changes})
-
     def differences(self, recorded: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
         old = {**T2IConfig().to_dict(), **recorded}
         ignored = T2I_SPEED_ONLY + (("gan_head_loss",) if len(self.disc_features) == 1 else ())

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from .. import divergences
 from ..edm import SIGMA_MAX
@@ -171,17 +171,17 @@ class DistillConfig(WeightingConfig):
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DistillConfig:
-        """Build from a dict; unknown keys raise ValueError listing the valid ones."""
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        """Build from a dict; unknown keys raise ValueError listing the valid ones (of this class or a subclass)."""
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(d) - set(valid))
         if unknown:
-            raise ValueError(f"unknown DistillConfig setting(s) {unknown}; valid: {', '.join(valid)}")
+            raise ValueError(f"unknown {cls.__name__} setting(s) {unknown}; valid: {', '.join(valid)}")
         return cls(**d)
 
-    def replace(self, **changes: Any) -> DistillConfig:
+    def replace(self, **changes: Any) -> Self:
         """A copy with some settings changed (validated; unknown names raise ValueError)."""
-        return DistillConfig.from_dict({**self.to_dict(), **changes})
+        return type(self).from_dict({**self.to_dict(), **changes})
 
     def differences(self, recorded: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
         """Settings that change results and differ from ``recorded`` (a :meth:`to_dict` of an earlier run):
