@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fdistill_lab import stats
 from fdistill_lab.course.tables import markdown_table as _table
+from fdistill_lab.course.tables import run_records
 
 RING = ("modes_covered", "precision", "recall", "mass_tv")
 LIGHT = ("light_found", "light_mass", "mass_tv", "recall", "precision")
@@ -46,12 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="the notebook's output folder (holding results.json)")
     args = parser.parse_args(argv)
-    path = args.run / "results.json"
-    if not path.is_file():
-        parser.error(f"no results.json in {args.run}: run notebook 02 with -p output_dir {args.run} first")
-    rec = json.loads(path.read_text())
-    if "light_mode" not in rec:
-        parser.error(f"{path} has no light_mode record: it was written by an older notebook 02; rerun it")
+    try:
+        rec = run_records(args.run, "02", ("light_mode",))
+    except ValueError as exc:
+        parser.error(str(exc))
     design = rec["design"]
     print(f"Design: {json.dumps(design['converged'])}; light-mode start {json.dumps(design['light_mode_start'])}, "
           f"{design['light_steps']} iterations; full={design['full']}; training {rec['train_seconds']:.0f} s.\n")

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from fdistill_lab import stats
-from fdistill_lab.course.tables import markdown_table
+from fdistill_lab.course.tables import markdown_table, run_records
 
 IMBALANCED = ("rare_mass", "rare_recall", "common_recall", "mass_tv_teacher")
 
@@ -61,13 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="the notebook's output folder (holding results.json)")
     args = parser.parse_args(argv)
-    path = args.run / "results.json"
-    if not path.is_file():
-        parser.error(f"no results.json in {args.run}: run notebook 04 with -p output_dir {args.run} first")
-    rec = json.loads(path.read_text())
-    missing = [k for k in ("fd_curves", "imbalanced", "students") if k not in rec]
-    if missing:
-        parser.error(f"{path} has no {', '.join(missing)} record: it was written by an older notebook 04; rerun it")
+    try:
+        rec = run_records(args.run, "04", ("fd_curves", "imbalanced", "students"))
+    except ValueError as exc:
+        parser.error(str(exc))
     config = {k: rec["config"][k] for k in ("divergences", "steps", "teacher_steps", "smoke")}
     print(f"config {json.dumps(config)}\n")
     for title, text in (("Teacher and students", models(rec)), ("FD curves", fd_curves(rec)),

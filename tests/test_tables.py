@@ -21,3 +21,14 @@ def test_comparison_table_shows_the_paired_difference_and_verdict():
     assert text[2].startswith("| precision | base | 2.00 [") and text[2].endswith("| - | baseline |")
     diff = stats.paired_difference([2.0, 3.1, 3.9], [1.0, 2.0, 3.0])
     assert f"| {diff.format(signed=True)} | better |" in text[3]  # +1.0 with an interval above zero
+
+
+def test_run_records_names_what_to_do(tmp_path):
+    from fdistill_lab.course.tables import run_records
+
+    with pytest.raises(ValueError, match="run notebook 04 with -p output_dir"):
+        run_records(tmp_path, "04", ("fd_curves",))
+    (tmp_path / "results.json").write_text('{"config": {}}')
+    with pytest.raises(ValueError, match="no fd_curves, students record: it was written by an older notebook 04"):
+        run_records(tmp_path, "04", ("config", "fd_curves", "students"))
+    assert run_records(tmp_path, "04", ("config",)) == {"config": {}}

@@ -3,10 +3,13 @@ scripts from a run's ``results.json``, so a rerun goes into a document without c
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from .. import stats
+from .records import RESULTS_FILE
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -28,3 +31,17 @@ def comparison_table(intervals: Mapping[str, Sequence[Mapping[str, Any]]], first
             diff = stats.row_text(r, diff=True, digits=digits) if r["verdict"] != "baseline" else "-"
             rows.append([measure, r["name"], stats.row_text(r, digits=digits), diff, r["verdict"]])
     return markdown_table([first, "setting", "mean [95% CI]", against, "verdict"], rows)
+
+
+def run_records(run: str | Path, notebook: str, required: Sequence[str]) -> dict[str, Any]:
+    """The ``results.json`` of a notebook's output folder ``run``; ValueError naming what to do when the file is
+    missing or lacks one of the ``required`` records (written by an older version of the notebook)."""
+    path = Path(run) / RESULTS_FILE
+    if not path.is_file():
+        raise ValueError(f"no {RESULTS_FILE} in {run}: run notebook {notebook} with -p output_dir {run} first")
+    rec = json.loads(path.read_text())
+    missing = [k for k in required if k not in rec]
+    if missing:
+        raise ValueError(f"{path} has no {', '.join(missing)} record: it was written by an older notebook "
+                         f"{notebook}; rerun it")
+    return rec
