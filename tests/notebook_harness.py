@@ -46,7 +46,7 @@ def prepare_environment() -> None:
 
 
 def _execute(name: str, tmp_path: Path, parameters: dict[str, Any], suffix: str,
-             cwd: Path = NOTEBOOKS) -> tuple[Path, Any]:
+             cwd: Path = NOTEBOOKS, cell_timeout_s: float = CELL_TIMEOUT_S) -> tuple[Path, Any]:
     path = notebook_path(name)
     params = {"smoke": True, "output_dir": str(tmp_path), **parameters}
     EXECUTED.mkdir(parents=True, exist_ok=True)
@@ -54,7 +54,7 @@ def _execute(name: str, tmp_path: Path, parameters: dict[str, Any], suffix: str,
     prepare_environment()
     try:
         pm.execute_notebook(str(path), str(out), parameters=params, kernel_name="python3", cwd=str(cwd),
-                            progress_bar=False, execution_timeout=CELL_TIMEOUT_S, log_output=False)
+                            progress_bar=False, execution_timeout=cell_timeout_s, log_output=False)
     except pm.PapermillExecutionError as err:
         return out, err
     return out, None
@@ -76,13 +76,15 @@ def count_images(nb: nbformat.NotebookNode) -> int:
 
 
 def run_notebook(name: str, tmp_path: Path, parameters: dict[str, Any] | None = None, budget_s: float = 60.0,
-                 min_images: int = 1, cwd: Path = NOTEBOOKS) -> tuple[nbformat.NotebookNode, dict[str, Any]]:
-    """Execute a notebook in smoke mode (launched from ``cwd``) and return (executed notebook, recorded results)."""
+                 min_images: int = 1, cwd: Path = NOTEBOOKS, cell_timeout_s: float = CELL_TIMEOUT_S
+                 ) -> tuple[nbformat.NotebookNode, dict[str, Any]]:
+    """Execute a notebook in smoke mode (launched from ``cwd``) and return (executed notebook, recorded results).
+    ``cell_timeout_s``: the longest one cell may run (a full study's cell that waits for its grid needs more)."""
     parameters = dict(parameters or {})
     declared = declared_parameters(name)
     unknown = sorted(set(parameters) - set(declared))
     assert not unknown, f"unknown parameter(s) {unknown} for {name}; declared: {sorted(declared)}"
-    out, err = _execute(name, Path(tmp_path), parameters, "", cwd)
+    out, err = _execute(name, Path(tmp_path), parameters, "", cwd, cell_timeout_s)
     nb = nbformat.read(out, as_version=4)
     if err is not None:
         raise AssertionError(f"{name} failed (executed copy: {out}):\n{err}")

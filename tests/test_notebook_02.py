@@ -147,7 +147,8 @@ def test_classroom_defaults_within_budget(tmp_path):
 def test_full_study_within_budget(tmp_path):
     """`-p full True`: section 8 with 8 seeds, learned and exact critics, inside the 15-minute budget, with the
     headline numbers of docs/notebook02_full_study.md."""
-    _, rec = run_notebook(NAME, tmp_path, parameters={"smoke": False, "full": True}, budget_s=900.0, min_images=7)
+    _, rec = run_notebook(NAME, tmp_path, parameters={"smoke": False, "full": True}, budget_s=900.0, min_images=7,
+                          cell_timeout_s=1800.0)  # a full study's training cell runs for minutes
     light = rec["light_mode"]
     assert light["divergences"] == ["rkl", "js"] and light["seeds"] == list(range(8))
     found = {c: {d: [m["light_found"] for m in ms] for d, ms in light["per_run"][c].items()} for c in light["per_run"]}
